@@ -1,0 +1,88 @@
+"""Backend registry: which backends can run on a device, and what ``"auto"`` picks."""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from ._config import BACKENDS
+
+# Fastest first: what "auto" tries on each device type.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+_MODULES = {"torch": "torch_backend", "cpu": "cpu_backend", "cuda": "cuda_backend",
+            "triton": "triton_backend"}
+
+
+def _load(name: str):
+    """Import a backend module; returns ``(module, None)`` or ``(None, reason it cannot load)``."""
+    try:
+        module = importlib.import_module(f"rmi_ext.{_MODULES[name]}")
+    except ImportError as exc:  # a backend whose kernels are not built/installed
+        return None, f"{type(exc).__name__}: {exc}"
+    reason = getattr(module, "unavailable_reason", lambda: None)()
+    return (None, reason) if reason else (module, None)
+
+
+def _device_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (``None`` when it can, once loaded)."""
+    if name in ("reference", "torch"):
+        return None
+    if name == "cpu" and device.type != "cpu":
+        return f"backend 'cpu' runs on CPU tensors only, got a {device.type} tensor"
+    if name == "cuda" and device.type != "cuda":
+        return f"backend 'cuda' runs on CUDA tensors only, got a {device.type} tensor"
+    if name == "triton" and device.type != "cuda":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (f"backend 'triton' runs on CUDA tensors (or on CPU tensors under "
+                f"TRITON_INTERPRET=1), got a {device.type} tensor")
+    return None
+
+
+def why_unavailable(name: str, device) -> str | None:
+    """``None`` if backend ``name`` can run on ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    reason = _device_reason(name, device)
+    if reason is None and name not in ("reference", "torch"):
+        reason = _load(name)[1]
+    return reason
+
+
+def auto_backend(device) -> str:
+    """The backend ``backend="auto"`` uses for tensors on ``device``: the fastest that runs."""
+    device = torch.device(device)
+    for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        if why_unavailable(name, device) is None:
+            return name
+    return "torch"
+
+
+def resolve_backend(name: str, device) -> tuple[str, ModuleType | None]:
+    """``(resolved name, backend module)``; the module is ``None`` for ``"reference"``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` (with the reason) for a
+    backend that cannot run on ``device``: a requested backend never silently falls back.
+    """
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = auto_backend(device)
+    if name == "reference":
+        return name, None
+    reason = why_unavailable(name, device)
+    if reason is not None:
+        raise RuntimeError(f"rmi_loss backend {name!r} cannot run on {torch.device(device)}: "
+                           f"{reason}")
+    return name, _load(name)[0]
+
+
+def backend_info(device="cpu") -> dict:
+    """What runs on ``device``: ``{"device", "auto", "available": {name: True or reason}}``."""
+    device = torch.device(device)
+    available = {}
+    for name in BACKENDS[1:]:
+        reason = why_unavailable(name, device)
+        available[name] = True if reason is None else reason
+    return {"device": str(device), "auto": auto_backend(device), "available": available}

@@ -1,0 +1,58 @@
+"""The RMI loss as one ``torch.autograd.Function`` with a hand-written backward.
+
+Every backend provides the same two entry points (see ``rmi_ext.torch_backend`` for the plain
+torch version, ``rmi_ext.cpu_backend`` for the C++ one):
+
+``forward_stats(logits, labels, cfg) -> (base_sum, base_count, nonfinite, means, cov)``
+    stages (a)+(b): ``base_sum``/``base_count`` 0-d float64 sums of the first term (BCE or CE)
+    and of the pixels it counts, ``nonfinite`` 0-d count of non-finite logits,
+    ``means [N, C, 2, d]`` (``mu_y, mu_p``) and centred ``cov [N, C, 3, d, d]`` (``Sy, Sp, B``),
+    float64.
+``backward_grad(logits, labels, cfg, base_scale, coef, shift) -> grad_logits``
+    stages (d)+(e): ``base_scale`` 0-d float64 (``grad_base / normaliser``), ``coef
+    [N, C, 2, d, d]`` and ``shift [N, C, d]`` from :func:`rmi_ext.linalg.stencil_coefficients`.
+
+Stage (c), the float64 tiny-matrix stage, is shared (:mod:`rmi_ext.linalg`).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import linalg
+from ._config import RMIConfig
+
+
+def base_normaliser(base_count: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
+    """BCE divides by ``valid + 1`` (authors' code); CE by the counted pixels, at least 1."""
+    return base_count + 1.0 if cfg.mode == "sigmoid" else base_count.clamp_min(1.0)
+
+
+def check_finite(nonfinite: torch.Tensor) -> None:
+    """Raise (CPU) or assert on device without a host sync (CUDA) when logits are not finite."""
+    torch._assert_async(nonfinite == 0, "rmi_loss: logits contain NaN or Inf values")
+
+
+class RMIFunction(torch.autograd.Function):
+    """``(logits, labels) -> (base_term, rmi_term)``, two 0-d float64 tensors."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, cfg: RMIConfig, backend):
+        base_sum, base_count, nonfinite, means, cov = backend.forward_stats(logits, labels, cfg)
+        check_finite(nonfinite)
+        norm = base_normaliser(base_count, cfg)
+        rmi_nc, (a, chol) = linalg.rmi_from_moments(cov)
+        rmi_term = rmi_nc.mean(dim=0).sum() / cfg.dim
+        ctx.cfg, ctx.backend = cfg, backend
+        ctx.save_for_backward(logits, labels, norm, means, cov, a, chol)
+        return base_sum / norm, rmi_term
+
+    @staticmethod
+    def backward(ctx, grad_base, grad_rmi):
+        logits, labels, norm, means, cov, a, chol = ctx.saved_tensors
+        cfg = ctx.cfg
+        grad_base = torch.zeros_like(norm) if grad_base is None else grad_base.double()
+        grad_rmi = torch.zeros_like(norm) if grad_rmi is None else grad_rmi.double()
+        scale = grad_rmi / (logits.shape[0] * cfg.dim)
+        coef, shift = linalg.stencil_coefficients(cov, means, a, chol, scale)
+        grad = ctx.backend.backward_grad(logits, labels, cfg, grad_base / norm, coef, shift)
+        return grad, None, None, None

@@ -1,0 +1,95 @@
+"""Public entry points: :func:`rmi_loss`, :func:`rmi_loss_terms` and :class:`RMILoss`."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ._config import check_inputs, make_config
+from ._dispatch import resolve_backend
+from .function import RMIFunction
+from .reference import reference_terms
+
+
+class RMITerms(NamedTuple):
+    """The loss and its two parts (0-d tensors). ``base`` is the BCE (sigmoid mode) or CE
+    (softmax mode) term, ``rmi`` the RMI lower-bound term (may be negative, see the README)."""
+
+    loss: torch.Tensor
+    base: torch.Tensor
+    rmi: torch.Tensor
+
+
+def rmi_loss_terms(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
+                   weight_lambda=0.5, lambda_way=1, ignore_index=255, mode="sigmoid",
+                   backend="auto") -> RMITerms:
+    """Like :func:`rmi_loss`, but returns ``RMITerms(loss, base, rmi)`` for logging."""
+    cfg = make_config(radius, stride, pool, pool_size, weight_lambda, lambda_way, ignore_index,
+                      mode)
+    check_inputs(logits, labels, cfg)
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    name, module = resolve_backend(backend, logits.device)
+    # The float64 matrix stage must not be autocast; the kernels choose their own precision.
+    with torch.autocast(logits.device.type, enabled=False):
+        if module is None:
+            base, rmi = reference_terms(logits, labels, cfg)
+        else:
+            base, rmi = RMIFunction.apply(logits, labels, cfg, module)
+        base, rmi = base.to(out_dtype), rmi.to(out_dtype)
+        w_base, w_rmi = cfg.term_weights
+        return RMITerms(w_base * base + w_rmi * rmi, base, rmi)
+
+
+def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
+             weight_lambda=0.5, lambda_way=1, ignore_index=255, mode="sigmoid",
+             backend="auto") -> torch.Tensor:
+    """Region Mutual Information loss (Zhao et al., NeurIPS 2019), the authors' exact numbers.
+
+    Args:
+        logits: ``[N, C, H, W]`` float16/bfloat16/float32/float64, any memory format.
+        labels: ``[N, H, W]`` integer class ids; ``ignore_index`` and ids outside ``[0, C)``
+            are ignored.
+        radius: side ``R`` of the square region (1..10); region vectors have ``R*R`` entries.
+        stride: downsampling factor DF (1 = no downsampling).
+        pool: ``"avg"`` (paper's best), ``"max"`` or ``"interp"`` (nearest for labels,
+            bilinear for probabilities).
+        pool_size: pooling kernel size, defaults to ``stride`` (padding ``pool_size // 2``).
+        weight_lambda, lambda_way: total is ``lam*base + (1-lam)*rmi`` (``lambda_way=1``) or
+            ``base + lam*rmi`` (``lambda_way=0``).
+        ignore_index: label value to ignore (default 255).
+        mode: ``"sigmoid"`` (BCE + RMI) or ``"softmax"`` (CE + RMI on sigmoid probabilities).
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+
+    Returns:
+        0-d tensor, float32 (float64 for float64 logits). Gradients flow to ``logits``.
+    """
+    return rmi_loss_terms(logits, labels, radius=radius, stride=stride, pool=pool,
+                          pool_size=pool_size, weight_lambda=weight_lambda,
+                          lambda_way=lambda_way, ignore_index=ignore_index, mode=mode,
+                          backend=backend).loss
+
+
+class RMILoss(nn.Module):
+    """Module form of :func:`rmi_loss`; ``forward(logits, labels)`` returns the total loss.
+
+    ``last_terms`` holds the detached ``RMITerms`` of the latest call (no host sync), for logging.
+    """
+
+    def __init__(self, *, radius=3, stride=4, pool="avg", pool_size=None, weight_lambda=0.5,
+                 lambda_way=1, ignore_index=255, mode="sigmoid", backend="auto"):
+        super().__init__()
+        make_config(radius, stride, pool, pool_size, weight_lambda, lambda_way, ignore_index,
+                    mode)  # fail at construction, not at the first batch
+        self.options = dict(radius=radius, stride=stride, pool=pool, pool_size=pool_size,
+                            weight_lambda=weight_lambda, lambda_way=lambda_way,
+                            ignore_index=ignore_index, mode=mode, backend=backend)
+        self.last_terms: RMITerms | None = None
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        terms = rmi_loss_terms(logits, labels, **self.options)
+        self.last_terms = RMITerms(*(t.detach() for t in terms))
+        return terms.loss
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

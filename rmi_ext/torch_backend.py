@@ -1,0 +1,191 @@
+"""Backend ``"torch"``: the five fused-plan stages written with plain torch ops.
+
+Never builds the ``[N, C, R*R, K]`` region tensor: moments and the backward stencil loop over
+offset pairs on shifted slices of the pooled maps. Stage names match the other backends:
+
+(a) :func:`prepare_maps`  (b) :func:`moment_sums`  (c) :mod:`rmi_ext.linalg`
+(d) :func:`pooled_grad_stencil`  (e) :func:`full_res_grad`
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._config import CLIP_MIN, RMIConfig
+
+
+def compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float64 for float64 logits, float32 for everything else."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _label_maps(labels: torch.Tensor, num_classes: int, ignore_index: int):
+    labels = labels.long()
+    valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
+    return labels, valid
+
+
+def _onehot(labels, valid, num_classes, dtype):
+    classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1, 1)
+    return ((labels.unsqueeze(1) == classes) & valid.unsqueeze(1)).to(dtype)
+
+
+def _probs(x: torch.Tensor, valid: torch.Tensor, cfg: RMIConfig):
+    """``P`` at full resolution and ``dP/dx`` (sigmoid mode: ``+1e-6``; softmax: clamp)."""
+    sig = torch.sigmoid(x)
+    m = valid.unsqueeze(1).to(x.dtype)
+    pm = sig * m
+    dpdx = pm * (1.0 - sig)
+    if cfg.mode == "sigmoid":
+        return pm + CLIP_MIN, dpdx
+    inside = (pm >= CLIP_MIN) & (pm <= 1.0)
+    return pm.clamp(CLIP_MIN, 1.0), dpdx * inside
+
+
+def _pool(t: torch.Tensor, cfg: RMIConfig, *, nearest: bool) -> torch.Tensor:
+    s, k = cfg.stride, cfg.pool_size
+    if s == 1:
+        return t
+    if cfg.pool == "avg":
+        return F.avg_pool2d(t, k, s, k // 2)
+    if cfg.pool == "max":
+        return F.max_pool2d(t, k, s, k // 2)
+    size = (t.shape[2] // s, t.shape[3] // s)
+    if nearest:
+        return F.interpolate(t, size=size, mode="nearest")
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=True)
+
+
+def _pool_adjoint(grad: torch.Tensor, p_full: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
+    """Adjoint of the downsampling of ``P``: pooled-size ``grad`` -> full-size gradient."""
+    s, k = cfg.stride, cfg.pool_size
+    if s == 1:
+        return grad
+    if cfg.pool == "avg":
+        return torch.ops.aten.avg_pool2d_backward(grad, p_full, [k, k], [s, s], [k // 2, k // 2],
+                                                  False, True, None)
+    if cfg.pool == "max":
+        _, idx = F.max_pool2d(p_full, k, s, k // 2, return_indices=True)
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, p_full, [k, k], [s, s], [k // 2, k // 2], [1, 1], False, idx)
+    return torch.ops.aten.upsample_bilinear2d_backward(
+        grad, list(grad.shape[2:]), list(p_full.shape), True, None, None)
+
+
+def _base_term(x, labels, valid, cfg: RMIConfig):
+    """Per-pixel first-term loss and gradient (BCE summed over classes, or CE), and its count."""
+    if cfg.mode == "sigmoid":
+        y = _onehot(labels, valid, x.shape[1], x.dtype)
+        m = valid.unsqueeze(1).to(x.dtype)
+        loss = (F.binary_cross_entropy_with_logits(x, y, reduction="none") * m).sum()
+        grad = (torch.sigmoid(x) - y) * m
+        return loss, valid.sum(), grad
+    # CE counts the pixels whose label is in [0, C) and not ignore_index (the authors'
+    # F.cross_entropy raises on any other label; the fused kernels cannot check without a sync).
+    keep = valid
+    target = torch.where(keep, labels, 0)
+    logp = torch.log_softmax(x, dim=1)
+    nll = -logp.gather(1, target.unsqueeze(1)).squeeze(1)
+    loss = (nll * keep).sum()
+    grad = logp.exp() - _onehot(target, keep, x.shape[1], x.dtype)
+    return loss, keep.sum(), grad * keep.unsqueeze(1)
+
+
+def prepare_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
+    """Stage (a): masked sigmoid, first-term sums and pooled maps.
+
+    Returns ``base_sum`` (0-d float64), ``base_count`` (0-d float64, pixels the first term counts),
+    ``nonfinite`` (0-d int64, non-finite logits), pooled ``Y, P [N, C, h, w]`` in the compute dtype.
+    """
+    x = logits.to(compute_dtype(logits))
+    labels, valid = _label_maps(labels, x.shape[1], cfg.ignore_index)
+    base_sum, base_count, _ = _base_term(x, labels, valid, cfg)
+    p, _ = _probs(x, valid, cfg)
+    y = _onehot(labels, valid, x.shape[1], x.dtype)
+    nonfinite = (~torch.isfinite(logits)).sum()
+    return (base_sum.double(), base_count.double(), nonfinite,
+            _pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False))
+
+
+def _shifted(t: torch.Tensor, radius: int):
+    """The ``R*R`` shifted window views of ``t [..., h, w]``, offset ``i = dy*R + dx``."""
+    nh, nw = t.shape[-2] - radius + 1, t.shape[-1] - radius + 1
+    return [t[..., dy:dy + nh, dx:dx + nw] for dy in range(radius) for dx in range(radius)]
+
+
+def moment_sums(y: torch.Tensor, p: torch.Tensor, radius: int):
+    """Stage (b): pooled ``Y, P [N, C, h, w]`` -> ``means [N, C, 2, d]``, ``cov [N, C, 3, d, d]``.
+
+    ``cov`` holds the centred ``Sy, Sp, B`` in float64. Each map is first shifted by its own
+    plane mean (covariances do not change) so the raw-sum form loses no precision.
+    """
+    y, p = y.double(), p.double()
+    y_off = y.mean(dim=(2, 3), keepdim=True)
+    p_off = p.mean(dim=(2, 3), keepdim=True)
+    ys, ps = _shifted(y - y_off, radius), _shifted(p - p_off, radius)
+    d = radius * radius
+    k = ys[0].shape[-1] * ys[0].shape[-2]
+    mu_y = torch.stack([t.sum(dim=(2, 3)) for t in ys], dim=-1) / k
+    mu_p = torch.stack([t.sum(dim=(2, 3)) for t in ps], dim=-1) / k
+    n, c = y.shape[:2]
+    cov = y.new_empty(n, c, 3, d, d)
+    for i in range(d):
+        for j in range(d):
+            cov[:, :, 2, i, j] = (ys[i] * ps[j]).sum(dim=(2, 3))
+            if j >= i:
+                cov[:, :, 0, i, j] = cov[:, :, 0, j, i] = (ys[i] * ys[j]).sum(dim=(2, 3))
+                cov[:, :, 1, i, j] = cov[:, :, 1, j, i] = (ps[i] * ps[j]).sum(dim=(2, 3))
+    outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
+    cov -= k * torch.stack((outer(mu_y, mu_y), outer(mu_p, mu_p), outer(mu_y, mu_p)), dim=2)
+    means = torch.stack((mu_y + y_off.view(n, c, 1), mu_p + p_off.view(n, c, 1)), dim=2)
+    return means, cov
+
+
+def pooled_grad_stencil(y, p, coef, shift, radius: int) -> torch.Tensor:
+    """Stage (d): ``dloss/dP`` on the pooled map ``[N, C, h, w]`` (float64).
+
+    Window ``k`` gets ``g_k = Cp p_k + Cy y_k + c``; entry ``i`` of ``g_k`` lands on pixel
+    ``k + o_i``. ``coef [N, C, 2, d, d]``, ``shift [N, C, d]`` from :mod:`rmi_ext.linalg`.
+    """
+    y, p = y.double(), p.double()
+    ys, ps = _shifted(y, radius), _shifted(p, radius)
+    grad = torch.zeros_like(p)
+    grads = _shifted(grad, radius)
+    d = radius * radius
+    for i in range(d):
+        g_i = shift[:, :, i, None, None].expand_as(ps[0]).clone()
+        for j in range(d):
+            g_i += coef[:, :, 0, i, j, None, None] * ps[j] + coef[:, :, 1, i, j, None, None] * ys[j]
+        grads[i] += g_i
+    return grad
+
+
+def full_res_grad(logits, labels, grad_pooled, cfg: RMIConfig, base_scale) -> torch.Tensor:
+    """Stage (e): ``grad_logits [N, C, H, W]`` in the logits' dtype.
+
+    Pooling adjoint of ``grad_pooled``, times ``dP/dx``, plus ``base_scale`` times the first
+    term's per-pixel gradient (``base_scale = grad_base / normaliser``).
+    """
+    x = logits.to(compute_dtype(logits))
+    labels, valid = _label_maps(labels, x.shape[1], cfg.ignore_index)
+    p_full, dpdx = _probs(x, valid, cfg)
+    grad_p = _pool_adjoint(grad_pooled.to(x.dtype), p_full, cfg)
+    _, _, grad_base = _base_term(x, labels, valid, cfg)
+    grad = grad_p * dpdx + base_scale.to(x.dtype) * grad_base
+    return grad.to(logits.dtype)
+
+
+# ---- the backend interface used by rmi_ext.function ---------------------------------------------
+
+def forward_stats(logits, labels, cfg: RMIConfig):
+    """Stages (a)+(b): ``(base_sum, base_count, nonfinite, means, cov)``, see :mod:`rmi_ext.function`."""
+    base_sum, base_count, nonfinite, y, p = prepare_maps(logits, labels, cfg)
+    means, cov = moment_sums(y, p, cfg.radius)
+    return base_sum, base_count, nonfinite, means, cov
+
+
+def backward_grad(logits, labels, cfg: RMIConfig, base_scale, coef, shift):
+    """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them)."""
+    _, _, _, y, p = prepare_maps(logits, labels, cfg)
+    grad_pooled = pooled_grad_stencil(y, p, coef, shift, cfg.radius)
+    return full_res_grad(logits, labels, grad_pooled, cfg, base_scale)
