@@ -1,0 +1,107 @@
+// Per-element math and pooling geometry of the RMI loss, shared by the CPU (csrc/cpu) and CUDA
+// (csrc/cuda) kernels. Torch-free on purpose: nvcc can compile-check it without torch headers.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RMI_HD __host__ __device__ __forceinline__
+#else
+#define RMI_HD inline
+#endif
+
+namespace rmi {
+
+constexpr double kPosAlpha = 5e-4;  // ridge of (Sp + aI) and (M + aI)
+constexpr double kClipMin = 1e-6;   // added to P (sigmoid mode), clamp floor (softmax mode)
+constexpr double kLogEps = 1e-8;    // log(L_ii + 1e-8)
+
+enum PoolKind : int { kAvgPool = 0, kMaxPool = 1, kInterp = 2 };
+enum LossMode : int { kSigmoidMode = 0, kSoftmaxMode = 1 };
+
+// A pixel counts when 0 <= label < C and label != ignore_index.
+RMI_HD bool is_valid_label(int64_t label, int64_t num_classes, int64_t ignore_index) {
+  return label >= 0 && label < num_classes && label != ignore_index;
+}
+
+// Sigmoid and BCE-with-logits from one exp: e = exp(-|x|).
+template <typename T>
+struct SigmoidBce {
+  T sig;  // sigmoid(x)
+  T e;    // exp(-|x|)
+};
+
+template <typename T>
+RMI_HD SigmoidBce<T> sigmoid_parts(T x) {
+  T e = exp(-fabs(x));
+  T inv = T(1) / (T(1) + e);
+  return {x >= T(0) ? inv : e * inv, e};
+}
+
+// BCEWithLogits(x, y) for y in {0, 1}: max(x, 0) - x*y + log1p(exp(-|x|)).
+template <typename T>
+RMI_HD T bce_with_logits(T x, bool y, T e) {
+  return (x > T(0) ? x : T(0)) - (y ? x : T(0)) + log1p(e);
+}
+
+// The RMI probability P and its slope dP/dx for one pixel of one class.
+// Sigmoid mode: P = sig*m + 1e-6. Softmax mode: P = clamp(sig*m, 1e-6, 1), slope 0 outside.
+template <typename T>
+RMI_HD T rmi_prob(T sig, bool valid, int mode) {
+  T pm = valid ? sig : T(0);
+  if (mode == kSigmoidMode) return pm + T(kClipMin);
+  return pm < T(kClipMin) ? T(kClipMin) : (pm > T(1) ? T(1) : pm);
+}
+
+template <typename T>
+RMI_HD T rmi_prob_slope(T sig, bool valid, int mode) {
+  if (!valid) return T(0);
+  T slope = sig * (T(1) - sig);
+  if (mode == kSoftmaxMode && !(sig >= T(kClipMin) && sig <= T(1))) return T(0);
+  return slope;
+}
+
+// Length of the downsampled axis (stride 1: unchanged; interp: n / s; pools: floor mode).
+RMI_HD int64_t pooled_len(int64_t n, int pool, int64_t kernel, int64_t stride) {
+  if (stride == 1) return n;
+  if (pool == kInterp) return n / stride;
+  return (n + 2 * (kernel / 2) - kernel) / stride + 1;
+}
+
+// Pool window of output index o along an axis of length n: input indices [*begin, *end).
+RMI_HD void pool_window(int64_t o, int64_t n, int64_t kernel, int64_t stride, int64_t* begin,
+                        int64_t* end) {
+  int64_t start = o * stride - kernel / 2;
+  int64_t stop = start + kernel;
+  *begin = start < 0 ? 0 : start;
+  *end = stop > n ? n : stop;
+}
+
+// Nearest source index of F.interpolate(mode="nearest") (float scale, as PyTorch computes it).
+RMI_HD int64_t nearest_source(int64_t o, int64_t n_in, int64_t n_out) {
+  if (n_out == n_in) return o;
+  if (n_out == 2 * n_in) return o >> 1;
+  float scale = static_cast<float>(n_in) / static_cast<float>(n_out);
+  int64_t src = static_cast<int64_t>(floorf(static_cast<float>(o) * scale));
+  return src < n_in - 1 ? src : n_in - 1;
+}
+
+// Bilinear (align_corners=True) source indices and weights of output index o, in type T.
+template <typename T>
+struct LinearTap {
+  int64_t i0, i1;
+  T w0, w1;
+};
+
+template <typename T>
+RMI_HD LinearTap<T> linear_tap(int64_t o, int64_t n_in, int64_t n_out) {
+  T scale = n_out > 1 ? static_cast<T>(n_in - 1) / static_cast<T>(n_out - 1) : T(0);
+  T src = scale * static_cast<T>(o);
+  int64_t i0 = static_cast<int64_t>(src);
+  T w1 = src - static_cast<T>(i0);
+  w1 = w1 < T(0) ? T(0) : (w1 > T(1) ? T(1) : w1);
+  return {i0, i0 + (i0 < n_in - 1 ? 1 : 0), T(1) - w1, w1};
+}
+
+}  // namespace rmi

@@ -1,0 +1,54 @@
+"""Build ``rmi_ext._C``: C++ CPU kernels always, CUDA kernels when CUDA torch and nvcc are present.
+
+Environment overrides (as in pytorch_scatter): ``FORCE_ONLY_CPU=1`` never builds CUDA sources,
+``FORCE_CUDA=1`` builds them even without a visible GPU (needs a CUDA build of torch and nvcc).
+Install with ``pip install --no-build-isolation .`` so the build uses the torch already installed.
+"""
+import glob
+import os
+import sys
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def use_cuda() -> bool:
+    if os.getenv("FORCE_ONLY_CPU", "0") == "1":
+        return False
+    cuda_torch = torch.version.cuda is not None and CUDA_HOME is not None
+    if os.getenv("FORCE_CUDA", "0") == "1":
+        if not cuda_torch:
+            sys.exit("FORCE_CUDA=1 needs a CUDA build of torch and a CUDA toolkit (nvcc)")
+        return True
+    return cuda_torch and torch.cuda.is_available()
+
+
+def extensions():
+    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    openmp = sys.platform.startswith("linux")
+    cxx = ["-O3", "-std=c++17"] + (["-fopenmp"] if openmp else [])
+    args = dict(include_dirs=[os.path.join(HERE, "csrc")],
+                extra_compile_args={"cxx": cxx},
+                extra_link_args=["-fopenmp"] if openmp else [])
+    if use_cuda():
+        args["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        args["define_macros"] = [("WITH_CUDA", None)]
+        return [CUDAExtension("rmi_ext._C", sources + rel("csrc/cuda/*.cu"), **args)]
+    return [CppExtension("rmi_ext._C", sources, **args)]
+
+
+setup(
+    name="rmi_ext",
+    version="0.1.0",
+    description="Fast, memory-lean Region Mutual Information (RMI) loss for PyTorch",
+    packages=find_packages(include=["rmi_ext", "rmi_ext.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
