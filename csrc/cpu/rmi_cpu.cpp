@@ -1,0 +1,620 @@
+// CPU kernels of the RMI loss (backend "cpu"): the fused stages of RMI_SPEC.md section 3.
+//
+// Work is split by (n, c) plane with at::parallel_for; each thread keeps plane-sized scratch
+// buffers, so the extra memory is about one plane per thread, at every DF (DF 1 included).
+//
+// forward_stats, per plane: (a) one pass over the logits: sigmoid, BCE partial sum, non-finite
+// count, then the pooled P and Y maps; (b) the moment sums on the pooled maps.
+// backward_grad, per plane: (a) again (recomputed, not stored), (d) the pooled-map stencil,
+// (e) the pooling adjoint and the full-resolution gradient.
+//
+// Both (b) and (d) use the "lag" form. For offsets o_i, o_j of a region the product sums
+// sum_k X[k + o_i] Z[k + o_j] only depend on the lag l = o_j - o_i and on which offsets o_i a
+// pixel u = k + o_i can take. Along each axis those sets are the same for all pixels of a
+// "segment" (all interior pixels form one segment; each border pixel up to R-1 from an edge is
+// its own). So (b) accumulates, per lag and per pair of segments, one dot product of two shifted
+// rows (O((2R-1)^2) multiply-adds per pooled pixel instead of O(R^4)), and (d) is a
+// (2R-1)x(2R-1) stencil whose coefficients are constant on each pair of segments.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "rmi_math.h"
+
+namespace rmi_cpu {
+namespace {
+
+using at::Tensor;
+
+int parse_pool(const std::string& pool) {
+  if (pool == "avg") return rmi::kAvgPool;
+  if (pool == "max") return rmi::kMaxPool;
+  TORCH_CHECK(pool == "interp", "rmi_ext: pool must be 'avg', 'max' or 'interp', got '", pool, "'");
+  return rmi::kInterp;
+}
+
+int parse_mode(const std::string& mode) {
+  if (mode == "sigmoid") return rmi::kSigmoidMode;
+  TORCH_CHECK(mode == "softmax", "rmi_ext: mode must be 'sigmoid' or 'softmax', got '", mode, "'");
+  return rmi::kSoftmaxMode;
+}
+
+// Sizes, strides and options shared by every plane.
+struct Problem {
+  int64_t N, C, H, W;      // logits [N, C, H, W]
+  int64_t sN, sC, sH, sW;  // logits strides (elements)
+  int64_t h, w;            // pooled map
+  int64_t R, d;            // region side and vector length
+  int64_t stride, ksize;   // downsampling factor and pool kernel
+  int pool, mode;
+  int64_t ignore_index;
+};
+
+Problem make_problem(const Tensor& logits, const Tensor& labels, int64_t radius, int64_t stride,
+                     const std::string& pool, int64_t pool_size, int64_t ignore_index,
+                     const std::string& mode) {
+  TORCH_CHECK(logits.dim() == 4, "rmi_ext: logits must be [N, C, H, W], got ", logits.sizes());
+  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == logits.size(0) &&
+                  labels.size(1) == logits.size(2) && labels.size(2) == logits.size(3),
+              "rmi_ext: labels must be [N, H, W] matching logits ", logits.sizes(), ", got ",
+              labels.sizes());
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+              "rmi_ext: labels must be an integer tensor, got ", labels.scalar_type());
+  TORCH_CHECK(radius >= 1 && radius <= 10, "rmi_ext: radius must be in [1, 10], got ", radius);
+  TORCH_CHECK(stride >= 1 && pool_size >= 1, "rmi_ext: stride and pool_size must be >= 1");
+  Problem p;
+  p.N = logits.size(0), p.C = logits.size(1), p.H = logits.size(2), p.W = logits.size(3);
+  p.sN = logits.stride(0), p.sC = logits.stride(1), p.sH = logits.stride(2), p.sW = logits.stride(3);
+  p.pool = parse_pool(pool), p.mode = parse_mode(mode);
+  p.stride = stride, p.ksize = pool_size, p.R = radius, p.d = radius * radius;
+  p.ignore_index = ignore_index;
+  p.h = rmi::pooled_len(p.H, p.pool, pool_size, stride);
+  p.w = rmi::pooled_len(p.W, p.pool, pool_size, stride);
+  TORCH_CHECK(p.h >= p.R && p.w >= p.R, "rmi_ext: the pooled map is ", p.h, "x", p.w,
+              ", smaller than the region radius ", p.R);
+  return p;
+}
+
+// ---- label pre-pass ------------------------------------------------------------------------
+
+// Per pixel: class id if valid else -1 ([N*H*W] int32), the number of valid pixels and, in
+// softmax mode, the per-pixel logsumexp over classes and the CE sum.
+template <typename T>
+struct PixelInfo {
+  std::vector<int32_t> cls;
+  std::vector<T> lse;  // softmax mode only
+  double valid_count = 0.0;
+  double ce_sum = 0.0;
+};
+
+template <typename logit_t, typename T>
+PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels) {
+  PixelInfo<T> info;
+  const int64_t HW = p.H * p.W, rows = p.N * p.H;
+  info.cls.resize(p.N * HW);
+  if (p.mode == rmi::kSoftmaxMode) info.lse.resize(p.N * HW);
+  std::vector<double> row_count(rows, 0.0), row_ce(rows, 0.0);
+  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "rmi_ext_labels", [&] {
+    const auto* lab = labels.data_ptr<scalar_t>();
+    const int64_t lN = labels.stride(0), lH = labels.stride(1), lW = labels.stride(2);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> mx(p.W), sum(p.W);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / p.H, r = row % p.H;
+        int32_t* cls = info.cls.data() + n * HW + r * p.W;
+        double count = 0.0;
+        for (int64_t col = 0; col < p.W; ++col) {
+          const int64_t label = static_cast<int64_t>(lab[n * lN + r * lH + col * lW]);
+          const bool valid = rmi::is_valid_label(label, p.C, p.ignore_index);
+          cls[col] = valid ? static_cast<int32_t>(label) : -1;
+          count += valid ? 1.0 : 0.0;
+        }
+        row_count[row] = count;
+        if (p.mode != rmi::kSoftmaxMode) continue;
+        const logit_t* xr = x + n * p.sN + r * p.sH;
+        std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
+        std::fill(sum.begin(), sum.end(), T(0));
+        for (int64_t c = 0; c < p.C; ++c)
+          for (int64_t col = 0; col < p.W; ++col)
+            mx[col] = std::max(mx[col], static_cast<T>(xr[c * p.sC + col * p.sW]));
+        for (int64_t c = 0; c < p.C; ++c)
+          for (int64_t col = 0; col < p.W; ++col)
+            sum[col] += std::exp(static_cast<T>(xr[c * p.sC + col * p.sW]) - mx[col]);
+        T* lse = info.lse.data() + n * HW + r * p.W;
+        double ce = 0.0;
+        for (int64_t col = 0; col < p.W; ++col) {
+          lse[col] = mx[col] + std::log(sum[col]);
+          if (cls[col] >= 0) ce += lse[col] - static_cast<T>(xr[cls[col] * p.sC + col * p.sW]);
+        }
+        row_ce[row] = ce;
+      }
+    });
+  });
+  for (int64_t row = 0; row < rows; ++row) {  // fixed order: the same sums for any thread count
+    info.valid_count += row_count[row];
+    info.ce_sum += row_ce[row];
+  }
+  return info;
+}
+
+// ---- stage (a): one plane at full resolution, then pooled ---------------------------------
+
+// Scratch buffers of one thread, reused across its planes.
+template <typename T>
+struct PlaneScratch {
+  std::vector<T> sig;            // [H*W] sigmoid of the plane
+  std::vector<double> yp, pp;    // [h*w] pooled Y and P, then centred
+  std::vector<double> grad_pp;   // [h*w] dloss/dP on the pooled map (backward)
+  std::vector<T> grad_full;      // [H*W] dloss/dP at full resolution (backward, DF > 1)
+};
+
+// Sigmoid of one plane into s.sig; returns the BCE sum (sigmoid mode) and counts non-finite x.
+template <typename scalar_t, typename T>
+double sigmoid_plane(const Problem& p, const scalar_t* xp, const int32_t* cls, int64_t c,
+                     PlaneScratch<T>& s, int64_t* nonfinite) {
+  double bce = 0.0;
+  int64_t bad = 0;
+  for (int64_t r = 0; r < p.H; ++r) {
+    const scalar_t* xr = xp + r * p.sH;
+    T* sig = s.sig.data() + r * p.W;
+    const int32_t* cr = cls + r * p.W;
+    T row_bce = T(0);
+    for (int64_t col = 0; col < p.W; ++col) {
+      const T x = static_cast<T>(xr[col * p.sW]);
+      bad += std::isfinite(x) ? 0 : 1;
+      const auto parts = rmi::sigmoid_parts(x);
+      sig[col] = parts.sig;
+      if (cr[col] >= 0) row_bce += rmi::bce_with_logits(x, cr[col] == c, parts.e);
+    }
+    bce += static_cast<double>(row_bce);
+  }
+  *nonfinite += bad;
+  return p.mode == rmi::kSigmoidMode ? bce : 0.0;
+}
+
+// Pooled Y and P of one plane (from s.sig and the class map) into s.yp, s.pp.
+template <typename T>
+void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>& s) {
+  const T* sig = s.sig.data();
+  auto prob = [&](int64_t u) { return rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode); };
+  if (p.stride == 1) {
+    for (int64_t u = 0; u < p.H * p.W; ++u) {
+      s.pp[u] = static_cast<double>(prob(u));
+      s.yp[u] = cls[u] == c ? 1.0 : 0.0;
+    }
+    return;
+  }
+  const int64_t k = p.ksize, st = p.stride;
+  for (int64_t oy = 0; oy < p.h; ++oy) {
+    for (int64_t ox = 0; ox < p.w; ++ox) {
+      const int64_t o = oy * p.w + ox;
+      if (p.pool == rmi::kInterp) {
+        const auto ty = rmi::linear_tap<T>(oy, p.H, p.h);
+        const auto tx = rmi::linear_tap<T>(ox, p.W, p.w);
+        const T top = tx.w0 * prob(ty.i0 * p.W + tx.i0) + tx.w1 * prob(ty.i0 * p.W + tx.i1);
+        const T bottom = tx.w0 * prob(ty.i1 * p.W + tx.i0) + tx.w1 * prob(ty.i1 * p.W + tx.i1);
+        s.pp[o] = static_cast<double>(ty.w0 * top + ty.w1 * bottom);
+        const int64_t src = rmi::nearest_source(oy, p.H, p.h) * p.W + rmi::nearest_source(ox, p.W, p.w);
+        s.yp[o] = cls[src] == c ? 1.0 : 0.0;
+        continue;
+      }
+      int64_t y0, y1, x0, x1;
+      rmi::pool_window(oy, p.H, k, st, &y0, &y1);
+      rmi::pool_window(ox, p.W, k, st, &x0, &x1);
+      if (p.pool == rmi::kAvgPool) {
+        double psum = 0.0, ysum = 0.0;
+        for (int64_t yy = y0; yy < y1; ++yy)
+          for (int64_t xx = x0; xx < x1; ++xx) {
+            psum += static_cast<double>(prob(yy * p.W + xx));
+            ysum += cls[yy * p.W + xx] == c ? 1.0 : 0.0;
+          }
+        s.pp[o] = psum / static_cast<double>(k * k);
+        s.yp[o] = ysum / static_cast<double>(k * k);
+      } else {
+        T best = -std::numeric_limits<T>::infinity();
+        bool any = false;
+        for (int64_t yy = y0; yy < y1; ++yy)
+          for (int64_t xx = x0; xx < x1; ++xx) {
+            best = std::max(best, prob(yy * p.W + xx));
+            any = any || cls[yy * p.W + xx] == c;
+          }
+        s.pp[o] = static_cast<double>(best);
+        s.yp[o] = any ? 1.0 : 0.0;
+      }
+    }
+  }
+}
+
+// Subtract the plane mean (covariances do not change; the raw-sum form then cancels far less).
+double centre(std::vector<double>& map) {
+  double sum = 0.0;
+  for (double v : map) sum += v;
+  const double mean = sum / static_cast<double>(map.size());
+  for (double& v : map) v -= mean;
+  return mean;
+}
+
+// ---- segments: pixels of one axis that admit the same region offsets -----------------------
+
+struct Segments {
+  std::vector<int64_t> begin, end;  // pixel range of segment s
+  std::vector<int64_t> lo, hi;      // offsets o (along this axis) valid for its pixels
+  std::vector<int64_t> first, last; // segments whose pixels admit offset o: [first[o], last[o]]
+  int64_t count() const { return static_cast<int64_t>(begin.size()); }
+};
+
+// Axis of length n with n - R + 1 window positions: pixel u admits offset o iff 0 <= u - o < n-R+1.
+Segments make_segments(int64_t n, int64_t R) {
+  Segments seg;
+  const int64_t windows = n - R + 1;
+  for (int64_t u = 0; u < n; ++u) {
+    const int64_t lo = std::max<int64_t>(0, u - (windows - 1)), hi = std::min<int64_t>(R - 1, u);
+    if (!seg.begin.empty() && seg.lo.back() == lo && seg.hi.back() == hi) {
+      seg.end.back() = u + 1;
+    } else {
+      seg.begin.push_back(u), seg.end.push_back(u + 1), seg.lo.push_back(lo), seg.hi.push_back(hi);
+    }
+  }
+  seg.first.assign(R, seg.count()), seg.last.assign(R, -1);
+  for (int64_t s = 0; s < seg.count(); ++s)
+    for (int64_t o = seg.lo[s]; o <= seg.hi[s]; ++o) {
+      seg.first[o] = std::min(seg.first[o], s);
+      seg.last[o] = std::max(seg.last[o], s);
+    }
+  return seg;
+}
+
+// Lags l = (ey, ex) in [-(R-1), R-1]^2, indexed (ey + R-1) * (2R-1) + (ex + R-1).
+struct Lags {
+  int64_t R, side, count;
+  explicit Lags(int64_t radius) : R(radius), side(2 * radius - 1), count(side * side) {}
+  int64_t index(int64_t ey, int64_t ex) const { return (ey + R - 1) * side + (ex + R - 1); }
+  int64_t ey(int64_t l) const { return l / side - (R - 1); }
+  int64_t ex(int64_t l) const { return l % side - (R - 1); }
+  // One of l, -l: symmetric products (Y.Y, P.P) are accumulated for these lags only.
+  bool upper(int64_t l) const { return ey(l) > 0 || (ey(l) == 0 && ex(l) >= 0); }
+};
+
+// Columns [b, e) of segment sx where u + ex stays inside [0, w).
+inline bool lag_columns(const Segments& sx, int64_t s, int64_t ex, int64_t w, int64_t* b,
+                        int64_t* e) {
+  *b = std::max(sx.begin[s], -ex);
+  *e = std::min(sx.end[s], w - ex);
+  return *b < *e;
+}
+
+// ---- stage (b): moments --------------------------------------------------------------------
+
+struct MomentGeometry {
+  Segments sy, sx;
+  Lags lags;
+  MomentGeometry(int64_t h, int64_t w, int64_t R) : sy(make_segments(h, R)), sx(make_segments(w, R)), lags(R) {}
+  int64_t cells() const { return sy.count() * sx.count(); }
+  // Sum of table[cell] over the cells whose pixels admit offset (oy, ox).
+  double rect(const double* table, int64_t oy, int64_t ox) const {
+    double sum = 0.0;
+    for (int64_t a = sy.first[oy]; a <= sy.last[oy]; ++a)
+      for (int64_t b = sx.first[ox]; b <= sx.last[ox]; ++b) sum += table[a * sx.count() + b];
+    return sum;
+  }
+};
+
+// means [2, d] (mu_y, mu_p) and cov [3, d, d] (Sy, Sp, B) of one plane from centred yp, pp.
+void moments_plane(const Problem& p, const MomentGeometry& g, const double* yc, const double* pc,
+                   double y_shift, double p_shift, double* means, double* cov,
+                   std::vector<double>& tables) {
+  const int64_t cells = g.cells(), nsx = g.sx.count(), L = g.lags.count, w = p.w, h = p.h;
+  // tables: [L][cells] for Y.P, Y.Y, P.P, then [cells] sums of Y and P.
+  tables.assign(3 * L * cells + 2 * cells, 0.0);
+  double* t_yp = tables.data();
+  double* t_yy = t_yp + L * cells;
+  double* t_pp = t_yy + L * cells;
+  double* t_y = t_pp + L * cells;
+  double* t_p = t_y + cells;
+  for (int64_t a = 0; a < g.sy.count(); ++a) {
+    for (int64_t u = g.sy.begin[a]; u < g.sy.end[a]; ++u) {
+      const double* y0 = yc + u * w;
+      const double* p0 = pc + u * w;
+      for (int64_t b = 0; b < nsx; ++b) {
+        double sy = 0.0, sp = 0.0;
+        for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) sy += y0[col], sp += p0[col];
+        t_y[a * nsx + b] += sy, t_p[a * nsx + b] += sp;
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t ey = g.lags.ey(l), ex = g.lags.ex(l), v = u + ey;
+        if (v < 0 || v >= h) continue;
+        const double* y1 = yc + v * w + ex;
+        const double* p1 = pc + v * w + ex;
+        const bool upper = g.lags.upper(l);
+        for (int64_t b = 0; b < nsx; ++b) {
+          int64_t c0, c1;
+          if (!lag_columns(g.sx, b, ex, w, &c0, &c1)) continue;
+          double s_yp = 0.0, s_yy = 0.0, s_pp = 0.0;
+          if (upper) {
+#pragma omp simd reduction(+ : s_yp, s_yy, s_pp)
+            for (int64_t col = c0; col < c1; ++col) {
+              s_yp += y0[col] * p1[col];
+              s_yy += y0[col] * y1[col];
+              s_pp += p0[col] * p1[col];
+            }
+            t_yy[l * cells + a * nsx + b] += s_yy;
+            t_pp[l * cells + a * nsx + b] += s_pp;
+          } else {
+#pragma omp simd reduction(+ : s_yp)
+            for (int64_t col = c0; col < c1; ++col) s_yp += y0[col] * p1[col];
+          }
+          t_yp[l * cells + a * nsx + b] += s_yp;
+        }
+      }
+    }
+  }
+  const int64_t R = p.R, d = p.d;
+  const double K = static_cast<double>((h - R + 1) * (w - R + 1));
+  std::vector<double> mu_y(d), mu_p(d);  // means of the centred maps
+  for (int64_t i = 0; i < d; ++i) {
+    mu_y[i] = g.rect(t_y, i / R, i % R) / K;
+    mu_p[i] = g.rect(t_p, i / R, i % R) / K;
+    means[i] = mu_y[i] + y_shift;
+    means[d + i] = mu_p[i] + p_shift;
+  }
+  double* s_y = cov;
+  double* s_p = cov + d * d;
+  double* s_b = cov + 2 * d * d;
+  for (int64_t i = 0; i < d; ++i) {
+    const int64_t iy = i / R, ix = i % R;
+    for (int64_t j = 0; j < d; ++j) {
+      const int64_t l = g.lags.index(j / R - iy, j % R - ix);
+      s_b[i * d + j] = g.rect(t_yp + l * cells, iy, ix) - K * mu_y[i] * mu_p[j];
+      if (!g.lags.upper(l)) continue;
+      const double vy = g.rect(t_yy + l * cells, iy, ix) - K * mu_y[i] * mu_y[j];
+      const double vp = g.rect(t_pp + l * cells, iy, ix) - K * mu_p[i] * mu_p[j];
+      s_y[i * d + j] = s_y[j * d + i] = vy;
+      s_p[i * d + j] = s_p[j * d + i] = vp;
+    }
+  }
+}
+
+// ---- stage (d): pooled-map stencil ---------------------------------------------------------
+
+// dloss/dP on the pooled map: window k gets g_k = Cp p_k + Cy y_k + c, entry i lands on k + o_i.
+// In lag form, dP[u] = const(cell) + sum_l Kp_l(cell) P[u + l] + Ky_l(cell) Y[u + l].
+void stencil_plane(const Problem& p, const MomentGeometry& g, const double* yc, const double* pc,
+                   double y_shift, double p_shift, const double* cp, const double* cy,
+                   const double* shift, double* out, std::vector<double>& tables) {
+  const int64_t R = p.R, d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
+  const int64_t w = p.w, h = p.h, P = R + 1;  // prefix tables are P x P, P = R + 1
+  tables.assign(2 * L * cells + cells + 3 * P * P, 0.0);
+  double* k_p = tables.data();
+  double* k_y = k_p + L * cells;
+  double* k_c = k_y + L * cells;
+  double* pre_p = k_c + cells;
+  double* pre_y = pre_p + P * P;
+  double* pre_c = pre_y + P * P;
+  // Sum of a prefix table over offsets [lo_y, hi_y] x [lo_x, hi_x] of cell (a, b).
+  auto box = [&](const double* pre, int64_t a, int64_t b) {
+    const int64_t y0 = g.sy.lo[a], y1 = g.sy.hi[a] + 1, x0 = g.sx.lo[b], x1 = g.sx.hi[b] + 1;
+    return pre[y1 * P + x1] - pre[y0 * P + x1] - pre[y1 * P + x0] + pre[y0 * P + x0];
+  };
+  auto prefix = [&](double* pre, auto value) {  // pre[(iy+1)*P + ix+1] = sum over iy' <= iy, ix' <= ix
+    for (int64_t iy = 0; iy < R; ++iy)
+      for (int64_t ix = 0; ix < R; ++ix)
+        pre[(iy + 1) * P + ix + 1] = value(iy, ix) + pre[iy * P + ix + 1] + pre[(iy + 1) * P + ix] - pre[iy * P + ix];
+  };
+  prefix(pre_c, [&](int64_t iy, int64_t ix) { return shift[iy * R + ix]; });
+  for (int64_t a = 0; a < g.sy.count(); ++a)
+    for (int64_t b = 0; b < nsx; ++b) k_c[a * nsx + b] = box(pre_c, a, b);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t ey = g.lags.ey(l), ex = g.lags.ex(l);
+    auto coef = [&](const double* m) {
+      return [=](int64_t iy, int64_t ix) {
+        const int64_t jy = iy + ey, jx = ix + ex;
+        if (jy < 0 || jy >= R || jx < 0 || jx >= R) return 0.0;
+        return m[(iy * R + ix) * d + jy * R + jx];
+      };
+    };
+    prefix(pre_p, coef(cp));
+    prefix(pre_y, coef(cy));
+    for (int64_t a = 0; a < g.sy.count(); ++a)
+      for (int64_t b = 0; b < nsx; ++b) {
+        const double vp = box(pre_p, a, b), vy = box(pre_y, a, b);
+        k_p[l * cells + a * nsx + b] = vp;
+        k_y[l * cells + a * nsx + b] = vy;
+        k_c[a * nsx + b] += vp * p_shift + vy * y_shift;  // the maps are centred
+      }
+  }
+  for (int64_t a = 0; a < g.sy.count(); ++a) {
+    for (int64_t u = g.sy.begin[a]; u < g.sy.end[a]; ++u) {
+      double* o = out + u * w;
+      for (int64_t b = 0; b < nsx; ++b)
+        for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) o[col] = k_c[a * nsx + b];
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t ey = g.lags.ey(l), ex = g.lags.ex(l), v = u + ey;
+        if (v < 0 || v >= h) continue;
+        const double* y1 = yc + v * w + ex;
+        const double* p1 = pc + v * w + ex;
+        for (int64_t b = 0; b < nsx; ++b) {
+          const double kp = k_p[l * cells + a * nsx + b], ky = k_y[l * cells + a * nsx + b];
+          int64_t c0, c1;
+          if ((kp == 0.0 && ky == 0.0) || !lag_columns(g.sx, b, ex, w, &c0, &c1)) continue;
+#pragma omp simd
+          for (int64_t col = c0; col < c1; ++col) o[col] += kp * p1[col] + ky * y1[col];
+        }
+      }
+    }
+  }
+}
+
+// ---- stage (e): pooling adjoint and the full-resolution gradient ---------------------------
+
+// dloss/dP at full resolution from the pooled-map gradient s.grad_pp, into s.grad_full.
+template <typename T>
+void pool_adjoint_plane(const Problem& p, const int32_t* cls, PlaneScratch<T>& s) {
+  std::fill(s.grad_full.begin(), s.grad_full.end(), T(0));
+  const T* sig = s.sig.data();
+  T* out = s.grad_full.data();
+  const int64_t k = p.ksize, st = p.stride;
+  for (int64_t oy = 0; oy < p.h; ++oy) {
+    for (int64_t ox = 0; ox < p.w; ++ox) {
+      const double gpool = s.grad_pp[oy * p.w + ox];
+      if (p.pool == rmi::kInterp) {
+        const auto ty = rmi::linear_tap<T>(oy, p.H, p.h);
+        const auto tx = rmi::linear_tap<T>(ox, p.W, p.w);
+        const T gv = static_cast<T>(gpool);
+        out[ty.i0 * p.W + tx.i0] += ty.w0 * tx.w0 * gv;
+        out[ty.i0 * p.W + tx.i1] += ty.w0 * tx.w1 * gv;
+        out[ty.i1 * p.W + tx.i0] += ty.w1 * tx.w0 * gv;
+        out[ty.i1 * p.W + tx.i1] += ty.w1 * tx.w1 * gv;
+        continue;
+      }
+      int64_t y0, y1, x0, x1;
+      rmi::pool_window(oy, p.H, k, st, &y0, &y1);
+      rmi::pool_window(ox, p.W, k, st, &x0, &x1);
+      if (p.pool == rmi::kAvgPool) {
+        const T gv = static_cast<T>(gpool / static_cast<double>(k * k));
+        for (int64_t yy = y0; yy < y1; ++yy)
+          for (int64_t xx = x0; xx < x1; ++xx) out[yy * p.W + xx] += gv;
+      } else {  // max: the first maximum in row-major window order, as max_pool2d picks it
+        T best = -std::numeric_limits<T>::infinity();
+        int64_t arg = y0 * p.W + x0;
+        for (int64_t yy = y0; yy < y1; ++yy)
+          for (int64_t xx = x0; xx < x1; ++xx) {
+            const int64_t u = yy * p.W + xx;
+            const T v = rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode);
+            if (v > best) best = v, arg = u;
+          }
+        out[arg] += static_cast<T>(gpool);
+      }
+    }
+  }
+}
+
+// ---- the ops -------------------------------------------------------------------------------
+
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_stats_cpu(
+    const Tensor& logits, const Tensor& labels, int64_t radius, int64_t stride,
+    std::string pool, int64_t pool_size, int64_t ignore_index, std::string mode) {
+  const Problem p = make_problem(logits, labels, radius, stride, pool, pool_size, ignore_index, mode);
+  const auto f64 = logits.options().dtype(at::kDouble);
+  Tensor means = at::empty({p.N, p.C, 2, p.d}, f64);
+  Tensor cov = at::empty({p.N, p.C, 3, p.d, p.d}, f64);
+  double base_sum = 0.0, base_count = 0.0;
+  int64_t nonfinite_total = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rmi_forward_stats", [&] {
+    using T = compute_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
+    const MomentGeometry geom(p.h, p.w, p.R);
+    const int64_t planes = p.N * p.C;
+    std::vector<double> plane_bce(planes, 0.0);
+    std::vector<int64_t> plane_bad(planes, 0);
+    double* means_p = means.data_ptr<double>();
+    double* cov_p = cov.data_ptr<double>();
+    at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+      PlaneScratch<T> s;
+      s.sig.resize(p.H * p.W), s.yp.resize(p.h * p.w), s.pp.resize(p.h * p.w);
+      std::vector<double> tables;
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / p.C, c = plane % p.C;
+        const int32_t* cls = info.cls.data() + n * p.H * p.W;
+        plane_bce[plane] = sigmoid_plane(p, x + n * p.sN + c * p.sC, cls, c, s, &plane_bad[plane]);
+        pool_plane(p, cls, c, s);
+        const double y_shift = centre(s.yp), p_shift = centre(s.pp);
+        moments_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift,
+                      means_p + plane * 2 * p.d, cov_p + plane * 3 * p.d * p.d, tables);
+      }
+    });
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      base_sum += plane_bce[plane];
+      nonfinite_total += plane_bad[plane];
+    }
+    if (p.mode == rmi::kSoftmaxMode) base_sum = info.ce_sum;
+    base_count = info.valid_count;
+  });
+  return {at::scalar_tensor(base_sum, f64), at::scalar_tensor(base_count, f64),
+          at::scalar_tensor(nonfinite_total, logits.options().dtype(at::kLong)), means, cov};
+}
+
+Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tensor& base_scale,
+                         const Tensor& coef, const Tensor& shift, int64_t radius, int64_t stride,
+                         std::string pool, int64_t pool_size, int64_t ignore_index, std::string mode) {
+  const Problem p = make_problem(logits, labels, radius, stride, pool, pool_size, ignore_index, mode);
+  TORCH_CHECK(coef.scalar_type() == at::kDouble && shift.scalar_type() == at::kDouble &&
+                  base_scale.scalar_type() == at::kDouble,
+              "rmi_ext: coef, shift and base_scale must be float64");
+  TORCH_CHECK(coef.sizes() == at::IntArrayRef({p.N, p.C, 2, p.d, p.d}) &&
+                  shift.sizes() == at::IntArrayRef({p.N, p.C, p.d}),
+              "rmi_ext: coef must be [N, C, 2, d, d] and shift [N, C, d], got ", coef.sizes(),
+              " and ", shift.sizes());
+  const Tensor coef_c = coef.contiguous(), shift_c = shift.contiguous();
+  const double scale = base_scale.item<double>();  // CPU tensor: no device sync
+  Tensor grad = at::empty_like(logits);
+  const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rmi_backward_grad", [&] {
+    using T = compute_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* gout = grad.data_ptr<scalar_t>();
+    const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
+    const MomentGeometry geom(p.h, p.w, p.R);
+    const double* coef_p = coef_c.const_data_ptr<double>();
+    const double* shift_p = shift_c.const_data_ptr<double>();
+    const T bscale = static_cast<T>(scale);
+    at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
+      PlaneScratch<T> s;
+      s.sig.resize(p.H * p.W), s.yp.resize(p.h * p.w), s.pp.resize(p.h * p.w), s.grad_pp.resize(p.h * p.w);
+      if (p.stride > 1) s.grad_full.resize(p.H * p.W);
+      std::vector<double> tables;
+      int64_t unused_bad = 0;
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / p.C, c = plane % p.C;
+        const int32_t* cls = info.cls.data() + n * p.H * p.W;
+        const scalar_t* xp = x + n * p.sN + c * p.sC;
+        sigmoid_plane(p, xp, cls, c, s, &unused_bad);
+        pool_plane(p, cls, c, s);
+        const double y_shift = centre(s.yp), p_shift = centre(s.pp);
+        const double* cp = coef_p + plane * 2 * p.d * p.d;
+        stencil_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift, cp, cp + p.d * p.d,
+                      shift_p + plane * p.d, s.grad_pp.data(), tables);
+        if (p.stride > 1) pool_adjoint_plane(p, cls, s);
+        const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * p.H * p.W : nullptr;
+        scalar_t* gp = gout + n * gN + c * gC;
+        for (int64_t r = 0; r < p.H; ++r) {
+          for (int64_t col = 0; col < p.W; ++col) {
+            const int64_t u = r * p.W + col;
+            const int32_t k = cls[u];
+            const bool valid = k >= 0;
+            const T sig = s.sig[u];
+            const T gp_full = p.stride > 1 ? s.grad_full[u] : static_cast<T>(s.grad_pp[u]);
+            T g = gp_full * rmi::rmi_prob_slope(sig, valid, p.mode);
+            if (valid) {
+              const T onehot = k == c ? T(1) : T(0);
+              const T prob = lse ? std::exp(static_cast<T>(xp[r * p.sH + col * p.sW]) - lse[u]) : sig;
+              g += bscale * (prob - onehot);
+            }
+            gp[r * gH + col * gW] = static_cast<scalar_t>(g);
+          }
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rmi_ext, CPU, m) {
+  m.impl("forward_stats", &forward_stats_cpu);
+  m.impl("backward_grad", &backward_grad_cpu);
+}
+
+}  // namespace rmi_cpu
