@@ -1,7 +1,8 @@
 """Build ``rmi_ext._C``: C++ CPU kernels always, CUDA kernels when CUDA torch and nvcc are present.
 
 Environment overrides (as in pytorch_scatter): ``FORCE_ONLY_CPU=1`` never builds CUDA sources,
-``FORCE_CUDA=1`` builds them even without a visible GPU (needs a CUDA build of torch and nvcc).
+``FORCE_CUDA=1`` builds them even without a visible GPU (needs a CUDA build of torch and nvcc),
+``RMI_EXT_PORTABLE=1`` compiles the CPU kernels without ``-march=native``.
 Install with ``pip install --no-build-isolation .`` so the build uses the torch already installed.
 """
 import glob
@@ -30,7 +31,12 @@ def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     openmp = sys.platform.startswith("linux")
-    cxx = ["-O3", "-std=c++17"] + (["-fopenmp"] if openmp else [])
+    # -fno-trapping-math lets the compiler if-convert (and so vectorise) the masked row loops.
+    cxx = ["-O3", "-fno-trapping-math", "-fno-math-errno"] + (["-fopenmp"] if openmp else [])
+    # The row loops are written to vectorise; -march=native lets them use AVX2/AVX-512 where the
+    # build machine has it. RMI_EXT_PORTABLE=1 builds for the baseline ISA (e.g. for wheels).
+    if os.getenv("RMI_EXT_PORTABLE", "0") != "1" and sys.platform.startswith("linux"):
+        cxx.append("-march=native")
     args = dict(include_dirs=[os.path.join(HERE, "csrc")],
                 extra_compile_args={"cxx": cxx},
                 extra_link_args=["-fopenmp"] if openmp else [])

@@ -34,6 +34,8 @@ struct SigmoidBce {
 
 template <typename T>
 RMI_HD SigmoidBce<T> sigmoid_parts(T x) {
+  using std::exp;  // float overloads on the host; CUDA provides its own
+  using std::fabs;
   T e = exp(-fabs(x));
   T inv = T(1) / (T(1) + e);
   return {x >= T(0) ? inv : e * inv, e};
@@ -42,6 +44,7 @@ RMI_HD SigmoidBce<T> sigmoid_parts(T x) {
 // BCEWithLogits(x, y) for y in {0, 1}: max(x, 0) - x*y + log1p(exp(-|x|)).
 template <typename T>
 RMI_HD T bce_with_logits(T x, bool y, T e) {
+  using std::log1p;
   return (x > T(0) ? x : T(0)) - (y ? x : T(0)) + log1p(e);
 }
 

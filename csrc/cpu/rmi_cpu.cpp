@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -46,6 +47,44 @@ int parse_mode(const std::string& mode) {
   TORCH_CHECK(mode == "softmax", "rmi_ext: mode must be 'sigmoid' or 'softmax', got '", mode, "'");
   return rmi::kSoftmaxMode;
 }
+
+// ---- per-element math that vectorises ------------------------------------------------------
+// float: exp and log1p as plain polynomials (cephes coefficients, ~1 ulp) so that the row loops
+// below compile to SIMD code; float64 keeps libm (it is the exactness path used by gradcheck).
+
+// exp(t) for t <= 0 (clamped at -87, where exp is ~1.6e-38).
+inline float exp_nonpos(float t) {
+  t = t < -87.0f ? -87.0f : (t > 0.0f ? 0.0f : t);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
+  const float n = (t * 1.44269504088896341f + magic) - magic;
+  const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return q * scale;
+}
+
+// log1p(e) for e in [0, 1]: 2 atanh(z), z = e / (2 + e) <= 1/3, series to z^13.
+inline float log1p_unit(float e) {
+  const float z = e / (2.0f + e), z2 = z * z;
+  float q = 1.0f / 13.0f;
+  q = q * z2 + 1.0f / 11.0f;
+  q = q * z2 + 1.0f / 9.0f;
+  q = q * z2 + 1.0f / 7.0f;
+  q = q * z2 + 1.0f / 5.0f;
+  q = q * z2 + 1.0f / 3.0f;
+  return 2.0f * z * (q * z2 + 1.0f);
+}
+
+inline double exp_nonpos(double t) { return std::exp(t > 0.0 ? 0.0 : t); }
+inline double log1p_unit(double e) { return std::log1p(e); }
 
 // Sizes, strides and options shared by every plane.
 struct Problem {
@@ -127,7 +166,7 @@ PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels
             mx[col] = std::max(mx[col], static_cast<T>(xr[c * p.sC + col * p.sW]));
         for (int64_t c = 0; c < p.C; ++c)
           for (int64_t col = 0; col < p.W; ++col)
-            sum[col] += std::exp(static_cast<T>(xr[c * p.sC + col * p.sW]) - mx[col]);
+            sum[col] += exp_nonpos(static_cast<T>(xr[c * p.sC + col * p.sW]) - mx[col]);
         T* lse = info.lse.data() + n * HW + r * p.W;
         double ce = 0.0;
         for (int64_t col = 0; col < p.W; ++col) {
@@ -153,31 +192,94 @@ struct PlaneScratch {
   std::vector<T> sig;            // [H*W] sigmoid of the plane
   std::vector<double> yp, pp;    // [h*w] pooled Y and P, then centred
   std::vector<double> grad_pp;   // [h*w] dloss/dP on the pooled map (backward)
-  std::vector<T> grad_full;      // [H*W] dloss/dP at full resolution (backward, DF > 1)
+  std::vector<T> grad_full;      // [H*W] dloss/dP at full resolution (backward, max/interp)
+  std::vector<T> row_a, row_b;   // [W] one full-resolution row
+  std::vector<double> pooled_row;  // [w]
+
+  void resize(const Problem& p, bool backward) {
+    sig.resize(p.H * p.W), yp.resize(p.h * p.w), pp.resize(p.h * p.w);
+    row_a.resize(p.W), row_b.resize(p.W), pooled_row.resize(p.w);
+    if (!backward) return;
+    grad_pp.resize(p.h * p.w);
+    if (p.stride > 1 && p.pool != rmi::kAvgPool) grad_full.resize(p.H * p.W);
+  }
 };
 
-// Sigmoid of one plane into s.sig; returns the BCE sum (sigmoid mode) and counts non-finite x.
+// Sigmoid of one row into sig[]. With with_bce (forward) also adds the masked BCE of the row to
+// *bce and the number of non-finite logits to *bad. kStep: 1 for rows with unit stride (the loop
+// then vectorises), 0 for any other stride `step`.
+template <int kStep, typename scalar_t, typename T>
+void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const int32_t* cls, int32_t c,
+                 T* sig, bool with_bce, double* bce, int64_t* bad) {
+  step = kStep == 1 ? 1 : step;
+  if (!with_bce) {
+#pragma omp simd
+    for (int64_t col = 0; col < W; ++col) {
+      const T x = static_cast<T>(xr[col * step]);
+      const T e = exp_nonpos(-std::fabs(x));
+      const T inv = T(1) / (T(1) + e);
+      sig[col] = x >= T(0) ? inv : e * inv;
+    }
+    return;
+  }
+  T row_bce = T(0), row_bad = T(0);
+#pragma omp simd reduction(+ : row_bce, row_bad)
+  for (int64_t col = 0; col < W; ++col) {
+    const T x = static_cast<T>(xr[col * step]);
+    row_bad += (x - x == T(0)) ? T(0) : T(1);  // NaN or Inf
+    const T e = exp_nonpos(-std::fabs(x));
+    const T inv = T(1) / (T(1) + e);
+    sig[col] = x >= T(0) ? inv : e * inv;
+    const T loss = (x > T(0) ? x : T(0)) - (cls[col] == c ? x : T(0)) + log1p_unit(e);
+    row_bce += cls[col] >= 0 ? loss : T(0);
+  }
+  *bce += static_cast<double>(row_bce);
+  *bad += static_cast<int64_t>(row_bad);
+}
+
+// Sigmoid of one plane into s.sig; returns the BCE sum (with_bce) and counts non-finite logits.
 template <typename scalar_t, typename T>
 double sigmoid_plane(const Problem& p, const scalar_t* xp, const int32_t* cls, int64_t c,
-                     PlaneScratch<T>& s, int64_t* nonfinite) {
+                     PlaneScratch<T>& s, bool with_bce, int64_t* nonfinite) {
   double bce = 0.0;
   int64_t bad = 0;
+  const int32_t cc = static_cast<int32_t>(c);
   for (int64_t r = 0; r < p.H; ++r) {
     const scalar_t* xr = xp + r * p.sH;
     T* sig = s.sig.data() + r * p.W;
-    const int32_t* cr = cls + r * p.W;
-    T row_bce = T(0);
-    for (int64_t col = 0; col < p.W; ++col) {
-      const T x = static_cast<T>(xr[col * p.sW]);
-      bad += std::isfinite(x) ? 0 : 1;
-      const auto parts = rmi::sigmoid_parts(x);
-      sig[col] = parts.sig;
-      if (cr[col] >= 0) row_bce += rmi::bce_with_logits(x, cr[col] == c, parts.e);
-    }
-    bce += static_cast<double>(row_bce);
+    if (p.sW == 1)
+      sigmoid_row<1>(xr, 1, p.W, cls + r * p.W, cc, sig, with_bce, &bce, &bad);
+    else
+      sigmoid_row<0>(xr, p.sW, p.W, cls + r * p.W, cc, sig, with_bce, &bce, &bad);
   }
-  *nonfinite += bad;
+  if (nonfinite) *nonfinite += bad;
   return p.mode == rmi::kSigmoidMode ? bce : 0.0;
+}
+
+// Pooled rows whose average-pool window holds input row r: [*lo, *hi] (empty when lo > hi).
+inline void pooled_rows_of(int64_t r, const Problem& p, int64_t* lo, int64_t* hi) {
+  const int64_t pad = p.ksize / 2, below = r + pad - p.ksize;  // oy > below / s
+  *lo = below < 0 ? 0 : below / p.stride + 1;
+  *hi = std::min(p.h - 1, (r + pad) / p.stride);
+}
+
+// P and Y of one full-resolution row of class c (vectorised).
+template <typename T>
+void prob_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, T* prow, T* yrow) {
+  // One loop per mode: a mode test inside the loop would stop it from vectorising.
+  if (p.mode == rmi::kSigmoidMode) {
+#pragma omp simd
+    for (int64_t col = 0; col < p.W; ++col) {
+      prow[col] = rmi::rmi_prob(sig[col], cls[col] >= 0, rmi::kSigmoidMode);
+      yrow[col] = cls[col] == c ? T(1) : T(0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t col = 0; col < p.W; ++col) {
+      prow[col] = rmi::rmi_prob(sig[col], cls[col] >= 0, rmi::kSoftmaxMode);
+      yrow[col] = cls[col] == c ? T(1) : T(0);
+    }
+  }
 }
 
 // Pooled Y and P of one plane (from s.sig and the class map) into s.yp, s.pp.
@@ -185,14 +287,41 @@ template <typename T>
 void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>& s) {
   const T* sig = s.sig.data();
   auto prob = [&](int64_t u) { return rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode); };
+  const int32_t cc = static_cast<int32_t>(c);
+  T* prow = s.row_a.data();
+  T* yrow = s.row_b.data();
   if (p.stride == 1) {
-    for (int64_t u = 0; u < p.H * p.W; ++u) {
-      s.pp[u] = static_cast<double>(prob(u));
-      s.yp[u] = cls[u] == c ? 1.0 : 0.0;
+    for (int64_t r = 0; r < p.H; ++r) {
+      prob_row(p, sig + r * p.W, cls + r * p.W, cc, prow, yrow);
+      double* pp = s.pp.data() + r * p.W;
+      double* yp = s.yp.data() + r * p.W;
+#pragma omp simd
+      for (int64_t col = 0; col < p.W; ++col) pp[col] = prow[col], yp[col] = yrow[col];
     }
     return;
   }
   const int64_t k = p.ksize, st = p.stride;
+  if (p.pool == rmi::kAvgPool) {  // row by row: each input row adds its window sums
+    std::fill(s.pp.begin(), s.pp.end(), 0.0);
+    std::fill(s.yp.begin(), s.yp.end(), 0.0);
+    for (int64_t r = 0; r < p.H; ++r) {
+      int64_t oy_lo, oy_hi;
+      pooled_rows_of(r, p, &oy_lo, &oy_hi);
+      if (oy_lo > oy_hi) continue;
+      prob_row(p, sig + r * p.W, cls + r * p.W, cc, prow, yrow);
+      for (int64_t ox = 0; ox < p.w; ++ox) {
+        int64_t x0, x1;
+        rmi::pool_window(ox, p.W, k, st, &x0, &x1);
+        T sp = T(0), sy = T(0);
+        for (int64_t xx = x0; xx < x1; ++xx) sp += prow[xx], sy += yrow[xx];
+        for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) s.pp[oy * p.w + ox] += sp, s.yp[oy * p.w + ox] += sy;
+      }
+    }
+    const double inv_area = 1.0 / static_cast<double>(k * k);
+    for (double& v : s.pp) v *= inv_area;
+    for (double& v : s.yp) v *= inv_area;
+    return;
+  }
   for (int64_t oy = 0; oy < p.h; ++oy) {
     for (int64_t ox = 0; ox < p.w; ++ox) {
       const int64_t o = oy * p.w + ox;
@@ -454,7 +583,8 @@ void stencil_plane(const Problem& p, const MomentGeometry& g, const double* yc, 
 
 // ---- stage (e): pooling adjoint and the full-resolution gradient ---------------------------
 
-// dloss/dP at full resolution from the pooled-map gradient s.grad_pp, into s.grad_full.
+// dloss/dP at full resolution from the pooled-map gradient s.grad_pp, into s.grad_full
+// (max and interp; average pooling is spread row by row in grad_prob_row).
 template <typename T>
 void pool_adjoint_plane(const Problem& p, const int32_t* cls, PlaneScratch<T>& s) {
   std::fill(s.grad_full.begin(), s.grad_full.end(), T(0));
@@ -477,22 +607,72 @@ void pool_adjoint_plane(const Problem& p, const int32_t* cls, PlaneScratch<T>& s
       int64_t y0, y1, x0, x1;
       rmi::pool_window(oy, p.H, k, st, &y0, &y1);
       rmi::pool_window(ox, p.W, k, st, &x0, &x1);
-      if (p.pool == rmi::kAvgPool) {
-        const T gv = static_cast<T>(gpool / static_cast<double>(k * k));
-        for (int64_t yy = y0; yy < y1; ++yy)
-          for (int64_t xx = x0; xx < x1; ++xx) out[yy * p.W + xx] += gv;
-      } else {  // max: the first maximum in row-major window order, as max_pool2d picks it
-        T best = -std::numeric_limits<T>::infinity();
-        int64_t arg = y0 * p.W + x0;
-        for (int64_t yy = y0; yy < y1; ++yy)
-          for (int64_t xx = x0; xx < x1; ++xx) {
-            const int64_t u = yy * p.W + xx;
-            const T v = rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode);
-            if (v > best) best = v, arg = u;
-          }
-        out[arg] += static_cast<T>(gpool);
-      }
+      // max: the first maximum in row-major window order, as max_pool2d picks it
+      T best = -std::numeric_limits<T>::infinity();
+      int64_t arg = y0 * p.W + x0;
+      for (int64_t yy = y0; yy < y1; ++yy)
+        for (int64_t xx = x0; xx < x1; ++xx) {
+          const int64_t u = yy * p.W + xx;
+          const T v = rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode);
+          if (v > best) best = v, arg = u;
+        }
+      out[arg] += static_cast<T>(gpool);
     }
+  }
+}
+
+// dloss/dP of full-resolution row r into grow[], from the pooled-map gradient.
+template <typename T>
+void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
+  if (p.stride == 1) {
+    const double* g = s.grad_pp.data() + r * p.W;
+#pragma omp simd
+    for (int64_t col = 0; col < p.W; ++col) grow[col] = static_cast<T>(g[col]);
+    return;
+  }
+  if (p.pool != rmi::kAvgPool) {
+    std::copy(s.grad_full.begin() + r * p.W, s.grad_full.begin() + (r + 1) * p.W, grow);
+    return;
+  }
+  std::fill(grow, grow + p.W, T(0));
+  int64_t oy_lo, oy_hi;
+  pooled_rows_of(r, p, &oy_lo, &oy_hi);
+  if (oy_lo > oy_hi) return;
+  const double inv_area = 1.0 / static_cast<double>(p.ksize * p.ksize);
+  for (int64_t ox = 0; ox < p.w; ++ox) {
+    double t = 0.0;
+    for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) t += s.grad_pp[oy * p.w + ox];
+    const T v = static_cast<T>(t * inv_area);
+    int64_t x0, x1;
+    rmi::pool_window(ox, p.W, p.ksize, p.stride, &x0, &x1);
+    for (int64_t xx = x0; xx < x1; ++xx) grow[xx] += v;
+  }
+}
+
+// grad_logits of one row: dP/dx times grow[] plus base_scale times the BCE or CE gradient.
+// lse is the row's logsumexp in softmax mode (nullptr in sigmoid mode).
+template <int kStep, typename scalar_t, typename T>
+void grad_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, const T* grow,
+              const scalar_t* xr, const T* lse, T bscale, scalar_t* gr, int64_t gstep) {
+  const int64_t xstep = kStep == 1 ? 1 : p.sW;
+  gstep = kStep == 1 ? 1 : gstep;
+  if (lse == nullptr) {  // sigmoid mode: BCE gradient
+#pragma omp simd
+    for (int64_t col = 0; col < p.W; ++col) {
+      const bool valid = cls[col] >= 0;
+      const T base = valid ? bscale * (sig[col] - (cls[col] == c ? T(1) : T(0))) : T(0);
+      const T slope = rmi::rmi_prob_slope(sig[col], valid, rmi::kSigmoidMode);
+      gr[col * gstep] = static_cast<scalar_t>(grow[col] * slope + base);
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t col = 0; col < p.W; ++col) {  // softmax mode: CE gradient
+    const bool valid = cls[col] >= 0;
+    const T prob = exp_nonpos(static_cast<T>(xr[col * xstep]) - lse[col]);
+    const T base = valid ? bscale * (prob - (cls[col] == c ? T(1) : T(0))) : T(0);
+    const T slope = rmi::rmi_prob_slope(sig[col], valid, rmi::kSoftmaxMode);
+    gr[col * gstep] = static_cast<scalar_t>(grow[col] * slope + base);
   }
 }
 
@@ -522,12 +702,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_stats_cpu(
     double* cov_p = cov.data_ptr<double>();
     at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
       PlaneScratch<T> s;
-      s.sig.resize(p.H * p.W), s.yp.resize(p.h * p.w), s.pp.resize(p.h * p.w);
+      s.resize(p, /*backward=*/false);
       std::vector<double> tables;
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
         const int32_t* cls = info.cls.data() + n * p.H * p.W;
-        plane_bce[plane] = sigmoid_plane(p, x + n * p.sN + c * p.sC, cls, c, s, &plane_bad[plane]);
+        plane_bce[plane] = sigmoid_plane(p, x + n * p.sN + c * p.sC, cls, c, s, true, &plane_bad[plane]);
         pool_plane(p, cls, c, s);
         const double y_shift = centre(s.yp), p_shift = centre(s.pp);
         moments_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift,
@@ -571,38 +751,31 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
     const T bscale = static_cast<T>(scale);
     at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
       PlaneScratch<T> s;
-      s.sig.resize(p.H * p.W), s.yp.resize(p.h * p.w), s.pp.resize(p.h * p.w), s.grad_pp.resize(p.h * p.w);
-      if (p.stride > 1) s.grad_full.resize(p.H * p.W);
+      s.resize(p, /*backward=*/true);
       std::vector<double> tables;
-      int64_t unused_bad = 0;
+      std::vector<T> grow(p.W);
+      const bool unit_stride = p.sW == 1 && gW == 1;
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
         const int32_t* cls = info.cls.data() + n * p.H * p.W;
         const scalar_t* xp = x + n * p.sN + c * p.sC;
-        sigmoid_plane(p, xp, cls, c, s, &unused_bad);
+        sigmoid_plane(p, xp, cls, c, s, false, nullptr);
         pool_plane(p, cls, c, s);
         const double y_shift = centre(s.yp), p_shift = centre(s.pp);
         const double* cp = coef_p + plane * 2 * p.d * p.d;
         stencil_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift, cp, cp + p.d * p.d,
                       shift_p + plane * p.d, s.grad_pp.data(), tables);
-        if (p.stride > 1) pool_adjoint_plane(p, cls, s);
+        if (p.stride > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, cls, s);
         const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * p.H * p.W : nullptr;
         scalar_t* gp = gout + n * gN + c * gC;
         for (int64_t r = 0; r < p.H; ++r) {
-          for (int64_t col = 0; col < p.W; ++col) {
-            const int64_t u = r * p.W + col;
-            const int32_t k = cls[u];
-            const bool valid = k >= 0;
-            const T sig = s.sig[u];
-            const T gp_full = p.stride > 1 ? s.grad_full[u] : static_cast<T>(s.grad_pp[u]);
-            T g = gp_full * rmi::rmi_prob_slope(sig, valid, p.mode);
-            if (valid) {
-              const T onehot = k == c ? T(1) : T(0);
-              const T prob = lse ? std::exp(static_cast<T>(xp[r * p.sH + col * p.sW]) - lse[u]) : sig;
-              g += bscale * (prob - onehot);
-            }
-            gp[r * gH + col * gW] = static_cast<scalar_t>(g);
-          }
+          grad_prob_row(p, r, s, grow.data());
+          const int64_t u = r * p.W;
+          const T* lse_r = lse ? lse + u : nullptr;
+          if (unit_stride)
+            grad_row<1>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.sH, lse_r, bscale, gp + r * gH, 1);
+          else
+            grad_row<0>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.sH, lse_r, bscale, gp + r * gH, gW);
         }
       }
     });
