@@ -11,6 +11,7 @@ import sys
 
 import torch
 from setuptools import find_packages, setup
+from setuptools.command.develop import develop
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,6 +48,19 @@ def extensions():
     return [CppExtension("rmi_ext._C", sources, **args)]
 
 
+class DevelopWithoutIsolation(develop):
+    """``pip install --no-build-isolation -e .`` on pip < 24 runs ``setup.py develop``, which
+    recent setuptools turn into ``pip install -e . --use-pep517`` in an isolated environment
+    without torch; keep building against the installed torch instead."""
+
+    def run(self) -> None:
+        import subprocess
+
+        cmd = [sys.executable, "-m", "pip", "install", "-e", HERE, "--use-pep517",
+               "--no-build-isolation"] + ["--no-deps"] * bool(self.no_deps)
+        subprocess.check_call(cmd)
+
+
 setup(
     name="rmi_ext",
     version="0.1.0",
@@ -55,6 +69,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True),
+              "develop": DevelopWithoutIsolation},
     zip_safe=False,
 )
