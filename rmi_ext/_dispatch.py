@@ -59,23 +59,33 @@ def auto_backend(device) -> str:
     return "torch"
 
 
-def resolve_backend(name: str, device) -> tuple[str, ModuleType | None]:
-    """``(resolved name, backend module)``; the module is ``None`` for ``"reference"``.
+#: Backend modules resolved so far, by name (read by rmi_ext.function, also under torch.compile).
+LOADED: dict[str, ModuleType] = {}
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(name: str, device: str) -> str:
+    """The backend that runs for ``backend=name`` on ``device`` (a ``str``, e.g. ``"cpu"``).
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` (with the reason) for a
     backend that cannot run on ``device``: a requested backend never silently falls back.
+    After it returns, ``LOADED[name]`` holds the module (not for ``"reference"``). Under
+    ``torch.compile`` its result is a trace-time constant.
     """
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         name = auto_backend(device)
     if name == "reference":
-        return name, None
-    reason = why_unavailable(name, device)
+        return name
+    reason = _device_reason(name, torch.device(device))
+    if reason is None and name not in LOADED:
+        reason = why_unavailable(name, device)
     if reason is not None:
         raise RuntimeError(f"rmi_loss backend {name!r} cannot run on {torch.device(device)}: "
                            f"{reason}")
-    return name, _load(name)[0]
+    LOADED[name] = _load(name)[0]
+    return name
 
 
 def backend_info(device="cpu") -> dict:

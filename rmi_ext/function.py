@@ -17,9 +17,11 @@ Stage (c), the float64 tiny-matrix stage, is shared (:mod:`rmi_ext.linalg`).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import linalg
 from ._config import RMIConfig
+from ._dispatch import LOADED
 
 
 def base_normaliser(base_count: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
@@ -36,8 +38,9 @@ class RMIFunction(torch.autograd.Function):
     """``(logits, labels) -> (base_term, rmi_term)``, two 0-d float64 tensors."""
 
     @staticmethod
-    def forward(ctx, logits, labels, cfg: RMIConfig, backend):
-        base_sum, base_count, nonfinite, means, cov = backend.forward_stats(logits, labels, cfg)
+    def forward(ctx, logits, labels, cfg: RMIConfig, backend: str):
+        base_sum, base_count, nonfinite, means, cov = LOADED[backend].forward_stats(
+            logits, labels, cfg)
         check_finite(nonfinite)
         norm = base_normaliser(base_count, cfg)
         rmi_nc, (a, chol) = linalg.rmi_from_moments(cov)
@@ -47,6 +50,7 @@ class RMIFunction(torch.autograd.Function):
         return base_sum / norm, rmi_term
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, grad_base, grad_rmi):
         logits, labels, norm, means, cov, a, chol = ctx.saved_tensors
         cfg = ctx.cfg
@@ -54,5 +58,5 @@ class RMIFunction(torch.autograd.Function):
         grad_rmi = torch.zeros_like(norm) if grad_rmi is None else grad_rmi.double()
         scale = grad_rmi / (logits.shape[0] * cfg.dim)
         coef, shift = linalg.stencil_coefficients(cov, means, a, chol, scale)
-        grad = ctx.backend.backward_grad(logits, labels, cfg, grad_base / norm, coef, shift)
+        grad = LOADED[ctx.backend].backward_grad(logits, labels, cfg, grad_base / norm, coef, shift)
         return grad, None, None, None

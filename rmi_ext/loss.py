@@ -29,13 +29,13 @@ def rmi_loss_terms(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=
                       mode)
     check_inputs(logits, labels, cfg)
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    name, module = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, str(logits.device))
     # The float64 matrix stage must not be autocast; the kernels choose their own precision.
     with torch.autocast(logits.device.type, enabled=False):
-        if module is None:
+        if name == "reference":
             base, rmi = reference_terms(logits, labels, cfg)
         else:
-            base, rmi = RMIFunction.apply(logits, labels, cfg, module)
+            base, rmi = RMIFunction.apply(logits, labels, cfg, name)
         base, rmi = base.to(out_dtype), rmi.to(out_dtype)
         w_base, w_rmi = cfg.term_weights
         return RMITerms(w_base * base + w_rmi * rmi, base, rmi)
