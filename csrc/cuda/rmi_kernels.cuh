@@ -1,0 +1,684 @@
+// CUDA kernels of the RMI loss stages (a), (b), (d), (e) as templates (stage (c), the float64
+// tiny-matrix stage, stays in Python torch: rmi_ext/linalg.py). Names follow
+// rmi_ext/torch_backend.py, whose plain-torch code is the semantics these kernels reproduce.
+//
+// Torch-free on purpose (only rmi_math.h, <cstdint> and the CUDA runtime): nvcc compile-checks
+// it without torch (csrc/cuda/check/compile_check.cu). The torch glue that checks arguments,
+// allocates and launches is csrc/cuda/rmi_cuda.cu.
+//
+// Every kernel is a grid-stride loop (or a block reduction) around a __host__ __device__
+// per-element function, the `*_at` functions below. csrc/cuda/check/emulate.cu runs those same
+// functions on the host, so the math and the indexing are tested without a GPU
+// (tests/test_cuda.py); only the loops, the block reductions and the launches are GPU-only.
+//
+// Types: scalar_t is the logits' type (float, double, or a 16-bit float: __half/__nv_bfloat16
+// here, at::Half/at::BFloat16 from the glue), acc_t the compute type (double for double
+// logits, float otherwise, as torch_backend.compute_dtype), label_t uint8_t/int32_t/int64_t.
+// Sums over many elements (first term, moments) are float64. Indices are int64_t throughout.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "rmi_math.h"
+
+namespace rmi {
+namespace cuda {
+
+constexpr int kThreads = 256;               // every launch uses blocks of kThreads threads
+constexpr int64_t kMaxReduceBlocks = 1024;  // blocks of the first-term reduction (fixed, so the
+                                            // summation order and the result are deterministic)
+constexpr int64_t kMaxGridBlocks = int64_t(1) << 30;  // cap of a grid-stride grid
+
+RMI_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks of a grid-stride launch over n elements.
+inline unsigned int grid_blocks(int64_t n) {
+  int64_t blocks = ceil_div(n, kThreads);
+  blocks = blocks < 1 ? 1 : (blocks > kMaxGridBlocks ? kMaxGridBlocks : blocks);
+  return static_cast<unsigned int>(blocks);
+}
+
+// Blocks of the first-term reduction over n pixels.
+inline unsigned int reduce_blocks(int64_t n) {
+  int64_t blocks = ceil_div(n, kThreads);
+  blocks = blocks < 1 ? 1 : (blocks > kMaxReduceBlocks ? kMaxReduceBlocks : blocks);
+  return static_cast<unsigned int>(blocks);
+}
+
+// Sizes, strides (in elements) and options of one call.
+struct Geometry {
+  int64_t N, C, H, W;  // logits [N, C, H, W]
+  int64_t h, w;        // pooled maps [N, C, h, w]
+  int64_t xs[4];       // logits strides
+  int64_t ls[3];       // labels strides
+  int64_t radius;      // region side R, d = R * R
+  int64_t factor;      // downsampling factor s (the `stride` option)
+  int64_t kernel;      // pool kernel k, padding k / 2
+  int pool;            // PoolKind
+  int mode;            // LossMode
+  int64_t ignore_index;
+};
+
+inline Geometry make_geometry(const int64_t sizes[4], const int64_t x_strides[4],
+                              const int64_t l_strides[3], int64_t radius, int64_t factor,
+                              int pool, int64_t kernel, int64_t ignore_index, int mode) {
+  Geometry g;
+  g.N = sizes[0];
+  g.C = sizes[1];
+  g.H = sizes[2];
+  g.W = sizes[3];
+  g.h = pooled_len(g.H, pool, kernel, factor);
+  g.w = pooled_len(g.W, pool, kernel, factor);
+  for (int i = 0; i < 4; ++i) g.xs[i] = x_strides[i];
+  for (int i = 0; i < 3; ++i) g.ls[i] = l_strides[i];
+  g.radius = radius;
+  g.factor = factor;
+  g.kernel = kernel;
+  g.pool = pool;
+  g.mode = mode;
+  g.ignore_index = ignore_index;
+  return g;
+}
+
+// Strides of the gradient output (the logits' memory format, see rmi_cuda.cu).
+struct OutStrides {
+  int64_t s[4];
+  bool channels_last;  // visit elements in N, H, W, C order (coalesced writes for NHWC)
+};
+
+// ---- per-pixel helpers ---------------------------------------------------------------------
+
+template <typename label_t>
+RMI_HD int64_t label_at(const label_t* labels, const Geometry& g, int64_t n, int64_t y,
+                        int64_t x) {
+  return static_cast<int64_t>(labels[n * g.ls[0] + y * g.ls[1] + x * g.ls[2]]);
+}
+
+template <typename acc_t, typename scalar_t>
+RMI_HD acc_t logit_at(const scalar_t* logits, const Geometry& g, int64_t n, int64_t c,
+                      int64_t y, int64_t x) {
+  return static_cast<acc_t>(logits[n * g.xs[0] + c * g.xs[1] + y * g.xs[2] + x * g.xs[3]]);
+}
+
+// log(sum_c exp(x_c)) over the channels of one pixel.
+template <typename acc_t, typename scalar_t>
+RMI_HD acc_t logsumexp_at(const scalar_t* logits, const Geometry& g, int64_t n, int64_t y,
+                          int64_t x) {
+  acc_t top = logit_at<acc_t>(logits, g, n, 0, y, x);
+  for (int64_t c = 1; c < g.C; ++c) {
+    acc_t v = logit_at<acc_t>(logits, g, n, c, y, x);
+    top = v > top ? v : top;
+  }
+  acc_t sum = acc_t(0);
+  for (int64_t c = 0; c < g.C; ++c) sum += exp(logit_at<acc_t>(logits, g, n, c, y, x) - top);
+  return top + log(sum);
+}
+
+// P (rmi_prob) and one-hot Y of class c at full-resolution pixel (y, x).
+template <typename acc_t>
+struct PY {
+  acc_t p;
+  acc_t y;
+};
+
+template <typename acc_t, typename scalar_t, typename label_t>
+RMI_HD PY<acc_t> pixel_py(const scalar_t* logits, const label_t* labels, const Geometry& g,
+                          int64_t n, int64_t c, int64_t y, int64_t x) {
+  int64_t label = label_at(labels, g, n, y, x);
+  bool valid = is_valid_label(label, g.C, g.ignore_index);
+  acc_t sig = sigmoid_parts(logit_at<acc_t>(logits, g, n, c, y, x)).sig;
+  return {rmi_prob(sig, valid, g.mode), (valid && label == c) ? acc_t(1) : acc_t(0)};
+}
+
+// ---- stage (a): first term and pooled maps ---------------------------------------------------
+
+// First-term contribution of pixel q of [N, H, W]: loss summed over classes (BCE) or the
+// pixel's CE, 1 if the pixel counts, and the number of non-finite logits at the pixel.
+struct BaseStats {
+  double sum;
+  double count;
+  int64_t nonfinite;
+};
+
+template <typename acc_t, typename scalar_t, typename label_t>
+RMI_HD BaseStats base_stats_at(int64_t q, const scalar_t* logits, const label_t* labels,
+                               const Geometry& g) {
+  int64_t x = q % g.W, t = q / g.W;
+  int64_t y = t % g.H, n = t / g.H;
+  int64_t label = label_at(labels, g, n, y, x);
+  bool valid = is_valid_label(label, g.C, g.ignore_index);
+  BaseStats s = {0.0, valid ? 1.0 : 0.0, 0};
+  for (int64_t c = 0; c < g.C; ++c) {
+    acc_t v = logit_at<acc_t>(logits, g, n, c, y, x);
+    if (!isfinite(v)) ++s.nonfinite;
+    if (g.mode == kSigmoidMode && valid)
+      s.sum += static_cast<double>(bce_with_logits(v, label == c, sigmoid_parts(v).e));
+  }
+  if (g.mode == kSoftmaxMode && valid)
+    s.sum = static_cast<double>(logsumexp_at<acc_t>(logits, g, n, y, x) -
+                                logit_at<acc_t>(logits, g, n, label, y, x));
+  return s;
+}
+
+// Pooled Y and P at element q of [N, C, h, w] (torch_backend._pool): identity for factor 1;
+// avg_pool2d(k, s, k // 2, count_include_pad) (the window never reaches past the padding in
+// floor mode, so the divisor is always k * k); max_pool2d (first maximum in row-major window
+// order; Y is the maximum of a 0/1 map); interp: nearest Y, bilinear align_corners=True P.
+template <typename acc_t, typename scalar_t, typename label_t>
+RMI_HD PY<acc_t> pooled_py_at(int64_t q, const scalar_t* logits, const label_t* labels,
+                              const Geometry& g) {
+  int64_t ox = q % g.w, t = q / g.w;
+  int64_t oy = t % g.h;
+  t /= g.h;
+  int64_t c = t % g.C, n = t / g.C;
+  if (g.factor == 1) return pixel_py<acc_t>(logits, labels, g, n, c, oy, ox);
+  if (g.pool == kInterp) {
+    LinearTap<acc_t> ty = linear_tap<acc_t>(oy, g.H, g.h);
+    LinearTap<acc_t> tx = linear_tap<acc_t>(ox, g.W, g.w);
+    acc_t p00 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i0, tx.i0).p;
+    acc_t p01 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i0, tx.i1).p;
+    acc_t p10 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i1, tx.i0).p;
+    acc_t p11 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i1, tx.i1).p;
+    acc_t p = ty.w0 * (tx.w0 * p00 + tx.w1 * p01) + ty.w1 * (tx.w0 * p10 + tx.w1 * p11);
+    acc_t y = pixel_py<acc_t>(logits, labels, g, n, c, nearest_source(oy, g.H, g.h),
+                              nearest_source(ox, g.W, g.w)).y;
+    return {p, y};
+  }
+  int64_t y0, y1, x0, x1;
+  pool_window(oy, g.H, g.kernel, g.factor, &y0, &y1);
+  pool_window(ox, g.W, g.kernel, g.factor, &x0, &x1);
+  if (g.pool == kAvgPool) {
+    PY<acc_t> sum = {acc_t(0), acc_t(0)};
+    for (int64_t y = y0; y < y1; ++y)
+      for (int64_t x = x0; x < x1; ++x) {
+        PY<acc_t> v = pixel_py<acc_t>(logits, labels, g, n, c, y, x);
+        sum.p += v.p;
+        sum.y += v.y;
+      }
+    acc_t area = static_cast<acc_t>(g.kernel * g.kernel);
+    return {sum.p / area, sum.y / area};
+  }
+  PY<acc_t> top = pixel_py<acc_t>(logits, labels, g, n, c, y0, x0);  // windows are never empty
+  for (int64_t y = y0; y < y1; ++y)
+    for (int64_t x = x0; x < x1; ++x) {
+      PY<acc_t> v = pixel_py<acc_t>(logits, labels, g, n, c, y, x);
+      if (v.p > top.p) top.p = v.p;
+      if (v.y > top.y) top.y = v.y;
+    }
+  return top;
+}
+
+template <typename acc_t, typename scalar_t, typename label_t>
+RMI_HD void pooled_store(int64_t q, const scalar_t* logits, const label_t* labels,
+                         const Geometry& g, acc_t* y_out, acc_t* p_out) {
+  PY<acc_t> v = pooled_py_at<acc_t>(q, logits, labels, g);
+  y_out[q] = v.y;
+  p_out[q] = v.p;
+}
+
+// ---- stage (b): moment sums ------------------------------------------------------------------
+//
+// Per (n, c) plane, the moment "entries" are the first-order sums sum_k y_k[i], sum_k p_k[i]
+// and the product sums sum_k y_k[i] y_k[j], sum_k p_k[i] p_k[j] (i <= j only: symmetric) and
+// sum_k y_k[i] p_k[j], all over windows k, on maps shifted by a per-plane constant (the plane
+// mean; covariances do not change and the raw sums do not cancel). Layout of the entries:
+//   [0, d) sum y_i | [d, 2d) sum p_i | S packed (i <= j) sums y_i y_j | S sums p_i p_j |
+//   d*d sums y_i p_j (row-major),  with S = d (d + 1) / 2.
+// The windows' rows are split in chunks; one thread sums one entry over one chunk.
+
+RMI_HD int64_t moment_entry_count(int64_t d) { return 2 * d + d * (d + 1) + d * d; }
+
+// Position of (i, j), i <= j, in the packed upper triangle of a d x d matrix (row-major).
+RMI_HD int64_t packed_index(int64_t i, int64_t j, int64_t d) {
+  return i * d - i * (i - 1) / 2 + (j - i);
+}
+
+struct MomentEntry {
+  int first;   // map of the first factor: 0 = Y, 1 = P
+  int second;  // map of the second factor, -1 for a first-order sum
+  int64_t i;   // region offset of the first factor
+  int64_t j;   // region offset of the second factor
+};
+
+RMI_HD MomentEntry moment_entry(int64_t e, int64_t d) {
+  if (e < d) return {0, -1, e, 0};
+  e -= d;
+  if (e < d) return {1, -1, e, 0};
+  e -= d;
+  int64_t packed = d * (d + 1) / 2;
+  if (e < 2 * packed) {
+    int map = e < packed ? 0 : 1;
+    int64_t r = e < packed ? e : e - packed;
+    int64_t i = 0;
+    while (r >= d - i) {  // row i of the triangle holds d - i entries
+      r -= d - i;
+      ++i;
+    }
+    return {map, map, i, i + r};
+  }
+  e -= 2 * packed;
+  return {0, 1, e / d, e % d};
+}
+
+struct MomentPlan {
+  int64_t entries;         // moment_entry_count(d)
+  int64_t chunks;          // chunks of window rows (grid.y, <= 65535)
+  int64_t rows_per_chunk;  // window rows per chunk
+};
+
+// Enough chunks for about 2^18 threads in flight, never more chunks than window rows.
+inline MomentPlan plan_moments(int64_t planes, int64_t window_rows, int64_t d) {
+  MomentPlan plan;
+  plan.entries = moment_entry_count(d);
+  int64_t chunks = ceil_div(int64_t(1) << 18, planes * plan.entries);
+  int64_t most = window_rows < 65535 ? window_rows : 65535;
+  chunks = chunks < 1 ? 1 : (chunks > most ? most : chunks);
+  plan.rows_per_chunk = ceil_div(window_rows, chunks);
+  plan.chunks = ceil_div(window_rows, plan.rows_per_chunk);
+  return plan;
+}
+
+// Sum of entry e over the windows of one chunk of rows of one plane. y, p: pooled maps
+// [planes, h, w]; offsets [planes, 2] (the constants subtracted from Y and P).
+template <typename acc_t>
+RMI_HD double moment_partial_at(int64_t plane, int64_t chunk, int64_t e, const acc_t* y,
+                                const acc_t* p, const double* offsets, const Geometry& g,
+                                const MomentPlan& plan) {
+  const int64_t R = g.radius, d = R * R;
+  const int64_t nh = g.h - R + 1, nw = g.w - R + 1;
+  const int64_t a0 = chunk * plan.rows_per_chunk;
+  const int64_t a1 = a0 + plan.rows_per_chunk < nh ? a0 + plan.rows_per_chunk : nh;
+  MomentEntry m = moment_entry(e, d);
+  const acc_t* plane_y = y + plane * g.h * g.w;
+  const acc_t* plane_p = p + plane * g.h * g.w;
+  const acc_t* fa = (m.first == 0 ? plane_y : plane_p) + (m.i / R) * g.w + (m.i % R);
+  const double oa = offsets[2 * plane + m.first];
+  double acc = 0.0;
+  if (m.second < 0) {
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t b = 0; b < nw; ++b) acc += static_cast<double>(fa[a * g.w + b]) - oa;
+    return acc;
+  }
+  const acc_t* fb = (m.second == 0 ? plane_y : plane_p) + (m.j / R) * g.w + (m.j % R);
+  const double ob = offsets[2 * plane + m.second];
+  for (int64_t a = a0; a < a1; ++a)
+    for (int64_t b = 0; b < nw; ++b)
+      acc += (static_cast<double>(fa[a * g.w + b]) - oa) *
+             (static_cast<double>(fb[a * g.w + b]) - ob);
+  return acc;
+}
+
+// Entry e of a plane summed over its chunks (fixed order). partials [planes, chunks, entries].
+RMI_HD double moment_total(const double* partials, int64_t plane, int64_t e,
+                           const MomentPlan& plan) {
+  double sum = 0.0;
+  for (int64_t ch = 0; ch < plan.chunks; ++ch)
+    sum += partials[(plane * plan.chunks + ch) * plan.entries + e];
+  return sum;
+}
+
+// Element q of [planes, d, d]: the centred Sy, Sp, B entries (i, j), cov [planes, 3, d, d]
+// (S - K mu_i mu_j, with mu the shifted means), and for j == 0 the means [planes, 2, d]
+// (mu_y, mu_p plus the offsets). The symmetric Sy, Sp are exactly symmetric.
+RMI_HD void moment_finalize_at(int64_t q, const double* partials, const double* offsets,
+                               const Geometry& g, const MomentPlan& plan, double* means,
+                               double* cov) {
+  const int64_t R = g.radius, d = R * R;
+  const int64_t j = q % d, t = q / d;
+  const int64_t i = t % d, plane = t / d;
+  const double k = static_cast<double>((g.h - R + 1) * (g.w - R + 1));
+  const int64_t lo = i < j ? i : j, hi = i < j ? j : i;
+  const int64_t packed = d * (d + 1) / 2;
+  const double mu_y_i = moment_total(partials, plane, i, plan) / k;
+  const double mu_p_i = moment_total(partials, plane, d + i, plan) / k;
+  const double mu_y_j = moment_total(partials, plane, j, plan) / k;
+  const double mu_p_j = moment_total(partials, plane, d + j, plan) / k;
+  const double mu_y_lo = lo == i ? mu_y_i : mu_y_j, mu_y_hi = lo == i ? mu_y_j : mu_y_i;
+  const double mu_p_lo = lo == i ? mu_p_i : mu_p_j, mu_p_hi = lo == i ? mu_p_j : mu_p_i;
+  const double syy = moment_total(partials, plane, 2 * d + packed_index(lo, hi, d), plan);
+  const double spp =
+      moment_total(partials, plane, 2 * d + packed + packed_index(lo, hi, d), plan);
+  const double byp = moment_total(partials, plane, 2 * d + 2 * packed + i * d + j, plan);
+  double* out = cov + plane * 3 * d * d + i * d + j;
+  out[0] = syy - k * mu_y_lo * mu_y_hi;
+  out[d * d] = spp - k * mu_p_lo * mu_p_hi;
+  out[2 * d * d] = byp - k * mu_y_i * mu_p_j;
+  if (j == 0) {
+    means[plane * 2 * d + i] = mu_y_i + offsets[2 * plane];
+    means[plane * 2 * d + d + i] = mu_p_i + offsets[2 * plane + 1];
+  }
+}
+
+// ---- stage (d): pooled-map stencil gradient --------------------------------------------------
+
+// dloss/dP at element q of the pooled maps [planes, h, w], float64: window k gets
+// g_k = Cp p_k + Cy y_k + c, entry i of g_k lands on pixel k + o_i. coef [planes, 2, d, d]
+// (Cp, Cy), shift [planes, d].
+template <typename acc_t>
+RMI_HD double pooled_grad_at(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
+                             const double* shift, const Geometry& g) {
+  const int64_t R = g.radius, d = R * R;
+  const int64_t nh = g.h - R + 1, nw = g.w - R + 1;
+  const int64_t col = q % g.w, t = q / g.w;
+  const int64_t row = t % g.h, plane = t / g.h;
+  const acc_t* plane_y = y + plane * g.h * g.w;
+  const acc_t* plane_p = p + plane * g.h * g.w;
+  const double* cp = coef + plane * 2 * d * d;
+  const double* cy = cp + d * d;
+  const double* c0 = shift + plane * d;
+  double grad = 0.0;
+  for (int64_t dy = 0; dy < R; ++dy) {
+    const int64_t a = row - dy;  // window (a, b) holds this pixel at offset i = (dy, dx)
+    if (a < 0 || a >= nh) continue;
+    for (int64_t dx = 0; dx < R; ++dx) {
+      const int64_t b = col - dx;
+      if (b < 0 || b >= nw) continue;
+      const int64_t i = dy * R + dx;
+      double gi = c0[i];
+      for (int64_t ey = 0; ey < R; ++ey)
+        for (int64_t ex = 0; ex < R; ++ex) {
+          const int64_t j = ey * R + ex, at = (a + ey) * g.w + (b + ex);
+          gi += cp[i * d + j] * static_cast<double>(plane_p[at]) +
+                cy[i * d + j] * static_cast<double>(plane_y[at]);
+        }
+      grad += gi;
+    }
+  }
+  return grad;
+}
+
+template <typename acc_t>
+RMI_HD void pooled_grad_store(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
+                              const double* shift, const Geometry& g, acc_t* grad_pooled) {
+  grad_pooled[q] = static_cast<acc_t>(pooled_grad_at(q, y, p, coef, shift, g));
+}
+
+// ---- stage (e): full-resolution gradient -----------------------------------------------------
+
+// Pooled outputs o whose pool window [o s - k/2, o s - k/2 + k) holds input index i: [*lo, *hi].
+RMI_HD void windows_holding(int64_t i, int64_t n_out, int64_t kernel, int64_t stride,
+                            int64_t* lo, int64_t* hi) {
+  const int64_t first = i + kernel / 2 - kernel + 1;  // o s >= first
+  *lo = first <= 0 ? 0 : ceil_div(first, stride);
+  const int64_t last = (i + kernel / 2) / stride;  // o s <= i + k/2
+  *hi = last < n_out - 1 ? last : n_out - 1;
+}
+
+// Pooled outputs o whose bilinear (align_corners=True) taps may touch input index i: a range
+// with a margin of one output on each side; the caller checks the taps exactly.
+RMI_HD void taps_holding(int64_t i, int64_t n_in, int64_t n_out, int64_t* lo, int64_t* hi) {
+  if (n_out <= 1) {
+    *lo = 0;
+    *hi = n_out - 1;
+    return;
+  }
+  const double scale = static_cast<double>(n_in - 1) / static_cast<double>(n_out - 1);
+  const int64_t first = static_cast<int64_t>(floor((i - 1) / scale)) - 1;
+  const int64_t last = static_cast<int64_t>(ceil((i + 1) / scale)) + 1;
+  *lo = first < 0 ? 0 : first;
+  *hi = last < n_out - 1 ? last : n_out - 1;
+}
+
+// Weight of input index i in the bilinear taps of output o (both taps may be i at the border).
+template <typename acc_t>
+RMI_HD acc_t tap_weight(int64_t o, int64_t i, int64_t n_in, int64_t n_out) {
+  LinearTap<acc_t> tap = linear_tap<acc_t>(o, n_in, n_out);
+  return (tap.i0 == i ? tap.w0 : acc_t(0)) + (tap.i1 == i ? tap.w1 : acc_t(0));
+}
+
+// Adjoint of the downsampling of P at input pixel (y, x) of plane (n, c): the pooled gradient
+// gathered from every pooled output whose value depends on P[y, x].
+template <typename acc_t, typename scalar_t, typename label_t>
+RMI_HD acc_t pool_adjoint_at(const scalar_t* logits, const label_t* labels, const Geometry& g,
+                             const acc_t* grad_plane, int64_t n, int64_t c, int64_t y,
+                             int64_t x) {
+  if (g.factor == 1) return grad_plane[y * g.w + x];
+  int64_t oy0, oy1, ox0, ox1;
+  acc_t sum = acc_t(0);
+  if (g.pool == kInterp) {
+    taps_holding(y, g.H, g.h, &oy0, &oy1);
+    taps_holding(x, g.W, g.w, &ox0, &ox1);
+    for (int64_t oy = oy0; oy <= oy1; ++oy) {
+      const acc_t wy = tap_weight<acc_t>(oy, y, g.H, g.h);
+      if (wy == acc_t(0)) continue;
+      for (int64_t ox = ox0; ox <= ox1; ++ox) {
+        const acc_t wx = tap_weight<acc_t>(ox, x, g.W, g.w);
+        if (wx != acc_t(0)) sum += wy * wx * grad_plane[oy * g.w + ox];
+      }
+    }
+    return sum;
+  }
+  windows_holding(y, g.h, g.kernel, g.factor, &oy0, &oy1);
+  windows_holding(x, g.w, g.kernel, g.factor, &ox0, &ox1);
+  for (int64_t oy = oy0; oy <= oy1; ++oy)
+    for (int64_t ox = ox0; ox <= ox1; ++ox) {
+      if (g.pool == kAvgPool) {
+        sum += grad_plane[oy * g.w + ox];
+        continue;
+      }
+      // Max: the gradient goes to the window's first maximum of P in row-major order.
+      int64_t y0, y1, x0, x1;
+      pool_window(oy, g.H, g.kernel, g.factor, &y0, &y1);
+      pool_window(ox, g.W, g.kernel, g.factor, &x0, &x1);
+      int64_t best_y = y0, best_x = x0;
+      acc_t best = pixel_py<acc_t>(logits, labels, g, n, c, y0, x0).p;
+      for (int64_t wy = y0; wy < y1; ++wy)
+        for (int64_t wx = x0; wx < x1; ++wx) {
+          const acc_t v = pixel_py<acc_t>(logits, labels, g, n, c, wy, wx).p;
+          if (v > best) {
+            best = v;
+            best_y = wy;
+            best_x = wx;
+          }
+        }
+      if (best_y == y && best_x == x) sum += grad_plane[oy * g.w + ox];
+    }
+  return g.pool == kAvgPool ? sum / static_cast<acc_t>(g.kernel * g.kernel) : sum;
+}
+
+// Element q of the gradient [N, C, H, W] (visited in N, C, H, W order, or N, H, W, C for a
+// channels-last output): pooling adjoint times dP/dx, plus base_scale times the first term's
+// gradient (BCE: m (sig - y); CE: valid (softmax - onehot), with lse [N, H, W] the channel
+// logsumexp, unused in sigmoid mode). grad_pooled [N, C, h, w]; base_scale points to one double.
+template <typename acc_t, typename scalar_t, typename label_t>
+RMI_HD void full_grad_store(int64_t q, const scalar_t* logits, const label_t* labels,
+                            const Geometry& g, const acc_t* grad_pooled, const acc_t* lse,
+                            const double* base_scale, scalar_t* out, const OutStrides& os) {
+  int64_t n, c, y, x;
+  if (os.channels_last) {
+    c = q % g.C;
+    int64_t t = q / g.C;
+    x = t % g.W;
+    t /= g.W;
+    y = t % g.H;
+    n = t / g.H;
+  } else {
+    x = q % g.W;
+    int64_t t = q / g.W;
+    y = t % g.H;
+    t /= g.H;
+    c = t % g.C;
+    n = t / g.C;
+  }
+  const int64_t label = label_at(labels, g, n, y, x);
+  const bool valid = is_valid_label(label, g.C, g.ignore_index);
+  const acc_t v = logit_at<acc_t>(logits, g, n, c, y, x);
+  const acc_t sig = sigmoid_parts(v).sig;
+  const acc_t slope = rmi_prob_slope(sig, valid, g.mode);
+  acc_t grad_p = acc_t(0);
+  if (slope != acc_t(0))
+    grad_p = pool_adjoint_at<acc_t>(logits, labels, g, grad_pooled + (n * g.C + c) * g.h * g.w,
+                                    n, c, y, x);
+  acc_t base = acc_t(0);
+  if (valid) {
+    const acc_t prob = g.mode == kSigmoidMode ? sig : exp(v - lse[(n * g.H + y) * g.W + x]);
+    base = prob - (label == c ? acc_t(1) : acc_t(0));
+  }
+  const acc_t value = grad_p * slope + static_cast<acc_t>(*base_scale) * base;
+  out[n * os.s[0] + c * os.s[1] + y * os.s[2] + x * os.s[3]] = static_cast<scalar_t>(value);
+}
+
+// ---- kernels ---------------------------------------------------------------------------------
+
+#if defined(__CUDACC__)
+
+#define RMI_GRID_STRIDE_LOOP(q, n)                                                      \
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < (n); \
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// Sum of v over the block (blockDim.x == kThreads); every thread gets the result.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* smem) {
+  smem[threadIdx.x] = v;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width >>= 1) {
+    if (static_cast<int>(threadIdx.x) < width) smem[threadIdx.x] += smem[threadIdx.x + width];
+    __syncthreads();
+  }
+  T total = smem[0];
+  __syncthreads();  // smem may be reused right after
+  return total;
+}
+
+// Stage (a), first term, level 1: per-block sums over pixels of [N, H, W].
+// part_sum, part_count, part_nonfinite [gridDim.x]. Launch: reduce_blocks(N*H*W) x kThreads.
+template <typename scalar_t, typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kThreads)
+    base_stats_kernel(const scalar_t* logits, const label_t* labels, Geometry g,
+                      double* part_sum, double* part_count, int64_t* part_nonfinite) {
+  __shared__ double smem[kThreads];
+  __shared__ int64_t smem_i[kThreads];
+  BaseStats s = {0.0, 0.0, 0};
+  RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
+    BaseStats v = base_stats_at<acc_t>(q, logits, labels, g);
+    s.sum += v.sum;
+    s.count += v.count;
+    s.nonfinite += v.nonfinite;
+  }
+  s.sum = block_sum(s.sum, smem);
+  s.count = block_sum(s.count, smem);
+  s.nonfinite = block_sum(s.nonfinite, smem_i);
+  if (threadIdx.x == 0) {
+    part_sum[blockIdx.x] = s.sum;
+    part_count[blockIdx.x] = s.count;
+    part_nonfinite[blockIdx.x] = s.nonfinite;
+  }
+}
+
+// Stage (a), first term, level 2: the blocks' sums into 0-d outputs. Launch: 1 x kThreads.
+__global__ void __launch_bounds__(kThreads)
+    base_stats_final_kernel(const double* part_sum, const double* part_count,
+                            const int64_t* part_nonfinite, int64_t parts, double* base_sum,
+                            double* base_count, int64_t* nonfinite) {
+  __shared__ double smem[kThreads];
+  __shared__ int64_t smem_i[kThreads];
+  double sum = 0.0, count = 0.0;
+  int64_t bad = 0;
+  for (int64_t i = threadIdx.x; i < parts; i += kThreads) {
+    sum += part_sum[i];
+    count += part_count[i];
+    bad += part_nonfinite[i];
+  }
+  sum = block_sum(sum, smem);
+  count = block_sum(count, smem);
+  bad = block_sum(bad, smem_i);
+  if (threadIdx.x == 0) {
+    *base_sum = sum;
+    *base_count = count;
+    *nonfinite = bad;
+  }
+}
+
+// Stage (a), pooled maps: y_out, p_out [N, C, h, w]. Launch: grid_blocks(N*C*h*w) x kThreads.
+template <typename scalar_t, typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kThreads)
+    pooled_maps_kernel(const scalar_t* logits, const label_t* labels, Geometry g, acc_t* y_out,
+                       acc_t* p_out) {
+  RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.h * g.w) {
+    pooled_store<acc_t>(q, logits, labels, g, y_out, p_out);
+  }
+}
+
+// Stage (a), softmax mode: channel logsumexp lse [N, H, W]. Launch: grid_blocks(N*H*W).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    logsumexp_kernel(const scalar_t* logits, Geometry g, acc_t* lse) {
+  RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
+    const int64_t x = q % g.W, t = q / g.W;
+    lse[q] = logsumexp_at<acc_t>(logits, g, t / g.H, t % g.H, x);
+  }
+}
+
+// Stage (b), level 0: offsets [planes, 2], the plane means of Y and P (any constant near the
+// values would do). Launch: planes x kThreads, one block per plane.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    plane_offsets_kernel(const acc_t* y, const acc_t* p, int64_t plane_size, double* offsets) {
+  __shared__ double smem[kThreads];
+  const int64_t plane = blockIdx.x, base = plane * plane_size;
+  double sum_y = 0.0, sum_p = 0.0;
+  for (int64_t i = threadIdx.x; i < plane_size; i += kThreads) {
+    sum_y += static_cast<double>(y[base + i]);
+    sum_p += static_cast<double>(p[base + i]);
+  }
+  sum_y = block_sum(sum_y, smem);
+  sum_p = block_sum(sum_p, smem);
+  if (threadIdx.x == 0) {
+    offsets[2 * plane] = sum_y / static_cast<double>(plane_size);
+    offsets[2 * plane + 1] = sum_p / static_cast<double>(plane_size);
+  }
+}
+
+// Stage (b), level 1: partials [planes, chunks, entries]. Launch: grid (planes, plan.chunks,
+// ceil(plan.entries / kThreads)) x kThreads; threads of a block share a plane and a chunk.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    moment_partials_kernel(const acc_t* y, const acc_t* p, const double* offsets, Geometry g,
+                           MomentPlan plan, double* partials) {
+  const int64_t plane = blockIdx.x, chunk = blockIdx.y;
+  const int64_t e = static_cast<int64_t>(blockIdx.z) * kThreads + threadIdx.x;
+  if (e >= plan.entries) return;
+  partials[(plane * plan.chunks + chunk) * plan.entries + e] =
+      moment_partial_at(plane, chunk, e, y, p, offsets, g, plan);
+}
+
+// Stage (b), level 2: means [planes, 2, d], cov [planes, 3, d, d].
+// Launch: grid_blocks(planes*d*d) x kThreads.
+__global__ void __launch_bounds__(kThreads)
+    moment_finalize_kernel(const double* partials, const double* offsets, Geometry g,
+                           MomentPlan plan, double* means, double* cov) {
+  const int64_t d = g.radius * g.radius;
+  RMI_GRID_STRIDE_LOOP(q, g.N * g.C * d * d) {
+    moment_finalize_at(q, partials, offsets, g, plan, means, cov);
+  }
+}
+
+// Stage (d): grad_pooled [N, C, h, w]. Launch: grid_blocks(N*C*h*w) x kThreads.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    pooled_grad_kernel(const acc_t* y, const acc_t* p, const double* coef, const double* shift,
+                       Geometry g, acc_t* grad_pooled) {
+  RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.h * g.w) {
+    pooled_grad_store(q, y, p, coef, shift, g, grad_pooled);
+  }
+}
+
+// Stage (e): grad_logits [N, C, H, W] through strides os. Launch: grid_blocks(N*C*H*W).
+template <typename scalar_t, typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kThreads)
+    full_grad_kernel(const scalar_t* logits, const label_t* labels, Geometry g,
+                     const acc_t* grad_pooled, const acc_t* lse, const double* base_scale,
+                     scalar_t* out, OutStrides os) {
+  RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.H * g.W) {
+    full_grad_store<acc_t>(q, logits, labels, g, grad_pooled, lse, base_scale, out, os);
+  }
+}
+
+#undef RMI_GRID_STRIDE_LOOP
+
+#endif  // __CUDACC__
+
+}  // namespace cuda
+}  // namespace rmi
