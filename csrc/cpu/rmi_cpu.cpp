@@ -194,11 +194,13 @@ struct PlaneScratch {
   std::vector<double> grad_pp;   // [h*w] dloss/dP on the pooled map (backward)
   std::vector<T> grad_full;      // [H*W] dloss/dP at full resolution (backward, max/interp)
   std::vector<T> row_a, row_b;   // [W] one full-resolution row
-  std::vector<double> pooled_row;  // [w]
+  std::vector<T> rows_p, rows_y; // [h*W] average pooling: column sums per pooled row; backward:
+                                 // rows_p holds the pooled gradient spread over columns
 
   void resize(const Problem& p, bool backward) {
     sig.resize(p.H * p.W), yp.resize(p.h * p.w), pp.resize(p.h * p.w);
-    row_a.resize(p.W), row_b.resize(p.W), pooled_row.resize(p.w);
+    row_a.resize(p.W), row_b.resize(p.W);
+    if (p.stride > 1 && p.pool == rmi::kAvgPool) rows_p.resize(p.h * p.W), rows_y.resize(p.h * p.W);
     if (!backward) return;
     grad_pp.resize(p.h * p.w);
     if (p.stride > 1 && p.pool != rmi::kAvgPool) grad_full.resize(p.H * p.W);
@@ -301,25 +303,35 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
     return;
   }
   const int64_t k = p.ksize, st = p.stride;
-  if (p.pool == rmi::kAvgPool) {  // row by row: each input row adds its window sums
-    std::fill(s.pp.begin(), s.pp.end(), 0.0);
-    std::fill(s.yp.begin(), s.yp.end(), 0.0);
+  if (p.pool == rmi::kAvgPool) {
+    // Sum the rows of each pooled row's window first (vector adds over W), then the columns.
+    std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
+    std::fill(s.rows_y.begin(), s.rows_y.end(), T(0));
     for (int64_t r = 0; r < p.H; ++r) {
       int64_t oy_lo, oy_hi;
       pooled_rows_of(r, p, &oy_lo, &oy_hi);
       if (oy_lo > oy_hi) continue;
       prob_row(p, sig + r * p.W, cls + r * p.W, cc, prow, yrow);
+      for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
+        T* ap = s.rows_p.data() + oy * p.W;
+        T* ay = s.rows_y.data() + oy * p.W;
+#pragma omp simd
+        for (int64_t col = 0; col < p.W; ++col) ap[col] += prow[col], ay[col] += yrow[col];
+      }
+    }
+    const double inv_area = 1.0 / static_cast<double>(k * k);
+    for (int64_t oy = 0; oy < p.h; ++oy) {
+      const T* ap = s.rows_p.data() + oy * p.W;
+      const T* ay = s.rows_y.data() + oy * p.W;
       for (int64_t ox = 0; ox < p.w; ++ox) {
         int64_t x0, x1;
         rmi::pool_window(ox, p.W, k, st, &x0, &x1);
         T sp = T(0), sy = T(0);
-        for (int64_t xx = x0; xx < x1; ++xx) sp += prow[xx], sy += yrow[xx];
-        for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) s.pp[oy * p.w + ox] += sp, s.yp[oy * p.w + ox] += sy;
+        for (int64_t xx = x0; xx < x1; ++xx) sp += ap[xx], sy += ay[xx];
+        s.pp[oy * p.w + ox] = static_cast<double>(sp) * inv_area;
+        s.yp[oy * p.w + ox] = static_cast<double>(sy) * inv_area;
       }
     }
-    const double inv_area = 1.0 / static_cast<double>(k * k);
-    for (double& v : s.pp) v *= inv_area;
-    for (double& v : s.yp) v *= inv_area;
     return;
   }
   for (int64_t oy = 0; oy < p.h; ++oy) {
@@ -621,6 +633,23 @@ void pool_adjoint_plane(const Problem& p, const int32_t* cls, PlaneScratch<T>& s
   }
 }
 
+// Average pooling adjoint, columns: s.rows_p[oy][col] = sum over ox covering col of
+// grad_pp[oy][ox] / k^2 (the rows are added per full-resolution row in grad_prob_row).
+template <typename T>
+void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
+  std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
+  const double inv_area = 1.0 / static_cast<double>(p.ksize * p.ksize);
+  for (int64_t oy = 0; oy < p.h; ++oy) {
+    T* row = s.rows_p.data() + oy * p.W;
+    for (int64_t ox = 0; ox < p.w; ++ox) {
+      const T v = static_cast<T>(s.grad_pp[oy * p.w + ox] * inv_area);
+      int64_t x0, x1;
+      rmi::pool_window(ox, p.W, p.ksize, p.stride, &x0, &x1);
+      for (int64_t xx = x0; xx < x1; ++xx) row[xx] += v;
+    }
+  }
+}
+
 // dloss/dP of full-resolution row r into grow[], from the pooled-map gradient.
 template <typename T>
 void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
@@ -637,15 +666,10 @@ void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
   std::fill(grow, grow + p.W, T(0));
   int64_t oy_lo, oy_hi;
   pooled_rows_of(r, p, &oy_lo, &oy_hi);
-  if (oy_lo > oy_hi) return;
-  const double inv_area = 1.0 / static_cast<double>(p.ksize * p.ksize);
-  for (int64_t ox = 0; ox < p.w; ++ox) {
-    double t = 0.0;
-    for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) t += s.grad_pp[oy * p.w + ox];
-    const T v = static_cast<T>(t * inv_area);
-    int64_t x0, x1;
-    rmi::pool_window(ox, p.W, p.ksize, p.stride, &x0, &x1);
-    for (int64_t xx = x0; xx < x1; ++xx) grow[xx] += v;
+  for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
+    const T* row = s.rows_p.data() + oy * p.W;
+#pragma omp simd
+    for (int64_t col = 0; col < p.W; ++col) grow[col] += row[col];
   }
 }
 
@@ -765,6 +789,7 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
         const double* cp = coef_p + plane * 2 * p.d * p.d;
         stencil_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift, cp, cp + p.d * p.d,
                       shift_p + plane * p.d, s.grad_pp.data(), tables);
+        if (p.stride > 1 && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
         if (p.stride > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, cls, s);
         const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * p.H * p.W : nullptr;
         scalar_t* gp = gout + n * gN + c * gC;
