@@ -94,6 +94,31 @@ def check_against_reference(backend, x, labels, **opts):
     assert grad_err <= tol_grad, f"gradient differs from the reference by {grad_err:.3g}"
 
 
+def pool_grid(radii):
+    """mode x pool x DF 1..4 x radius (DF 1 once: without downsampling the pool is unused)."""
+    cases = []
+    for mode in ("sigmoid", "softmax"):
+        for pool in ("avg", "max", "interp"):
+            for stride in (1, 2, 3, 4):
+                for radius in radii:
+                    if stride > 1 or pool == "avg":
+                        cases.append(pytest.param(mode, pool, stride, radius,
+                                                  id=f"{mode}-{pool}-s{stride}-r{radius}"))
+    return cases
+
+
+def relayout(x, labels, layout):
+    """``x`` channels-last, or ``x`` and ``labels`` with unusual strides on every axis
+    (transposed spatial axes, a channel step of 2, a label map sliced along W)."""
+    x = x.detach()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last), labels
+    x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    x = torch.cat([x, x], dim=1)[:, ::2]
+    labels = torch.cat([labels, labels], dim=2)[:, :, ::2]
+    return x, labels
+
+
 def side(radius, stride):
     """An input side whose downsampled map holds about 3R x 3R pixels: enough windows for
     well-conditioned moments (with K < d windows even the torch backend drifts to 1e-8)."""
@@ -243,21 +268,8 @@ def emulated(builds):
     LOADED.pop(backend.name, None)
 
 
-def _emulation_grid():
-    cases = []
-    for mode in ("sigmoid", "softmax"):
-        for pool in ("avg", "max", "interp"):
-            for stride in (1, 2, 3, 4):
-                for radius in (1, 3):
-                    if stride == 1 and pool != "avg":
-                        continue  # no downsampling: the pool mode is unused
-                    cases.append(pytest.param(mode, pool, stride, radius,
-                                              id=f"{mode}-{pool}-s{stride}-r{radius}"))
-    return cases
-
-
 @needs_nvcc
-@pytest.mark.parametrize("mode,pool,stride,radius", _emulation_grid())
+@pytest.mark.parametrize("mode,pool,stride,radius", pool_grid(radii=(1, 3)))
 def test_emulated_kernels_float64(emulated, mode, pool, stride, radius):
     s = side(radius, stride)
     x, labels = make_inputs((2, 3, s, s + 2), 7 * stride + radius, mode=mode)
@@ -290,14 +302,8 @@ def test_emulated_kernels_low_precision(emulated, dtype, mode, pool, stride):
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 def test_emulated_kernels_layouts(emulated, label_dtype, layout):
-    x, labels = make_inputs((2, 3, 31, 34), 3, label_dtype=label_dtype)
-    if layout == "channels_last":
-        x = x.detach().contiguous(memory_format=torch.channels_last)
-    else:  # every stride unusual: transposed spatial axes, a channel step, a sliced label map
-        x = x.detach().transpose(2, 3).contiguous().transpose(2, 3)
-        x = torch.cat([x, x], dim=1)[:, ::2]
-        labels = torch.cat([labels, labels], dim=2)[:, :, ::2]
-    assert x.stride() != x.contiguous().stride() or layout == "channels_last"
+    x, labels = relayout(*make_inputs((2, 3, 31, 34), 3, label_dtype=label_dtype), layout)
+    assert x.stride() != x.contiguous().stride()
     check_against_reference(emulated, x, labels, pool="max", stride=2, mode="sigmoid")
 
 
@@ -328,21 +334,8 @@ def _cuda_inputs(shape, seed, **kw):
     return x.cuda(), labels.cuda()
 
 
-def _pool_grid():
-    cases = []
-    for mode in ("sigmoid", "softmax"):
-        for pool in ("avg", "max", "interp"):
-            for stride in (1, 2, 3, 4):
-                for radius in (1, 2, 3, 7):
-                    if stride == 1 and pool != "avg":
-                        continue
-                    cases.append(pytest.param(mode, pool, stride, radius,
-                                              id=f"{mode}-{pool}-s{stride}-r{radius}"))
-    return cases
-
-
 @needs_cuda
-@pytest.mark.parametrize("mode,pool,stride,radius", _pool_grid())
+@pytest.mark.parametrize("mode,pool,stride,radius", pool_grid(radii=(1, 2, 3, 7)))
 def test_cuda_float64(mode, pool, stride, radius):
     s = side(radius, stride)
     x, labels = _cuda_inputs((2, 3, s, s + 3), 7 * stride + radius, mode=mode)
@@ -384,13 +377,8 @@ def test_cuda_pool_size_and_lambda_way(radius, stride, pool, pool_size):
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 def test_cuda_layouts(dtype, label_dtype, layout):
-    x, labels = _cuda_inputs((2, 3, 40, 46), 5, dtype=dtype, label_dtype=label_dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    else:
-        x = x.transpose(2, 3).contiguous().transpose(2, 3)
-        x = torch.cat([x, x], dim=1)[:, ::2]
-        labels = torch.cat([labels, labels], dim=2)[:, :, ::2]
+    x, labels = relayout(*_cuda_inputs((2, 3, 40, 46), 5, dtype=dtype, label_dtype=label_dtype),
+                         layout)
     check_against_reference("cuda", x, labels, pool="max", stride=2)
     check_against_reference("cuda", x, labels, pool="avg", stride=1, mode="sigmoid")
 
