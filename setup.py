@@ -42,7 +42,7 @@ def extensions():
                 extra_compile_args={"cxx": cxx},
                 extra_link_args=["-fopenmp"] if openmp else [])
     if use_cuda():
-        args["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        args["extra_compile_args"]["nvcc"] = ["-O3"]
         args["define_macros"] = [("WITH_CUDA", None)]
         return [CUDAExtension("rmi_ext._C", sources + rel("csrc/cuda/*.cu"), **args)]
     return [CppExtension("rmi_ext._C", sources, **args)]
