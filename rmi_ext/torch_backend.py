@@ -3,8 +3,12 @@
 Never builds the ``[N, C, R*R, K]`` region tensor: moments and the backward stencil loop over
 offset pairs on shifted slices of the pooled maps. Stage names match the other backends:
 
-(a) :func:`prepare_maps`  (b) :func:`moment_sums`  (c) :mod:`rmi_ext.linalg`
-(d) :func:`pooled_grad_stencil`  (e) :func:`full_res_grad`
+(a) :func:`first_term_sums`, :func:`pooled_maps` (both: :func:`prepare_maps`)
+(b) :func:`moment_sums`  (c) :mod:`rmi_ext.linalg`  (d) :func:`pooled_grad_stencil`
+(e) :func:`rmi_full_res_grad`, :func:`base_grad`
+
+:func:`forward_stats` and :func:`backward_grad` run them on chunks of (n, c) planes
+(:data:`CHUNK_ELEMENTS`), so the extra memory stays near the gradient's own size.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ def _label_maps(labels: torch.Tensor, num_classes: int, ignore_index: int):
     return labels, valid
 
 
-def _onehot(labels, valid, num_classes, dtype):
-    classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1, 1)
+def _onehot(labels, valid, num_classes, dtype, first=0):
+    """``Y [N, num_classes, H, W]`` for classes ``first .. first + num_classes - 1``."""
+    classes = torch.arange(first, first + num_classes, device=labels.device).view(1, -1, 1, 1)
     return ((labels.unsqueeze(1) == classes) & valid.unsqueeze(1)).to(dtype)
 
 
@@ -91,20 +96,49 @@ def _base_term(x, labels, valid, cfg: RMIConfig):
     return loss, keep.sum(), grad * keep.unsqueeze(1)
 
 
-def prepare_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
-    """Stage (a): masked sigmoid, first-term sums and pooled maps.
+#: Full-resolution elements handled at once: the stages run on chunks of (n, c) planes (the
+#: first term on one image at a time), so temporaries stay small at every DF, DF 1 included.
+CHUNK_ELEMENTS = 1 << 18
 
-    Returns ``base_sum`` (0-d float64), ``base_count`` (0-d float64, pixels the first term counts),
-    ``nonfinite`` (0-d int64, non-finite logits), pooled ``Y, P [N, C, h, w]`` in the compute dtype.
-    """
+
+def plane_chunks(logits: torch.Tensor):
+    """``(n, c0, c1)``: image ``n``, classes ``c0:c1``, about ``CHUNK_ELEMENTS`` values each."""
+    n, c, h, w = logits.shape
+    per = max(1, CHUNK_ELEMENTS // (h * w))
+    return [(i, c0, min(c, c0 + per)) for i in range(n) for c0 in range(0, c, per)]
+
+
+def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
+    """Stage (a), first term: ``base_sum``, ``base_count`` (0-d float64) and ``nonfinite``
+    (0-d int64, number of non-finite logits), one image at a time."""
+    base_sum = logits.new_zeros((), dtype=torch.float64)
+    base_count = logits.new_zeros((), dtype=torch.float64)
+    nonfinite = logits.new_zeros((), dtype=torch.int64)
+    for i in range(logits.shape[0]):
+        x = logits[i:i + 1].to(compute_dtype(logits))
+        lab, valid = _label_maps(labels[i:i + 1], x.shape[1], cfg.ignore_index)
+        loss, count, _ = _base_term(x, lab, valid, cfg)
+        base_sum += loss.double()
+        base_count += count.double()
+        nonfinite += (~torch.isfinite(x)).sum()
+    return base_sum, base_count, nonfinite
+
+
+def pooled_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig, first: int = 0,
+                num_classes: int | None = None):
+    """Stage (a), RMI part: pooled ``Y, P [N, c, h, w]`` (compute dtype) of ``logits [N, c, H, W]``,
+    the planes of classes ``first .. first + c - 1`` out of ``num_classes``."""
     x = logits.to(compute_dtype(logits))
-    labels, valid = _label_maps(labels, x.shape[1], cfg.ignore_index)
-    base_sum, base_count, _ = _base_term(x, labels, valid, cfg)
+    num_classes = x.shape[1] if num_classes is None else num_classes
+    labels, valid = _label_maps(labels, num_classes, cfg.ignore_index)
     p, _ = _probs(x, valid, cfg)
-    y = _onehot(labels, valid, x.shape[1], x.dtype)
-    nonfinite = (~torch.isfinite(logits)).sum()
-    return (base_sum.double(), base_count.double(), nonfinite,
-            _pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False))
+    y = _onehot(labels, valid, x.shape[1], x.dtype, first)
+    return _pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False)
+
+
+def prepare_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
+    """Stage (a) on whole tensors: ``(base_sum, base_count, nonfinite, Y, P)`` (for stage tests)."""
+    return (*first_term_sums(logits, labels, cfg), *pooled_maps(logits, labels, cfg))
 
 
 def _shifted(t: torch.Tensor, radius: int):
@@ -160,32 +194,50 @@ def pooled_grad_stencil(y, p, coef, shift, radius: int) -> torch.Tensor:
     return grad
 
 
-def full_res_grad(logits, labels, grad_pooled, cfg: RMIConfig, base_scale) -> torch.Tensor:
-    """Stage (e): ``grad_logits [N, C, H, W]`` in the logits' dtype.
+def rmi_full_res_grad(logits, labels, grad_pooled, cfg: RMIConfig, first: int = 0,
+                      num_classes: int | None = None) -> torch.Tensor:
+    """Stage (e), RMI part: pooling adjoint of ``grad_pooled`` times ``dP/dx``, for the planes
+    ``logits [N, c, H, W]`` of classes ``first ..`` (compute dtype)."""
+    x = logits.to(compute_dtype(logits))
+    num_classes = x.shape[1] if num_classes is None else num_classes
+    _, valid = _label_maps(labels, num_classes, cfg.ignore_index)
+    p_full, dpdx = _probs(x, valid, cfg)
+    return _pool_adjoint(grad_pooled.to(x.dtype), p_full, cfg) * dpdx
 
-    Pooling adjoint of ``grad_pooled``, times ``dP/dx``, plus ``base_scale`` times the first
-    term's per-pixel gradient (``base_scale = grad_base / normaliser``).
-    """
+
+def base_grad(logits, labels, cfg: RMIConfig, base_scale) -> torch.Tensor:
+    """Stage (e), first term: ``base_scale`` times the BCE/CE gradient (compute dtype)."""
     x = logits.to(compute_dtype(logits))
     labels, valid = _label_maps(labels, x.shape[1], cfg.ignore_index)
-    p_full, dpdx = _probs(x, valid, cfg)
-    grad_p = _pool_adjoint(grad_pooled.to(x.dtype), p_full, cfg)
-    _, _, grad_base = _base_term(x, labels, valid, cfg)
-    grad = grad_p * dpdx + base_scale.to(x.dtype) * grad_base
-    return grad.to(logits.dtype)
+    _, _, grad = _base_term(x, labels, valid, cfg)
+    return base_scale.to(x.dtype) * grad
 
 
 # ---- the backend interface used by rmi_ext.function ---------------------------------------------
 
 def forward_stats(logits, labels, cfg: RMIConfig):
     """Stages (a)+(b): ``(base_sum, base_count, nonfinite, means, cov)``, see :mod:`rmi_ext.function`."""
-    base_sum, base_count, nonfinite, y, p = prepare_maps(logits, labels, cfg)
-    means, cov = moment_sums(y, p, cfg.radius)
+    n, c = logits.shape[:2]
+    d = cfg.dim
+    base_sum, base_count, nonfinite = first_term_sums(logits, labels, cfg)
+    means = logits.new_empty((n, c, 2, d), dtype=torch.float64)
+    cov = logits.new_empty((n, c, 3, d, d), dtype=torch.float64)
+    for i, c0, c1 in plane_chunks(logits):
+        y, p = pooled_maps(logits[i:i + 1, c0:c1], labels[i:i + 1], cfg, c0, c)
+        means[i:i + 1, c0:c1], cov[i:i + 1, c0:c1] = moment_sums(y, p, cfg.radius)
     return base_sum, base_count, nonfinite, means, cov
 
 
 def backward_grad(logits, labels, cfg: RMIConfig, base_scale, coef, shift):
     """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them)."""
-    _, _, _, y, p = prepare_maps(logits, labels, cfg)
-    grad_pooled = pooled_grad_stencil(y, p, coef, shift, cfg.radius)
-    return full_res_grad(logits, labels, grad_pooled, cfg, base_scale)
+    c = logits.shape[1]
+    grad = torch.empty_like(logits)
+    for i in range(logits.shape[0]):
+        grad[i:i + 1] = base_grad(logits[i:i + 1], labels[i:i + 1], cfg, base_scale)
+    for i, c0, c1 in plane_chunks(logits):
+        x, lab = logits[i:i + 1, c0:c1], labels[i:i + 1]
+        y, p = pooled_maps(x, lab, cfg, c0, c)
+        grad_pooled = pooled_grad_stencil(y, p, coef[i:i + 1, c0:c1], shift[i:i + 1, c0:c1],
+                                          cfg.radius)
+        grad[i:i + 1, c0:c1] += rmi_full_res_grad(x, lab, grad_pooled, cfg, c0, c)
+    return grad
