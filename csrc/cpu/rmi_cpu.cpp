@@ -190,8 +190,10 @@ PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels
 template <typename T>
 struct PlaneScratch {
   std::vector<T> sig;            // [H*W] sigmoid of the plane
-  std::vector<double> yp, pp;    // [h*w] pooled Y and P, then centred
-  std::vector<double> grad_pp;   // [h*w] dloss/dP on the pooled map (backward)
+  // Pooled maps in the compute type: float keeps the per-thread scratch small at DF 1; every sum
+  // over them is accumulated in float64.
+  std::vector<T> yp, pp;         // [h*w] pooled Y and P, then centred
+  std::vector<T> grad_pp;        // [h*w] dloss/dP on the pooled map (backward)
   std::vector<T> grad_full;      // [H*W] dloss/dP at full resolution (backward, max/interp)
   std::vector<T> row_a, row_b;   // [W] one full-resolution row
   std::vector<T> rows_p, rows_y; // [h*W] average pooling: column sums per pooled row; backward:
@@ -295,8 +297,8 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
   if (p.stride == 1) {
     for (int64_t r = 0; r < p.H; ++r) {
       prob_row(p, sig + r * p.W, cls + r * p.W, cc, prow, yrow);
-      double* pp = s.pp.data() + r * p.W;
-      double* yp = s.yp.data() + r * p.W;
+      T* pp = s.pp.data() + r * p.W;
+      T* yp = s.yp.data() + r * p.W;
 #pragma omp simd
       for (int64_t col = 0; col < p.W; ++col) pp[col] = prow[col], yp[col] = yrow[col];
     }
@@ -328,8 +330,8 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
         rmi::pool_window(ox, p.W, k, st, &x0, &x1);
         T sp = T(0), sy = T(0);
         for (int64_t xx = x0; xx < x1; ++xx) sp += ap[xx], sy += ay[xx];
-        s.pp[oy * p.w + ox] = static_cast<double>(sp) * inv_area;
-        s.yp[oy * p.w + ox] = static_cast<double>(sy) * inv_area;
+        s.pp[oy * p.w + ox] = static_cast<T>(static_cast<double>(sp) * inv_area);
+        s.yp[oy * p.w + ox] = static_cast<T>(static_cast<double>(sy) * inv_area);
       }
     }
     return;
@@ -342,9 +344,9 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
         const auto tx = rmi::linear_tap<T>(ox, p.W, p.w);
         const T top = tx.w0 * prob(ty.i0 * p.W + tx.i0) + tx.w1 * prob(ty.i0 * p.W + tx.i1);
         const T bottom = tx.w0 * prob(ty.i1 * p.W + tx.i0) + tx.w1 * prob(ty.i1 * p.W + tx.i1);
-        s.pp[o] = static_cast<double>(ty.w0 * top + ty.w1 * bottom);
+        s.pp[o] = ty.w0 * top + ty.w1 * bottom;
         const int64_t src = rmi::nearest_source(oy, p.H, p.h) * p.W + rmi::nearest_source(ox, p.W, p.w);
-        s.yp[o] = cls[src] == c ? 1.0 : 0.0;
+        s.yp[o] = cls[src] == c ? T(1) : T(0);
         continue;
       }
       int64_t y0, y1, x0, x1;
@@ -367,19 +369,20 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
             best = std::max(best, prob(yy * p.W + xx));
             any = any || cls[yy * p.W + xx] == c;
           }
-        s.pp[o] = static_cast<double>(best);
-        s.yp[o] = any ? 1.0 : 0.0;
+        s.pp[o] = best;
+        s.yp[o] = any ? T(1) : T(0);
       }
     }
   }
 }
 
 // Subtract the plane mean (covariances do not change; the raw-sum form then cancels far less).
-double centre(std::vector<double>& map) {
+template <typename M>
+double centre(std::vector<M>& map) {
   double sum = 0.0;
-  for (double v : map) sum += v;
+  for (M v : map) sum += v;
   const double mean = sum / static_cast<double>(map.size());
-  for (double& v : map) v -= mean;
+  for (M& v : map) v = static_cast<M>(v - mean);
   return mean;
 }
 
@@ -449,7 +452,8 @@ struct MomentGeometry {
 };
 
 // means [2, d] (mu_y, mu_p) and cov [3, d, d] (Sy, Sp, B) of one plane from centred yp, pp.
-void moments_plane(const Problem& p, const MomentGeometry& g, const double* yc, const double* pc,
+template <typename M>
+void moments_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, double* means, double* cov,
                    std::vector<double>& tables) {
   const int64_t cells = g.cells(), nsx = g.sx.count(), L = g.lags.count, w = p.w, h = p.h;
@@ -462,8 +466,8 @@ void moments_plane(const Problem& p, const MomentGeometry& g, const double* yc, 
   double* t_p = t_y + cells;
   for (int64_t a = 0; a < g.sy.count(); ++a) {
     for (int64_t u = g.sy.begin[a]; u < g.sy.end[a]; ++u) {
-      const double* y0 = yc + u * w;
-      const double* p0 = pc + u * w;
+      const M* y0 = yc + u * w;
+      const M* p0 = pc + u * w;
       for (int64_t b = 0; b < nsx; ++b) {
         double sy = 0.0, sp = 0.0;
         for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) sy += y0[col], sp += p0[col];
@@ -472,8 +476,8 @@ void moments_plane(const Problem& p, const MomentGeometry& g, const double* yc, 
       for (int64_t l = 0; l < L; ++l) {
         const int64_t ey = g.lags.ey(l), ex = g.lags.ex(l), v = u + ey;
         if (v < 0 || v >= h) continue;
-        const double* y1 = yc + v * w + ex;
-        const double* p1 = pc + v * w + ex;
+        const M* y1 = yc + v * w + ex;
+        const M* p1 = pc + v * w + ex;
         const bool upper = g.lags.upper(l);
         for (int64_t b = 0; b < nsx; ++b) {
           int64_t c0, c1;
@@ -482,15 +486,17 @@ void moments_plane(const Problem& p, const MomentGeometry& g, const double* yc, 
           if (upper) {
 #pragma omp simd reduction(+ : s_yp, s_yy, s_pp)
             for (int64_t col = c0; col < c1; ++col) {
-              s_yp += y0[col] * p1[col];
-              s_yy += y0[col] * y1[col];
-              s_pp += p0[col] * p1[col];
+              const double ya = y0[col], pa = p0[col], pb = p1[col];
+              s_yp += ya * pb;
+              s_yy += ya * static_cast<double>(y1[col]);
+              s_pp += pa * pb;
             }
             t_yy[l * cells + a * nsx + b] += s_yy;
             t_pp[l * cells + a * nsx + b] += s_pp;
           } else {
 #pragma omp simd reduction(+ : s_yp)
-            for (int64_t col = c0; col < c1; ++col) s_yp += y0[col] * p1[col];
+            for (int64_t col = c0; col < c1; ++col)
+              s_yp += static_cast<double>(y0[col]) * static_cast<double>(p1[col]);
           }
           t_yp[l * cells + a * nsx + b] += s_yp;
         }
@@ -527,9 +533,10 @@ void moments_plane(const Problem& p, const MomentGeometry& g, const double* yc, 
 
 // dloss/dP on the pooled map: window k gets g_k = Cp p_k + Cy y_k + c, entry i lands on k + o_i.
 // In lag form, dP[u] = const(cell) + sum_l Kp_l(cell) P[u + l] + Ky_l(cell) Y[u + l].
-void stencil_plane(const Problem& p, const MomentGeometry& g, const double* yc, const double* pc,
+template <typename M>
+void stencil_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, const double* cp, const double* cy,
-                   const double* shift, double* out, std::vector<double>& tables) {
+                   const double* shift, M* out, std::vector<double>& tables) {
   const int64_t R = p.R, d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
   const int64_t w = p.w, h = p.h, P = R + 1;  // prefix tables are P x P, P = R + 1
   tables.assign(2 * L * cells + cells + 3 * P * P, 0.0);
@@ -573,18 +580,19 @@ void stencil_plane(const Problem& p, const MomentGeometry& g, const double* yc, 
   }
   for (int64_t a = 0; a < g.sy.count(); ++a) {
     for (int64_t u = g.sy.begin[a]; u < g.sy.end[a]; ++u) {
-      double* o = out + u * w;
+      M* o = out + u * w;
       for (int64_t b = 0; b < nsx; ++b)
-        for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) o[col] = k_c[a * nsx + b];
+        for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) o[col] = static_cast<M>(k_c[a * nsx + b]);
       for (int64_t l = 0; l < L; ++l) {
         const int64_t ey = g.lags.ey(l), ex = g.lags.ex(l), v = u + ey;
         if (v < 0 || v >= h) continue;
-        const double* y1 = yc + v * w + ex;
-        const double* p1 = pc + v * w + ex;
+        const M* y1 = yc + v * w + ex;
+        const M* p1 = pc + v * w + ex;
         for (int64_t b = 0; b < nsx; ++b) {
-          const double kp = k_p[l * cells + a * nsx + b], ky = k_y[l * cells + a * nsx + b];
+          const M kp = static_cast<M>(k_p[l * cells + a * nsx + b]);
+          const M ky = static_cast<M>(k_y[l * cells + a * nsx + b]);
           int64_t c0, c1;
-          if ((kp == 0.0 && ky == 0.0) || !lag_columns(g.sx, b, ex, w, &c0, &c1)) continue;
+          if ((kp == M(0) && ky == M(0)) || !lag_columns(g.sx, b, ex, w, &c0, &c1)) continue;
 #pragma omp simd
           for (int64_t col = c0; col < c1; ++col) o[col] += kp * p1[col] + ky * y1[col];
         }
@@ -654,9 +662,7 @@ void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
 template <typename T>
 void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
   if (p.stride == 1) {
-    const double* g = s.grad_pp.data() + r * p.W;
-#pragma omp simd
-    for (int64_t col = 0; col < p.W; ++col) grow[col] = static_cast<T>(g[col]);
+    std::copy(s.grad_pp.begin() + r * p.W, s.grad_pp.begin() + (r + 1) * p.W, grow);
     return;
   }
   if (p.pool != rmi::kAvgPool) {
