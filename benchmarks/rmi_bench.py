@@ -1,0 +1,213 @@
+"""Cases, backends and measurements shared by the benchmark suite and its memory probe.
+
+A *case* is one input shape and loss configuration; a *backend* is one way to compute the loss:
+the unfold reference (eager, or under ``torch.compile``), every ``rmi_ext`` backend, and the
+PyPI package ``rmi-pytorch`` when it is installed. Inputs have every label valid (no ignored
+pixels), so ``rmi-pytorch`` computes the same RMI term as ``rmi_ext``.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import rmi_ext
+from rmi_ext.reference import reference_loss
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Case:
+    """``logits [N, C, H, W]`` float32 with ``rmi_loss(radius=, stride=, pool=)``."""
+
+    shape: tuple
+    stride: int
+    radius: int
+    pool: str
+    compile: bool = False  # time torch.compile of the reference in the default run
+    full: bool = False  # only with --rmi-full
+
+    @property
+    def id(self) -> str:
+        n, _, h, _ = self.shape
+        return f"{h}b{n}-df{self.stride}-r{self.radius}-{self.pool}"
+
+    @property
+    def options(self) -> dict:
+        return dict(radius=self.radius, stride=self.stride, pool=self.pool)
+
+    @property
+    def logits_bytes(self) -> int:
+        n, c, h, w = self.shape
+        return n * c * h * w * 4
+
+
+PAPER = (4, 21, 513, 513)  # the paper's setting (VOC, 21 classes, 513 crops), batch cut to 4
+SMALL = (2, 21, 257, 257)
+CASES = [
+    Case(PAPER, 4, 3, "avg", compile=True),
+    Case((16, 21, 513, 513), 4, 3, "avg", compile=True, full=True),  # the paper's full batch
+    *(Case(SMALL, s, 3, "avg", compile=True) for s in (1, 2, 4)),  # DF sweep
+    *(Case(SMALL, 4, r, "avg") for r in (2, 5, 7)),  # R sweep (R 3 is above)
+    *(Case(SMALL, 4, 3, pool) for pool in ("max", "interp")),  # pool modes (avg is above)
+]
+CASES_BY_ID = {case.id: case for case in CASES}
+
+#: Row names: the reference first (every speed-up is relative to it), then the fast backends.
+RMI_EXT_BACKENDS = ("torch", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "compiled-reference", *RMI_EXT_BACKENDS, "rmi-pytorch")
+PHASES = ("fwd", "bwd", "fwd+bwd")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def why_unavailable(backend: str, case: Case, device: str, compile_all: bool = False):
+    """``None`` if ``backend`` runs ``case`` on ``device`` in this run, else the reason why not."""
+    if backend == "reference":
+        return None
+    if backend == "compiled-reference":
+        if not (case.compile or compile_all):
+            return ("torch.compile of the reference is timed only for the paper and DF-sweep "
+                    "cases (each compile takes about a minute on CPU); pass --rmi-compile-all")
+        return None
+    if backend == "rmi-pytorch":
+        try:
+            import rmi  # noqa: F401
+        except ImportError:
+            return "rmi-pytorch is not installed (pip install rmi-pytorch)"
+        if case.pool not in ("avg", "max"):
+            return f"rmi-pytorch has no {case.pool!r} pooling (only 'avg' and 'max')"
+        return None
+    available = rmi_ext.backend_info(device)["available"][backend]
+    return None if available is True else available
+
+
+def make_inputs(case: Case, device: str, seed: int = 0):
+    """``logits`` (requires grad) and ``labels``, every label valid, deterministic."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = case.shape
+    logits = torch.randn(case.shape, generator=gen).to(device).requires_grad_()
+    labels = torch.randint(0, c, (n, h, w), generator=gen).to(device)
+    return logits, labels
+
+
+def rmi_pytorch_module(case: Case, bce_weight: float = 0.5):
+    """``rmi.RMILoss`` with the options that make it compute what ``rmi_ext`` does.
+
+    Same radius, stride, pool (kernel = stride, padding = stride // 2), ridge 5e-4, float64,
+    Cholesky log-det (its ``use_log_trace=True`` is the Cholesky form). It takes a one-hot float
+    target and has no ignore mask; its BCE is a mean over all elements where ``rmi_ext`` (as the
+    authors) sums over classes, so totals differ by that scale while the RMI terms agree.
+    """
+    import rmi
+
+    return rmi.RMILoss(with_logits=True, radius=case.radius, bce_weight=bce_weight,
+                       pool=case.pool, stride=case.stride, use_log_trace=True,
+                       use_double_precision=True, epsilon=5e-4)
+
+
+def make_loss_fn(backend: str, case: Case, labels: torch.Tensor):
+    """``fn(logits) -> 0-d loss`` for ``backend`` (compiles lazily: warm it up before timing)."""
+    if backend == "compiled-reference":
+        # One compiled graph per case: recompiling per shape/config is what a user gets, and
+        # dynamic=False keeps a later case from switching earlier ones to dynamic shapes.
+        dynamo_config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+        cfg = rmi_ext.make_config(**case.options)
+        compiled = torch.compile(reference_loss, dynamic=False)
+        return lambda x: compiled(x, labels, cfg)
+    if backend == "rmi-pytorch":
+        module = rmi_pytorch_module(case)
+        target = torch.nn.functional.one_hot(labels, case.shape[1]).permute(0, 3, 1, 2)
+        target = target.to(torch.float32).contiguous()
+        return lambda x: module(x, target)
+    return lambda x: rmi_ext.rmi_loss(x, labels, backend=backend, **case.options)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# --- peak memory ------------------------------------------------------------------------------
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def peak_extra_bytes_cpu(fwd_bwd) -> int:
+    """Peak resident memory of ``fwd_bwd()`` above the resident memory before it, in bytes.
+
+    Linux only: writing ``5`` to ``/proc/self/clear_refs`` resets the high-water mark VmHWM to
+    the current VmRSS (``ru_maxrss`` cannot be reset and is inherited across exec). Run in a
+    fresh process (see ``_memprobe.py``) with a fixed malloc mmap threshold, so that freed
+    tensors leave RSS and a warm-up run does not hide the measured run's allocations.
+    """
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status_kib("VmRSS")
+    fwd_bwd()
+    return (_proc_status_kib("VmHWM") - before) * 1024
+
+
+def peak_extra_bytes_cuda(fwd_bwd) -> int:
+    """Peak of ``torch.cuda.max_memory_allocated`` during ``fwd_bwd()`` above the allocation
+    before it, in bytes (exact tensor accounting, so it runs in-process)."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def measure_peak_memory(case: Case, backend: str, device: str) -> dict:
+    """Peak extra memory of one forward+backward: CPU in a fresh subprocess, CUDA in-process."""
+    if device.startswith("cuda"):
+        return probe(case, backend, device)
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # fixed threshold: big frees go back to the OS
+    # The child imports the same rmi_ext as this process, wherever that came from.
+    rmi_root = str(Path(rmi_ext.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [rmi_root, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(HERE / "_memprobe.py"), json.dumps(
+        dict(case=asdict(case), backend=backend, device=device))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        how = (f"was killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
+               else f"exited with {proc.returncode}")
+        raise RuntimeError(f"memory probe {how}: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def probe(case: Case, backend: str, device: str) -> dict:
+    """Build inputs, warm up once (compiles), then measure one forward+backward's peak."""
+    logits, labels = make_inputs(case, device)
+    fn = make_loss_fn(backend, case, labels)
+
+    def fwd_bwd():
+        fn(logits).backward()
+        sync(device)
+
+    fwd_bwd()
+    logits.grad = None
+    if device.startswith("cuda"):
+        extra, method = peak_extra_bytes_cuda(fwd_bwd), "torch.cuda.max_memory_allocated"
+    else:
+        extra, method = peak_extra_bytes_cpu(fwd_bwd), "VmHWM - VmRSS in a fresh process"
+    return dict(peak_extra_bytes=extra, peak_extra_x_logits=extra / case.logits_bytes,
+                logits_bytes=case.logits_bytes, memory_method=method)

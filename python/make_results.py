@@ -1,0 +1,240 @@
+"""Turn a pytest-benchmark JSON of ``pytest benchmarks`` into ``benchmarks/RESULTS.md`` and plots.
+
+Usage::
+
+    pytest benchmarks --benchmark-json=benchmarks/.results/latest.json
+    python python/make_results.py benchmarks/.results/latest.json
+
+Writes ``benchmarks/RESULTS.md`` (machine, torch version, date; per case and backend the median
+time of forward, backward and forward+backward with their interquartile range, the speed-up over
+the unfold reference, and the peak extra memory of forward+backward) and, in
+``benchmarks/plots/``, ``df_sweep.png`` and ``radius_sweep.png`` (time and memory against DF and
+against R, one line per backend). Every number comes from the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES = ("fwd", "bwd", "fwd+bwd")
+BACKEND_ORDER = ("reference", "compiled-reference", "torch", "cpu", "cuda", "triton",
+                 "rmi-pytorch")
+BACKEND_LABELS = {"reference": "reference (unfold, eager)",
+                  "compiled-reference": "reference + torch.compile",
+                  "rmi-pytorch": "rmi-pytorch 0.1.1 (PyPI)"}
+MIB = 2**20
+
+
+def load(path: Path):
+    """``(machine_info, datetime, {case: {backend: row}}, case_info)``, rows keyed by phase."""
+    data = json.loads(path.read_text())
+    results = defaultdict(lambda: defaultdict(dict))
+    case_info = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        row = results[info["case"]][info["backend"]]
+        row[info["phase"]] = bench["stats"]
+        row.update({k: info[k] for k in ("peak_extra_bytes", "peak_extra_x_logits",
+                                          "memory_method", "first_call_s")
+                    if k in info})
+        row.setdefault("loadavg", []).append(info.get("loadavg_1min", 0.0))
+        case_info[info["case"]] = {k: info[k] for k in ("shape", "stride", "radius", "pool",
+                                                         "logits_bytes", "device")}
+    return data["machine_info"], data["datetime"], results, case_info
+
+
+def ordered(backends):
+    return sorted(backends, key=lambda b: BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99)
+
+
+def case_order(case_info):
+    """Biggest shape first, then by DF, R and pool, like the suite."""
+    pools = ("avg", "max", "interp")
+    return sorted(case_info, key=lambda c: (-case_info[c]["logits_bytes"],
+                                            pools.index(case_info[c]["pool"]),
+                                            case_info[c]["stride"], case_info[c]["radius"]))
+
+
+def fmt_time(stats) -> str:
+    if stats is None:
+        return "–"
+    return f"{stats['median'] * 1e3:,.1f} ± {stats['iqr'] * 1e3 / 2:,.1f}"
+
+
+def speedup(results_case, backend, against="reference", phase="fwd+bwd"):
+    base, row = results_case.get(against, {}).get(phase), results_case[backend].get(phase)
+    if base is None or row is None:
+        return None
+    return base["median"] / row["median"]
+
+
+def fmt_ratio(value) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def machine_lines(machine, when):
+    rmi = machine.get("rmi", {})
+    cpu = rmi.get("cpu_model") or machine.get("cpu", {}).get("brand_raw", "?")
+    lines = [f"- Date: {datetime.fromisoformat(when).strftime('%Y-%m-%d %H:%M UTC')}",
+             f"- Device: `{rmi.get('device', '?')}`"
+             + (f" ({rmi['gpu']}, CUDA {rmi.get('cuda_version')})" if rmi.get("gpu") else ""),
+             f"- CPU: {cpu}, {rmi.get('cpu_count', '?')} cores visible, "
+             f"{rmi.get('torch_threads', '?')} torch threads",
+             f"- torch {rmi.get('torch_version', '?')}, Python {machine.get('python_version')}, "
+             f"{machine.get('system')} {machine.get('release')}"]
+    return lines
+
+
+def results_table(results, case_info):
+    head = ("| Case | Backend | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd speed-up vs reference "
+            "| peak extra MiB | x logits |")
+    lines = [head, "|---" * 8 + "|"]
+    for case in case_order(case_info):
+        info = case_info[case]
+        label = (f"`{'x'.join(map(str, info['shape']))}` DF {info['stride']} R {info['radius']} "
+                 f"{info['pool']}")
+        for backend in ordered(results[case]):
+            row = results[case][backend]
+            mem = row.get("peak_extra_bytes")
+            lines.append(
+                f"| {label} | {BACKEND_LABELS.get(backend, backend)} | "
+                + " | ".join(fmt_time(row.get(p)) for p in PHASES)
+                + f" | {fmt_ratio(speedup(results[case], backend))} | "
+                + ("–" if mem is None else f"{mem / MIB:,.0f}") + " | "
+                + ("–" if mem is None else f"{row['peak_extra_x_logits']:.1f}") + " |")
+    return lines
+
+
+def headline(results, case_info):
+    """Ratios at the paper's setting and at DF 1, in words."""
+    lines = []
+    paper = [c for c in case_info if case_info[c]["shape"][2] == 513]
+    small_df1 = [c for c in case_info
+                 if case_info[c]["stride"] == 1 and case_info[c]["pool"] == "avg"]
+    for case in paper + small_df1:
+        info = case_info[case]
+        rows = results[case]
+        ref = rows.get("reference", {})
+        title = (f"`{'x'.join(map(str, info['shape']))}`, DF {info['stride']}, R "
+                 f"{info['radius']}, {info['pool']}")
+        if "fwd+bwd" in ref:
+            lines.append(f"- {title}: reference forward+backward "
+                         f"{ref['fwd+bwd']['median'] * 1e3:,.0f} ms, peak extra memory "
+                         f"{ref.get('peak_extra_x_logits', float('nan')):.1f}x the logits.")
+        for backend in ordered(rows):
+            if backend == "reference" or "fwd+bwd" not in rows[backend]:
+                continue
+            parts = [f"{fmt_ratio(speedup(rows, backend))} the reference's speed"]
+            if backend != "compiled-reference" and "compiled-reference" in rows:
+                parts.append(f"{fmt_ratio(speedup(rows, backend, 'compiled-reference'))} "
+                             "torch.compile's")
+            if "peak_extra_x_logits" in rows[backend]:
+                parts.append(f"peak extra memory {rows[backend]['peak_extra_x_logits']:.1f}x "
+                             "the logits")
+            if backend == "compiled-reference" and "first_call_s" in rows[backend]:
+                parts.append(f"first call (compiling) {rows[backend]['first_call_s']:.0f} s")
+            lines.append(f"  - {BACKEND_LABELS.get(backend, backend)}: " + ", ".join(parts))
+    return lines
+
+
+def sweep_plot(results, case_info, vary, fixed, path, xlabel):
+    """Time and memory of forward+backward against ``vary`` (``stride`` or ``radius``)."""
+    cases = [c for c in case_info if all(case_info[c][k] == v for k, v in fixed.items())]
+    if len({case_info[c][vary] for c in cases}) < 2:
+        return False
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    backends = ordered({b for c in cases for b in results[c]})
+    for backend in backends:
+        pts = sorted((case_info[c][vary], results[c][backend]) for c in cases
+                     if "fwd+bwd" in results[c].get(backend, {}))
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        med = [r["fwd+bwd"]["median"] * 1e3 for _, r in pts]
+        lo = [r["fwd+bwd"]["q1"] * 1e3 for _, r in pts]
+        hi = [r["fwd+bwd"]["q3"] * 1e3 for _, r in pts]
+        label = BACKEND_LABELS.get(backend, backend)
+        style = dict(marker="o", linestyle="--" if "reference" in backend else "-")
+        line, = ax_t.plot(xs, med, label=label, **style)
+        ax_t.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        mem = [(x, r["peak_extra_x_logits"]) for x, r in pts if "peak_extra_x_logits" in r]
+        if mem:
+            ax_m.plot(*zip(*mem), label=label, color=line.get_color(), **style)
+    shape = "x".join(map(str, fixed["shape"]))
+    names = {"stride": "DF", "radius": "R", "pool": "pool"}
+    others = ", ".join(f"{names[k]} {v}" for k, v in fixed.items() if k != "shape")
+    for ax, ylabel in ((ax_t, "forward+backward time, ms (median, IQR band)"),
+                       (ax_m, "peak extra memory, x logits bytes")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({case_info[c][vary] for c in cases}))
+        ax.grid(True, which="both", alpha=0.3)
+    ax_m.axhline(1.0, color="gray", linewidth=0.8)
+    ax_m.annotate("1x: the gradient itself", (ax_m.get_xlim()[0], 1.0), fontsize=8,
+                  color="gray", va="bottom")
+    ax_t.legend(fontsize=8)
+    fig.suptitle(f"RMI loss, logits {shape} float32, {others} "
+                 f"({case_info[cases[0]]['device']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--plots", type=Path, default=REPO / "benchmarks" / "plots")
+    args = parser.parse_args(argv)
+
+    machine, when, results, case_info = load(args.json)
+    small = [2, 21, 257, 257]
+    plots = []
+    if sweep_plot(results, case_info, "stride", dict(shape=small, radius=3, pool="avg"),
+                  args.plots / "df_sweep.png", "downsampling factor DF"):
+        plots.append(("Against DF (R 3, avg)", "df_sweep.png"))
+    if sweep_plot(results, case_info, "radius", dict(shape=small, stride=4, pool="avg"),
+                  args.plots / "radius_sweep.png", "radius R"):
+        plots.append(("Against R (DF 4, avg)", "radius_sweep.png"))
+
+    loads = [x for rows in results.values() for row in rows.values() for x in row["loadavg"]]
+    methods = sorted({row["memory_method"] for rows in results.values()
+                      for row in rows.values() if "memory_method" in row})
+    rel = lambda p: Path(p).resolve().relative_to(args.out.resolve().parent).as_posix()
+    lines = ["# RMI loss benchmarks", "",
+             "Generated by `python python/make_results.py` from the JSON of "
+             "`pytest benchmarks --benchmark-json=...`; do not edit by hand.", "",
+             *machine_lines(machine, when),
+             f"- Load average (1 min) seen after the timed rounds: {min(loads):.1f} to "
+             f"{max(loads):.1f} (the machine's other work inflates times above the core count)",
+             "", "## Headline", "", *headline(results, case_info), "",
+             "## All cases", "",
+             "Times are the median over the rounds ± half the interquartile range, in ms; "
+             "`bwd` is the backward alone (its forward is untimed). The speed-up is the "
+             "reference's forward+backward median over the backend's. Peak extra memory is "
+             "measured during one forward+backward after a warm-up, above what was allocated "
+             f"before it (inputs included there, the gradient counted in the peak): "
+             f"{'; '.join(methods) or 'not measured'}. Inputs have every label valid.", "",
+             *results_table(results, case_info), ""]
+    if plots:
+        lines += ["## Plots", ""]
+        for title, name in plots:
+            lines += [f"### {title}", "", f"![{title}]({rel(args.plots / name)})", ""]
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out} and {len(plots)} plot(s) in {args.plots}")
+
+
+if __name__ == "__main__":
+    main()
