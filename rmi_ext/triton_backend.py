@@ -1,0 +1,819 @@
+"""Backend ``"triton"``: the five fused-plan stages as Triton kernels, compiled for CUDA tensors
+and interpreted for CPU tensors (which the dispatcher accepts under ``TRITON_INTERPRET=1``).
+
+One file holds the ``@triton.jit`` kernels and the host functions that launch them (the
+Liger-Kernel layout). Stage names match :mod:`rmi_ext.torch_backend`, the semantic template:
+
+(a) :func:`_main_pass_kernel` (plus :func:`_lse_kernel` in softmax mode): one pass over
+    ``logits``/``labels`` per ``(n, c)`` plane tile: masked sigmoid, first-term partial sums,
+    counts, pooled ``P``/``Y`` maps (and, in the backward, the max-pool arg-max).
+(b) :func:`_moment_kernel`: ``d x d`` product sums of the region vectors (``tl.dot`` in
+    float64 on tiles of offsets x windows), split over windows, centred on the host.
+(c) :mod:`rmi_ext.linalg` (shared, torch float64).
+(d) :func:`_stencil_kernel`: ``dloss/dP`` on the pooled map from the stencil coefficients.
+(e) :func:`_grad_kernel`: pooling adjoint, ``dP/dx`` and the first-term gradient at full
+    resolution, written in the logits' dtype and memory format.
+
+Precision: the per-pixel math runs in float32 (float64 for float64 logits). Per-program partial
+sums of the first term are combined in float64; moment sums and the stencil accumulate in float64.
+No host syncs; inputs of any strides are read in place.
+"""
+import contextlib
+import importlib.util
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import RMIConfig
+
+_POOL_IDS = {"avg": 0, "max": 1, "interp": 2}
+_MODE_IDS = {"sigmoid": 0, "softmax": 1}
+
+#: Whether this module's kernels are interpreted: ``@triton.jit`` reads ``TRITON_INTERPRET`` when
+#: it decorates. CPU tensors need interpreted kernels and CUDA tensors compiled ones, whatever the
+#: variable was at import: the other kind comes from a twin module (:func:`_module_for`).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TWINS: dict = {}
+
+
+def unavailable_reason():
+    """``None``: triton imported (the device check is done by :mod:`rmi_ext._dispatch`)."""
+    return None
+
+
+# ================================================================================================
+# Per-element helpers (the conventions of csrc/rmi_math.h)
+# ================================================================================================
+
+# tl.sum, tl.max and tl.zeros are @triton.jit functions of triton.language.standard, built
+# interpreted or compiled when triton is imported: the wrong kind cannot be called (and torch
+# imports triton early). So the kernels use builtins only: tl.full, and tl.reduce with our own
+# combine functions when compiled, or with triton's, which the interpreter runs with numpy.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+_SUM_COMBINE = tl.standard._sum_combine if _INTERPRETED else _add
+_MAX_COMBINE = tl.standard._elementwise_max if _INTERPRETED else _maximum
+
+
+@triton.jit
+def _sum(x, AXIS: tl.constexpr):
+    return tl.reduce(x, AXIS, _SUM_COMBINE)
+
+
+@triton.jit
+def _max(x, AXIS: tl.constexpr):
+    return tl.reduce(x, AXIS, _MAX_COMBINE)
+
+
+@triton.jit
+def _exact_div(a, b):
+    """IEEE-rounded division (Triton's fp32 ``/`` is approximate on NVIDIA GPUs)."""
+    if a.dtype == tl.float32:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def _linear_scale(n_in, n_out, DT: tl.constexpr):
+    """Bilinear (``align_corners=True``) source scale ``(n_in-1) / (n_out-1)``; 0 if n_out == 1."""
+    scale = _exact_div(tl.cast(n_in - 1, DT), tl.cast(tl.maximum(n_out - 1, 1), DT))
+    return tl.where(n_out > 1, scale, 0.0)
+
+
+@triton.jit
+def _label_parts(lab, c, C, ignore_index):
+    """``valid`` (0 <= label < C, label != ignore_index) and the one-hot bit ``label == c``."""
+    valid = (lab >= 0) & (lab < C) & (lab != ignore_index)
+    return valid, valid & (lab == c)
+
+
+@triton.jit
+def _pixel(x, lab, c, C, ignore_index, MODE: tl.constexpr):
+    """Everything one pixel of plane ``c`` needs: ``valid``, one-hot ``hot``, ``sig``, ``P``
+    (``sig*m + 1e-6``, or ``clamp(sig*m, 1e-6, 1)`` in softmax mode) and the masked BCE term.
+
+    One helper rather than several: unused results are dead code on the GPU, while the
+    interpreter pays per call. ``sig`` and ``log1p(exp(-|x|))`` come from one exp; ``log1p`` uses
+    Goldberg's trick (no libdevice call, so the interpreter runs it too).
+    """
+    valid = (lab >= 0) & (lab < C) & (lab != ignore_index)
+    hot = valid & (lab == c)
+    e = tl.exp(-tl.abs(x))
+    inv = 1.0 / (1.0 + e)
+    sig = tl.where(x >= 0, inv, e * inv)
+    pm = tl.where(valid, sig, 0.0)
+    if MODE == 0:
+        p = pm + 1e-6
+    else:
+        p = tl.minimum(tl.maximum(pm, 1e-6), 1.0)
+    u = 1.0 + e
+    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    bce = tl.where(valid, tl.maximum(x, 0.0) - tl.where(hot, x, 0.0) + log1p_e, 0.0)
+    return valid, hot, sig, p, bce
+
+
+@triton.jit
+def _rmi_prob_slope(sig, valid, MODE: tl.constexpr):
+    """``dP/dx``: ``m*sig*(1-sig)``; softmax mode also 0 where ``sig*m`` is clamped."""
+    slope = tl.where(valid, sig * (1.0 - sig), 0.0)
+    if MODE == 1:
+        slope = tl.where((sig >= 1e-6) & (sig <= 1.0), slope, 0.0)
+    return slope
+
+
+@triton.jit
+def _load_y(ymap_plane, lab_base, rows, cols, mask, w, c, ignore_index, slh, slw,
+            Y_FROM_LABELS: tl.constexpr, DT: tl.constexpr):
+    """Pooled ``Y`` at ``(rows, cols)``: from the stored map, or (stride 1) from the labels
+    (``label == c`` already implies ``0 <= label < C``)."""
+    if Y_FROM_LABELS:
+        lab = tl.load(lab_base + rows.to(tl.int64) * slh + cols.to(tl.int64) * slw, mask=mask,
+                      other=-1).to(tl.int64)
+        return tl.where((lab == c) & (lab != ignore_index), 1.0, 0.0).to(DT)
+    else:
+        return tl.load(ymap_plane + rows * w + cols, mask=mask, other=0.0).to(DT)
+
+
+# ================================================================================================
+# Stage (a): first-term sums, counts and pooled maps
+# ================================================================================================
+
+@triton.jit(do_not_specialize=["C", "H", "W", "ignore_index"])
+def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, sln, slh, slw,
+                ignore_index, STORE_LSE: tl.constexpr, CE_SUMS: tl.constexpr,
+                DT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    """Softmax mode, per pixel: ``lse = logsumexp_c x`` (online over channel blocks).
+
+    Grid ``(cdiv(H*W, BP), N)``. ``STORE_LSE``: write ``lse [N, H*W]`` (backward).
+    ``CE_SUMS``: write this program's ``(sum CE, valid count)`` to ``part_ptr[pid, 0:2]``.
+    """
+    pblk = tl.program_id(0)
+    n = tl.program_id(1)
+    pix = pblk * BP + tl.arange(0, BP)
+    pmask = pix < H * W
+    hh = (pix // W).to(tl.int64)
+    ww = (pix % W).to(tl.int64)
+    xbase = x_ptr + n.to(tl.int64) * sxn + hh * sxh + ww * sxw  # [BP] pointers
+    run_max = tl.full([BP], float("-inf"), DT)
+    run_sum = tl.full([BP], 0, DT)
+    for c0 in range(0, C, BC):
+        cc = c0 + tl.arange(0, BC)[:, None]
+        xv = tl.load(xbase[None, :] + cc.to(tl.int64) * sxc, mask=(cc < C) & pmask[None, :],
+                     other=0.0).to(DT)
+        xv = tl.where(cc < C, xv, float("-inf"))
+        new_max = tl.maximum(run_max, _max(xv, 0))
+        run_sum = run_sum * tl.exp(run_max - new_max) + _sum(tl.exp(xv - new_max[None, :]), 0)
+        run_max = new_max
+    lse = run_max + tl.log(run_sum)
+    if STORE_LSE:
+        tl.store(lse_ptr + n.to(tl.int64) * H * W + pix, lse, mask=pmask)
+    if CE_SUMS:
+        lab = tl.load(lab_ptr + n.to(tl.int64) * sln + hh * slh + ww * slw, mask=pmask,
+                      other=-1).to(tl.int64)
+        valid = pmask & (lab >= 0) & (lab < C) & (lab != ignore_index)
+        x_lab = tl.load(xbase + tl.where(valid, lab, 0) * sxc, mask=valid, other=0.0).to(DT)
+        ce = _sum(tl.where(valid, lse - x_lab, 0.0), 0)
+        pid = n * tl.num_programs(0) + pblk
+        tl.store(part_ptr + pid * 2, ce.to(tl.float64))
+        tl.store(part_ptr + pid * 2 + 1, _sum(valid.to(tl.int32), 0).to(tl.float64))
+
+
+@triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index"])
+def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cnt_ptr,
+                      C, H, W, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, ignore_index,
+                      S: tl.constexpr, PK: tl.constexpr, POOL: tl.constexpr,
+                      MODE: tl.constexpr, DO_BASE: tl.constexpr, STORE_Y: tl.constexpr,
+                      STORE_ARGMAX: tl.constexpr, DT: tl.constexpr,
+                      BH: tl.constexpr, BW: tl.constexpr):
+    """Stage (a) for one ``(n, c)`` plane tile. Grid ``(N*C, TH, TW)``.
+
+    Pooled part: the ``BH x BW`` pooled outputs of tile ``(th, tw)``: ``P`` (always stored,
+    ``[N*C, h, w]``), ``Y`` (``STORE_Y``), arg-max flat index ``ih*W + iw`` (``STORE_ARGMAX``),
+    and their plane partial sums. ``S == 1`` is passed as avg pooling with ``PK == 1``.
+    Full-resolution part (``DO_BASE``): the disjoint pixel block ``[th*BH*S, (th+1)*BH*S) x
+    [tw*BW*S, (tw+1)*BW*S)``, visited as ``S x S`` contiguous ``BH x BW`` sub-blocks: BCE sum
+    (sigmoid mode), valid-pixel count (plane ``c == 0`` only) and non-finite count.
+    Partials: ``part_ptr[pid] = (base_sum, sum P, sum Y)`` float64, ``cnt_ptr[pid] =
+    (valid, nonfinite)`` int32.
+    """
+    plane = tl.program_id(0)
+    th = tl.program_id(1)
+    tw = tl.program_id(2)
+    n = plane // C
+    c = plane % C
+    xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    lbase = lab_ptr + n.to(tl.int64) * sln
+    oh = th * BH + tl.arange(0, BH)[:, None]
+    ow = tw * BW + tl.arange(0, BW)[None, :]
+    omask = (oh < h) & (ow < w)
+    PAD: tl.constexpr = PK // 2
+
+    # ---- pooled P and Y ----
+    if POOL == 2:
+        # interp: Y nearest (PyTorch's float32 scale), P bilinear with align_corners=True.
+        near_h = tl.math.div_rn(tl.cast(H, tl.float32), tl.cast(h, tl.float32))
+        near_w = tl.math.div_rn(tl.cast(W, tl.float32), tl.cast(w, tl.float32))
+        src_h = tl.minimum(tl.floor(oh.to(tl.float32) * near_h).to(tl.int32), H - 1)
+        src_w = tl.minimum(tl.floor(ow.to(tl.float32) * near_w).to(tl.int32), W - 1)
+        lab = tl.load(lbase + src_h.to(tl.int64) * slh + src_w.to(tl.int64) * slw, mask=omask,
+                      other=-1).to(tl.int64)
+        hot = _label_parts(lab, c, C, ignore_index)[1]
+        y_out = tl.where(hot, 1.0, 0.0).to(DT)
+        lin_h = _linear_scale(H, h, DT)
+        lin_w = _linear_scale(W, w, DT)
+        fh = lin_h * oh.to(DT)
+        fw = lin_w * ow.to(DT)
+        h0 = fh.to(tl.int32)
+        w0 = fw.to(tl.int32)
+        lh = tl.minimum(tl.maximum(fh - h0.to(DT), 0.0), 1.0)
+        lw = tl.minimum(tl.maximum(fw - w0.to(DT), 0.0), 1.0)
+        h1 = h0 + tl.where(h0 < H - 1, 1, 0)
+        w1 = w0 + tl.where(w0 < W - 1, 1, 0)
+        p_out = tl.full([BH, BW], 0, DT)
+        for tap in range(4):
+            ih = tl.where(tap // 2 == 0, h0, h1)
+            iw = tl.where(tap % 2 == 0, w0, w1)
+            wgt = tl.where(tap // 2 == 0, 1.0 - lh, lh) * tl.where(tap % 2 == 0, 1.0 - lw, lw)
+            x = tl.load(xbase + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw, mask=omask,
+                        other=0.0).to(DT)
+            lab = tl.load(lbase + ih.to(tl.int64) * slh + iw.to(tl.int64) * slw, mask=omask,
+                          other=-1).to(tl.int64)
+            p = _pixel(x, lab, c, C, ignore_index, MODE)[3]
+            p_out += wgt * p
+    else:
+        # avg (count_include_pad: always / PK^2) or max (-inf padding, first max wins).
+        if POOL == 1:
+            p_out = tl.full([BH, BW], float("-inf"), DT)
+        else:
+            p_out = tl.full([BH, BW], 0, DT)
+        y_out = tl.full([BH, BW], 0, DT)
+        arg = tl.full([BH, BW], 0, tl.int32)
+        for kh in range(PK):
+            ih = oh * S - PAD + kh
+            mh = omask & (ih >= 0) & (ih < H)
+            xrow = xbase + ih.to(tl.int64) * sxh
+            lrow = lbase + ih.to(tl.int64) * slh
+            for kw in range(PK):
+                iw = ow * S - PAD + kw
+                m = mh & (iw >= 0) & (iw < W)
+                iw64 = iw.to(tl.int64)
+                x = tl.load(xrow + iw64 * sxw, mask=m, other=0.0).to(DT)
+                lab = tl.load(lrow + iw64 * slw, mask=m, other=-1).to(tl.int64)
+                px = _pixel(x, lab, c, C, ignore_index, MODE)
+                hot = px[1]
+                p = px[3]
+                yv = tl.where(hot, 1.0, 0.0).to(DT)
+                if POOL == 1:
+                    upd = m & (p > p_out)
+                    p_out = tl.where(upd, p, p_out)
+                    arg = tl.where(upd, ih * W + iw, arg)
+                    y_out = tl.maximum(y_out, yv)
+                else:
+                    p_out += tl.where(m, p, 0.0)
+                    y_out += yv
+        if POOL == 0:
+            p_out = _exact_div(p_out, tl.full([BH, BW], PK * PK, DT))
+            y_out = _exact_div(y_out, tl.full([BH, BW], PK * PK, DT))
+    p_out = tl.where(omask, p_out, 0.0)
+    y_out = tl.where(omask, y_out, 0.0)
+    pooled_off = plane.to(tl.int64) * h * w + oh * w + ow
+    tl.store(pmap_ptr + pooled_off, p_out, mask=omask)
+    if STORE_Y:
+        tl.store(ymap_ptr + pooled_off, y_out, mask=omask)
+    if STORE_ARGMAX:
+        tl.store(amax_ptr + pooled_off, arg, mask=omask)
+    pid = (plane * tl.num_programs(1) + th) * tl.num_programs(2) + tw
+    tl.store(part_ptr + pid * 3 + 1, _sum(p_out, None).to(tl.float64))
+    tl.store(part_ptr + pid * 3 + 2, _sum(y_out, None).to(tl.float64))
+
+    # ---- full-resolution sums over this program's disjoint pixel block ----
+    if DO_BASE:
+        base = tl.full([BH, BW], 0, DT)
+        n_valid = tl.full([BH, BW], 0, tl.int32)
+        n_bad = tl.full([BH, BW], 0, tl.int32)
+        for sh in range(S):
+            ih = (th * S + sh) * BH + tl.arange(0, BH)[:, None]
+            xrow = xbase + ih.to(tl.int64) * sxh
+            lrow = lbase + ih.to(tl.int64) * slh
+            for sw in range(S):
+                iw = (tw * S + sw) * BW + tl.arange(0, BW)[None, :]
+                m = (ih < H) & (iw < W)
+                iw64 = iw.to(tl.int64)
+                x = tl.load(xrow + iw64 * sxw, mask=m, other=0.0).to(DT)
+                n_bad += (m & ((x != x) | (tl.abs(x) == float("inf")))).to(tl.int32)
+                if MODE == 0:
+                    lab = tl.load(lrow + iw64 * slw, mask=m, other=-1).to(tl.int64)
+                    px = _pixel(x, lab, c, C, ignore_index, MODE)
+                    base += px[4]
+                    n_valid += px[0].to(tl.int32)
+        tl.store(part_ptr + pid * 3, _sum(base, None).to(tl.float64))
+        n_valid_sum = _sum(n_valid, None)
+        tl.store(cnt_ptr + pid * 2, tl.where(c == 0, n_valid_sum, 0))
+        tl.store(cnt_ptr + pid * 2 + 1, _sum(n_bad, None))
+
+
+# ================================================================================================
+# Stage (b): moment sums on the pooled maps
+# ================================================================================================
+
+@triton.jit(do_not_specialize=["C", "h", "w", "ignore_index", "CHUNKS"])
+def _moment_kernel(pmap_ptr, ymap_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
+                   C, h, w, sln, slh, slw, ignore_index, CHUNKS,
+                   R: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+                   Y_FROM_LABELS: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
+    """Grid ``(N*C, NB*NB, KS)``: plane, offset-block pair ``(ib, jb)`` of ``BD`` offsets each,
+    and split ``ks`` of the ``K`` windows (``CHUNKS`` chunks of ``BK`` windows per split).
+
+    For each chunk, gathers the ``[BD, BK]`` region-vector tiles of offsets ``i`` and ``j`` minus
+    the plane offset ``off`` (the plane mean, so the raw sums do not cancel) and accumulates their
+    ``tl.dot`` products. float64 throughout, also for float32 maps: float32 products are exact in
+    float64, while float32 partials measurably degraded the gradient on small, ill-conditioned
+    maps (1e-4 relative vs 2e-6). Writes this split's raw product sums ``raw [N*C, KS, 3, D, D]``
+    (``Sy``, ``Sp`` only computed for ``jb >= ib`` and stored to both halves; ``B`` for all) and,
+    for ``jb == 0``, the region-vector sums ``sums [N*C, KS, 2, D]``. Centring is done on the host.
+    """
+    plane = tl.program_id(0)
+    blk = tl.program_id(1)
+    split = tl.program_id(2)
+    ib = blk // NB
+    jb = blk % NB
+    n = plane // C
+    c = plane % C
+    sym = jb >= ib
+    gi = ib * BD + tl.arange(0, BD)
+    gj = jb * BD + tl.arange(0, BD)
+    mi = gi < D
+    mj = gj < D
+    dyi = (gi // R)[:, None]
+    dxi = (gi % R)[:, None]
+    dyj = (gj // R)[:, None]
+    dxj = (gj % R)[:, None]
+    off_y = tl.load(off_ptr + plane * 2)
+    off_p = tl.load(off_ptr + plane * 2 + 1)
+    pplane = pmap_ptr + plane.to(tl.int64) * h * w
+    yplane = ymap_ptr + plane.to(tl.int64) * h * w
+    lbase = lab_ptr + n.to(tl.int64) * sln
+    nw = w - R + 1
+    K = (h - R + 1) * nw
+    s_yy = tl.full([BD, BD], 0, tl.float64)
+    s_pp = tl.full([BD, BD], 0, tl.float64)
+    s_yp = tl.full([BD, BD], 0, tl.float64)
+    sum_yi = tl.full([BD], 0, tl.float64)
+    sum_pi = tl.full([BD], 0, tl.float64)
+    k_begin = split * CHUNKS * BK
+    k_end = tl.minimum(K, k_begin + CHUNKS * BK)
+    for k0 in range(k_begin, k_end, BK):
+        kk = k0 + tl.arange(0, BK)
+        mk = (kk < k_end)[None, :]
+        a = (kk // nw)[None, :]
+        b = (kk % nw)[None, :]
+        m_i = mi[:, None] & mk
+        m_j = mj[:, None] & mk
+        yi = _load_y(yplane, lbase, a + dyi, b + dxi, m_i, w, c, ignore_index, slh, slw,
+                     Y_FROM_LABELS, tl.float64)
+        pi = tl.load(pplane + (a + dyi) * w + (b + dxi), mask=m_i, other=0.0).to(tl.float64)
+        yj = _load_y(yplane, lbase, a + dyj, b + dxj, m_j, w, c, ignore_index, slh, slw,
+                     Y_FROM_LABELS, tl.float64)
+        pj = tl.load(pplane + (a + dyj) * w + (b + dxj), mask=m_j, other=0.0).to(tl.float64)
+        yi = tl.where(m_i, yi - off_y, 0.0)
+        pi = tl.where(m_i, pi - off_p, 0.0)
+        yj = tl.where(m_j, yj - off_y, 0.0)
+        pj = tl.where(m_j, pj - off_p, 0.0)
+        s_yp = tl.dot(yi, tl.trans(pj), s_yp, input_precision="ieee", out_dtype=tl.float64)
+        if sym:
+            s_yy = tl.dot(yi, tl.trans(yj), s_yy, input_precision="ieee", out_dtype=tl.float64)
+            s_pp = tl.dot(pi, tl.trans(pj), s_pp, input_precision="ieee", out_dtype=tl.float64)
+        sum_yi += _sum(yi, 1)
+        sum_pi += _sum(pi, 1)
+    raw_base = raw_ptr + (plane.to(tl.int64) * tl.num_programs(2) + split) * 3 * D * D
+    ii = gi[:, None]
+    jj = gj[None, :]
+    m2 = mi[:, None] & mj[None, :]
+    tl.store(raw_base + 2 * D * D + ii * D + jj, s_yp, mask=m2)
+    if sym:
+        upper = m2 & (ii <= jj)
+        tl.store(raw_base + ii * D + jj, s_yy, mask=upper)
+        tl.store(raw_base + jj * D + ii, s_yy, mask=upper)
+        tl.store(raw_base + D * D + ii * D + jj, s_pp, mask=upper)
+        tl.store(raw_base + D * D + jj * D + ii, s_pp, mask=upper)
+    if jb == 0:
+        sums_base = sums_ptr + (plane.to(tl.int64) * tl.num_programs(2) + split) * 2 * D
+        tl.store(sums_base + gi, sum_yi, mask=mi)
+        tl.store(sums_base + D + gi, sum_pi, mask=mi)
+
+
+# ================================================================================================
+# Stage (d): pooled-map gradient stencil
+# ================================================================================================
+
+@triton.jit(do_not_specialize=["NPL", "C", "h", "w", "ignore_index"])
+def _stencil_kernel(pmap_ptr, ymap_ptr, lab_ptr, coef_ptr, shift_ptr, g_ptr,
+                    NPL, C, h, w, sln, slh, slw, ignore_index,
+                    R: tl.constexpr, D: tl.constexpr, Y_FROM_LABELS: tl.constexpr,
+                    DT: tl.constexpr, BJ: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(N*C * cdiv(h*w, BLOCK),)``, planes fastest (``NPL = N*C``; a 1-D grid has no
+    65535 limit): ``dloss/dP`` at ``BLOCK`` pooled pixels ``u`` of one plane.
+
+    ``G[u] = sum_i [window u - o_i valid] (c_i + sum_j Cp[i,j] P[u-o_i+o_j] + Cy[i,j] Y[...])``,
+    accumulated in float64 (``j`` vectorised in blocks of ``BJ``), stored in ``DT``.
+    """
+    plane = tl.program_id(0) % NPL
+    u = (tl.program_id(0) // NPL) * BLOCK + tl.arange(0, BLOCK)
+    n = plane // C
+    c = plane % C
+    mu = u < h * w
+    ua = u // w
+    ub = u % w
+    pplane = pmap_ptr + plane.to(tl.int64) * h * w
+    yplane = ymap_ptr + plane.to(tl.int64) * h * w
+    lbase = lab_ptr + n.to(tl.int64) * sln
+    cp_base = coef_ptr + plane.to(tl.int64) * 2 * D * D
+    cy_base = cp_base + D * D
+    # Summed over i and j elementwise; one reduction over the j axis at the end.
+    acc = tl.full([BJ, BLOCK], 0, tl.float64)
+    acc_shift = tl.full([BLOCK], 0, tl.float64)
+    for i in range(D):
+        wa = ua - i // R
+        wb = ub - i % R
+        wv = mu & (wa >= 0) & (wa <= h - R) & (wb >= 0) & (wb <= w - R)
+        acc_shift += tl.where(wv, tl.load(shift_ptr + plane.to(tl.int64) * D + i), 0.0)
+        for j0 in range(0, D, BJ):
+            jj = j0 + tl.arange(0, BJ)
+            mj = jj < D
+            cp = tl.load(cp_base + i * D + jj, mask=mj, other=0.0)[:, None]
+            cy = tl.load(cy_base + i * D + jj, mask=mj, other=0.0)[:, None]
+            rows = wa[None, :] + (jj // R)[:, None]
+            cols = wb[None, :] + (jj % R)[:, None]
+            m2 = mj[:, None] & wv[None, :]  # invalid windows and offsets load 0
+            pv = tl.load(pplane + rows * w + cols, mask=m2, other=0.0).to(tl.float64)
+            yv = _load_y(yplane, lbase, rows, cols, m2, w, c, ignore_index, slh, slw,
+                         Y_FROM_LABELS, tl.float64)
+            acc += cp * pv + cy * yv
+    g = _sum(acc, 0) + acc_shift
+    tl.store(g_ptr + plane.to(tl.int64) * h * w + u, g.to(DT), mask=mu)
+
+
+# ================================================================================================
+# Stage (e): full-resolution gradient
+# ================================================================================================
+
+@triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index"])
+def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
+                 C, H, W, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, son, soc, soh, sow,
+                 ignore_index, S: tl.constexpr, PK: tl.constexpr, POOL: tl.constexpr,
+                 MODE: tl.constexpr, DT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Grid ``(N*C, cdiv(H, BH), cdiv(W, BW))``: ``grad_logits`` of a ``BH x BW`` pixel tile.
+
+    ``grad = adjoint(G) * dP/dx + base_scale * first-term grad`` where the pooling adjoint gathers
+    from the pooled outputs whose window holds the pixel (avg: ``1/PK^2``; max: where the stored
+    arg-max is this pixel; interp: bilinear weights, at most 3 candidates per axis).
+    """
+    plane = tl.program_id(0)
+    n = plane // C
+    c = plane % C
+    ih = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
+    iw = tl.program_id(2) * BW + tl.arange(0, BW)[None, :]
+    m = (ih < H) & (iw < W)
+    ih64 = ih.to(tl.int64)
+    iw64 = iw.to(tl.int64)
+    x = tl.load(x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + ih64 * sxh + iw64 * sxw,
+                mask=m, other=0.0).to(DT)
+    lab = tl.load(lab_ptr + n.to(tl.int64) * sln + ih64 * slh + iw64 * slw, mask=m,
+                  other=-1).to(tl.int64)
+    px = _pixel(x, lab, c, C, ignore_index, MODE)
+    valid = px[0]
+    hot = px[1]
+    sig = px[2]
+    gplane = g_ptr + plane.to(tl.int64) * h * w
+    PAD: tl.constexpr = PK // 2
+    TAPS: tl.constexpr = (PK + S - 1) // S
+    if S == 1:
+        gp = tl.load(gplane + ih * w + iw, mask=m, other=0.0).to(DT)
+    elif POOL == 2:
+        lin_h = _linear_scale(H, h, DT)
+        lin_w = _linear_scale(W, w, DT)
+        ch = (ih * (h - 1)) // tl.maximum(H - 1, 1)
+        cw = (iw * (w - 1)) // tl.maximum(W - 1, 1)
+        gp = tl.full([BH, BW], 0, DT)
+        for th in range(3):
+            oh = ch - 1 + th
+            fh = lin_h * oh.to(DT)
+            h0 = fh.to(tl.int32)
+            lh = tl.minimum(tl.maximum(fh - h0.to(DT), 0.0), 1.0)
+            h1 = h0 + tl.where(h0 < H - 1, 1, 0)
+            wh = tl.where(h0 == ih, 1.0 - lh, 0.0) + tl.where(h1 == ih, lh, 0.0)
+            vh = (oh >= 0) & (oh < h)
+            for tw in range(3):
+                ow = cw - 1 + tw
+                fw = lin_w * ow.to(DT)
+                w0 = fw.to(tl.int32)
+                lw = tl.minimum(tl.maximum(fw - w0.to(DT), 0.0), 1.0)
+                w1 = w0 + tl.where(w0 < W - 1, 1, 0)
+                ww = tl.where(w0 == iw, 1.0 - lw, 0.0) + tl.where(w1 == iw, lw, 0.0)
+                mm = m & vh & (ow >= 0) & (ow < w)
+                g = tl.load(gplane + oh * w + ow, mask=mm, other=0.0).to(DT)
+                gp += tl.where(mm, wh * ww * g, 0.0)
+    else:
+        qh = (ih + PAD) // S
+        qw = (iw + PAD) // S
+        gp = tl.full([BH, BW], 0, DT)
+        for th in range(TAPS):
+            oh = qh - th
+            vh = (oh >= 0) & (oh < h) & (ih < oh * S - PAD + PK)
+            for tw in range(TAPS):
+                ow = qw - tw
+                mm = m & vh & (ow >= 0) & (ow < w) & (iw < ow * S - PAD + PK)
+                g = tl.load(gplane + oh * w + ow, mask=mm, other=0.0).to(DT)
+                if POOL == 1:
+                    idx = tl.load(amax_ptr + plane.to(tl.int64) * h * w + oh * w + ow, mask=mm,
+                                  other=-1)
+                    g = tl.where(idx == ih * W + iw, g, 0.0)
+                gp += g
+        if POOL == 0:
+            gp = _exact_div(gp, tl.full([BH, BW], PK * PK, DT))
+    grad = gp * _rmi_prob_slope(sig, valid, MODE)
+    if MODE == 0:
+        base = tl.where(valid, sig - tl.where(hot, 1.0, 0.0), 0.0)
+    else:
+        lse = tl.load(lse_ptr + n.to(tl.int64) * H * W + ih * W + iw, mask=m, other=0.0)
+        base = tl.where(valid, tl.exp(x - lse) - tl.where(hot, 1.0, 0.0), 0.0)
+    grad += tl.load(scale_ptr).to(DT) * base
+    tl.store(out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + ih64 * soh + iw64 * sow,
+             grad.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ================================================================================================
+# Host side
+# ================================================================================================
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _compute_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _interpreted(t):
+    """CPU tensors only reach this backend under ``TRITON_INTERPRET=1``: there, fewer and larger
+    blocks are much faster (the interpreter's cost is per op, not per element)."""
+    return t.device.type == "cpu"
+
+
+def _pow2(x, cap):
+    return min(triton.next_power_of_2(max(int(x), 1)), cap)
+
+
+def _lse(logits, labels, cfg, *, store_lse, ce_sums):
+    """Softmax mode: ``lse [N, H*W]`` (or ``None``) and CE partials ``[programs, 2]``."""
+    n, c, hgt, wid = logits.shape
+    dt = _compute_dtype(logits)
+    bc = _pow2(c, 16)
+    bp = _pow2(hgt * wid, 4096 if _interpreted(logits) else 128)
+    grid = (triton.cdiv(hgt * wid, bp), n)
+    lse = torch.empty((n, hgt * wid) if store_lse else (1,), dtype=dt, device=logits.device)
+    part = torch.empty((grid[0] * grid[1], 2) if ce_sums else (1,), dtype=torch.float64,
+                       device=logits.device)
+    _lse_kernel[grid](logits, labels, lse, part, c, hgt, wid, *logits.stride(), *labels.stride(),
+                      cfg.ignore_index, STORE_LSE=store_lse, CE_SUMS=ce_sums,
+                      DT=_TL_DTYPES[dt], BC=bc, BP=bp)
+    return lse, part
+
+
+def _main_pass(logits, labels, cfg, *, do_base, store_argmax):
+    """Stage (a): pooled ``P`` (and ``Y`` when ``stride > 1``) ``[N, C, h, w]`` in the compute
+    dtype, arg-max map (max pool, backward), float64 partials ``[G, 3]``, int32 counts ``[G, 2]``.
+    """
+    n, c, hgt, wid = logits.shape
+    ph, pw = cfg.pooled_size(hgt, wid)
+    dt = _compute_dtype(logits)
+    s = cfg.stride
+    pool, pk = (0, 1) if s == 1 else (_POOL_IDS[cfg.pool], cfg.pool_size)
+    cap = 4096 if _interpreted(logits) else 512
+    bw = _pow2(pw, 64 if _interpreted(logits) else 32)
+    bh = _pow2(ph, max(1, cap // bw))
+    th = max(triton.cdiv(ph, bh), triton.cdiv(hgt, bh * s))
+    tw = max(triton.cdiv(pw, bw), triton.cdiv(wid, bw * s))
+    grid = (n * c, th, tw)
+    dev = logits.device
+    pmap = torch.empty((n, c, ph, pw), dtype=dt, device=dev)
+    ymap = torch.empty((n, c, ph, pw) if s > 1 else (1,), dtype=dt, device=dev)
+    amax = torch.empty((n, c, ph, pw) if store_argmax else (1,), dtype=torch.int32, device=dev)
+    programs = n * c * th * tw
+    part = torch.zeros((programs, 3), dtype=torch.float64, device=dev)
+    cnt = torch.zeros((programs, 2), dtype=torch.int32, device=dev)
+    _main_pass_kernel[grid](
+        logits, labels, pmap, ymap, amax, part, cnt, c, hgt, wid, ph, pw, *logits.stride(),
+        *labels.stride(), cfg.ignore_index, S=s, PK=pk, POOL=pool, MODE=_MODE_IDS[cfg.mode],
+        DO_BASE=do_base, STORE_Y=s > 1, STORE_ARGMAX=store_argmax, DT=_TL_DTYPES[dt],
+        BH=bh, BW=bw)
+    return pmap, ymap, amax, part, cnt
+
+
+def _moments(pmap, ymap, labels, offsets, cfg, tiling=None):
+    """Stage (b): ``means [N, C, 2, d]`` and centred ``cov [N, C, 3, d, d]``, float64.
+
+    ``offsets [N*C, 2]`` (``off_y, off_p``) are subtracted before the products; the raw sums of
+    the ``KS`` window splits are added and centred here, in float64. ``tiling = (BK, KS)``
+    overrides the heuristic (tests).
+    """
+    n, c, ph, pw = pmap.shape
+    r, d = cfg.radius, cfg.dim
+    bd = 16
+    nb = triton.cdiv(d, bd)
+    windows = (ph - r + 1) * (pw - r + 1)
+    if tiling is not None:
+        bk, splits = tiling
+    elif _interpreted(pmap):  # one chunk per program: the interpreter pays per op, not per element
+        bk, splits = _pow2(windows, 4096), 1
+    else:  # enough programs to fill the GPU, each with at least 8 chunks, partials <= 64 MiB
+        bk = 32
+        chunks_total = triton.cdiv(windows, bk)
+        splits = min(triton.cdiv(2048, n * c * nb * nb), triton.cdiv(chunks_total, 8),
+                     max(1, (64 << 20) // (n * c * 3 * d * d * 8)))
+        splits = max(splits, 1)
+    chunks = triton.cdiv(triton.cdiv(windows, bk), splits)
+    splits = triton.cdiv(triton.cdiv(windows, bk), chunks)
+    dev = pmap.device
+    raw = torch.empty((n * c, splits, 3, d, d), dtype=torch.float64, device=dev)
+    sums = torch.empty((n * c, splits, 2, d), dtype=torch.float64, device=dev)
+    _moment_kernel[(n * c, nb * nb, splits)](
+        pmap, ymap, labels, offsets, raw, sums, c, ph, pw, *labels.stride(), cfg.ignore_index,
+        chunks, R=r, D=d, NB=nb, Y_FROM_LABELS=cfg.stride == 1, BD=bd, BK=bk)
+    raw, sums = raw.sum(dim=1), sums.sum(dim=1)  # [N*C, 3, d, d], [N*C, 2, d]
+    s_y, s_p = sums.unbind(dim=1)
+    outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
+    cov = raw - torch.stack((outer(s_y, s_y), outer(s_p, s_p), outer(s_y, s_p)), dim=1) / windows
+    means = sums / windows + offsets.unsqueeze(-1)
+    return means.view(n, c, 2, d), cov.view(n, c, 3, d, d)
+
+
+def _stencil(pmap, ymap, labels, coef, shift, cfg):
+    """Stage (d): ``dloss/dP [N, C, h, w]`` in the maps' dtype."""
+    n, c, ph, pw = pmap.shape
+    d = cfg.dim
+    if _interpreted(pmap):
+        bj, block = _pow2(d, 128), _pow2(ph * pw, 4096)
+    else:
+        bj = _pow2(d, 32)
+        block = _pow2(ph * pw, 2048 // bj)
+    g = torch.empty_like(pmap)
+    _stencil_kernel[(n * c * triton.cdiv(ph * pw, block),)](
+        pmap, ymap, labels, coef, shift, g, n * c, c, ph, pw, *labels.stride(), cfg.ignore_index,
+        R=cfg.radius, D=d, Y_FROM_LABELS=cfg.stride == 1, DT=_TL_DTYPES[pmap.dtype],
+        BJ=bj, BLOCK=block, num_warps=8)
+    return g
+
+
+def _module_for(t):
+    """The module whose kernels suit ``t``'s device: interpreted for CPU tensors, compiled for
+    CUDA. This one, or a twin: this file executed once more under another module name with
+    ``TRITON_INTERPRET`` flipped (twins register no custom ops; the main module's ops call them).
+    """
+    interpret = t.device.type == "cpu"
+    if interpret == _INTERPRETED:
+        return sys.modules[__name__]
+    if interpret not in _TWINS:
+        name = "rmi_ext._triton_backend_" + ("interpreted" if interpret else "compiled")
+        spec = importlib.util.spec_from_file_location(name, __file__)
+        module = importlib.util.module_from_spec(spec)
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET")
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        _TWINS[interpret] = module
+    return _TWINS[interpret]
+
+
+def _forward_impl(logits, labels, cfg):
+    module = _module_for(logits)
+    if module is not sys.modules[__name__]:
+        return module._forward_impl(logits, labels, cfg)
+    n, c, hgt, wid = logits.shape
+    pmap, ymap, _, part, cnt = _main_pass(logits, labels, cfg, do_base=True, store_argmax=False)
+    if cfg.mode == "sigmoid":
+        base_sum = part[:, 0].sum()
+        base_count = cnt[:, 0].sum(dtype=torch.int64).double()
+    else:
+        _, ce = _lse(logits, labels, cfg, store_lse=False, ce_sums=True)
+        base_sum, base_count = ce[:, 0].sum(), ce[:, 1].sum()
+    nonfinite = cnt[:, 1].sum(dtype=torch.int64)
+    # Plane means of the pooled maps: the moment kernel subtracts them (covariances unchanged).
+    offsets = part[:, 1:].reshape(n * c, -1, 2).sum(dim=1) / float(pmap.shape[2] * pmap.shape[3])
+    offsets = offsets[:, [1, 0]].contiguous()  # (off_y, off_p) per plane
+    means, cov = _moments(pmap, ymap, labels, offsets, cfg)
+    return base_sum, base_count, nonfinite, means, cov
+
+
+def _backward_impl(logits, labels, cfg, base_scale, coef, shift):
+    module = _module_for(logits)
+    if module is not sys.modules[__name__]:
+        return module._backward_impl(logits, labels, cfg, base_scale, coef, shift)
+    lse = None
+    if cfg.mode == "softmax":
+        lse, _ = _lse(logits, labels, cfg, store_lse=True, ce_sums=False)
+    store_argmax = cfg.stride > 1 and cfg.pool == "max"
+    pmap, ymap, amax, _, _ = _main_pass(logits, labels, cfg, do_base=False,
+                                        store_argmax=store_argmax)
+    g = _stencil(pmap, ymap, labels, coef.contiguous(), shift.contiguous(), cfg)
+    del pmap, ymap
+    n, c, hgt, wid = logits.shape
+    ph, pw = g.shape[2:]
+    grad = torch.empty_like(logits)
+    bw = _pow2(wid, 64)
+    bh = _pow2(hgt, max(1, (4096 if _interpreted(logits) else 1024) // bw))
+    s = cfg.stride
+    pool, pk = (0, 1) if s == 1 else (_POOL_IDS[cfg.pool], cfg.pool_size)
+    scale = base_scale.to(device=logits.device, dtype=torch.float64).reshape(1)
+    _grad_kernel[(n * c, triton.cdiv(hgt, bh), triton.cdiv(wid, bw))](
+        logits, labels, g, amax, g if lse is None else lse, scale, grad, c, hgt, wid, ph, pw,
+        *logits.stride(), *labels.stride(), *grad.stride(), cfg.ignore_index, S=s, PK=pk,
+        POOL=pool, MODE=_MODE_IDS[cfg.mode], DT=_TL_DTYPES[g.dtype], BH=bh, BW=bw, num_warps=8)
+    return grad
+
+
+# ---- custom ops (opaque to torch.compile, with fake kernels for tracing) -----------------------
+
+def _device_guard(t):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _cfg(radius, stride, pool, pool_size, ignore_index, mode):
+    return RMIConfig(radius=radius, stride=stride, pool=pool, pool_size=pool_size,
+                     ignore_index=ignore_index, mode=mode)
+
+
+def _forward_stats_impl(logits: torch.Tensor, labels: torch.Tensor, radius: int, stride: int,
+                        pool: str, pool_size: int, ignore_index: int, mode: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    cfg = _cfg(radius, stride, pool, pool_size, ignore_index, mode)
+    with _device_guard(logits):
+        return _forward_impl(logits, labels, cfg)
+
+
+def _forward_stats_fake(logits, labels, radius, stride, pool, pool_size, ignore_index, mode):
+    n, c = logits.shape[:2]
+    d = radius * radius
+    f64 = dict(dtype=torch.float64, device=logits.device)
+    return (logits.new_empty((), **f64), logits.new_empty((), **f64),
+            logits.new_empty((), dtype=torch.int64, device=logits.device),
+            logits.new_empty((n, c, 2, d), **f64), logits.new_empty((n, c, 3, d, d), **f64))
+
+
+def _backward_grad_impl(logits: torch.Tensor, labels: torch.Tensor, base_scale: torch.Tensor,
+                        coef: torch.Tensor, shift: torch.Tensor, radius: int, stride: int,
+                        pool: str, pool_size: int, ignore_index: int, mode: str) -> torch.Tensor:
+    cfg = _cfg(radius, stride, pool, pool_size, ignore_index, mode)
+    with _device_guard(logits):
+        return _backward_impl(logits, labels, cfg, base_scale, coef, shift)
+
+
+def _backward_grad_fake(logits, labels, base_scale, coef, shift, radius, stride, pool,
+                        pool_size, ignore_index, mode):
+    return torch.empty_like(logits)
+
+
+if __name__ == "rmi_ext.triton_backend":  # not in the twins of _module_for
+    _forward_stats_op = torch.library.custom_op(
+        "rmi_ext::triton_forward_stats", _forward_stats_impl, mutates_args=())
+    _forward_stats_op.register_fake(_forward_stats_fake)
+    _backward_grad_op = torch.library.custom_op(
+        "rmi_ext::triton_backward_grad", _backward_grad_impl, mutates_args=())
+    _backward_grad_op.register_fake(_backward_grad_fake)
+
+
+# ---- the backend interface used by rmi_ext.function ---------------------------------------------
+
+def forward_stats(logits, labels, cfg: RMIConfig):
+    """Stages (a)+(b): ``(base_sum, base_count, nonfinite, means, cov)``; see
+    :mod:`rmi_ext.function`."""
+    return _forward_stats_op(logits, labels, cfg.radius, cfg.stride, cfg.pool, cfg.pool_size,
+                             cfg.ignore_index, cfg.mode)
+
+
+def backward_grad(logits, labels, cfg: RMIConfig, base_scale, coef, shift):
+    """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them)."""
+    return _backward_grad_op(logits, labels, base_scale, coef, shift, cfg.radius, cfg.stride,
+                             cfg.pool, cfg.pool_size, cfg.ignore_index, cfg.mode)
