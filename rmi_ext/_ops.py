@@ -7,18 +7,14 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
+from .function import empty_stats
 
 ops = torch.ops.rmi_ext
 
 
 @torch.library.register_fake("rmi_ext::forward_stats")
 def _forward_stats_fake(logits, labels, radius, stride, pool, pool_size, ignore_index, mode):
-    n, c = logits.shape[:2]
-    d = radius * radius
-    f64 = dict(dtype=torch.float64, device=logits.device)
-    return (logits.new_empty((), **f64), logits.new_empty((), **f64),
-            logits.new_empty((), dtype=torch.int64, device=logits.device),
-            logits.new_empty((n, c, 2, d), **f64), logits.new_empty((n, c, 3, d, d), **f64))
+    return empty_stats(logits, radius)
 
 
 @torch.library.register_fake("rmi_ext::backward_grad")

@@ -24,6 +24,16 @@ from ._config import RMIConfig
 from ._dispatch import LOADED
 
 
+def empty_stats(logits: torch.Tensor, radius: int):
+    """Uninitialised outputs of ``forward_stats`` (shapes and dtypes: the ops' fake kernels)."""
+    n, c = logits.shape[:2]
+    d = radius * radius
+    f64 = dict(dtype=torch.float64, device=logits.device)
+    return (logits.new_empty((), **f64), logits.new_empty((), **f64),
+            logits.new_empty((), dtype=torch.int64, device=logits.device),
+            logits.new_empty((n, c, 2, d), **f64), logits.new_empty((n, c, 3, d, d), **f64))
+
+
 def base_normaliser(base_count: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
     """BCE divides by ``valid + 1`` (authors' code); CE by the counted pixels, at least 1."""
     return base_count + 1.0 if cfg.mode == "sigmoid" else base_count.clamp_min(1.0)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._config import RMIConfig
+from .function import empty_stats
 
 _POOL_IDS = {"avg": 0, "max": 1, "interp": 2}
 _MODE_IDS = {"sigmoid": 0, "softmax": 1}
@@ -774,12 +775,7 @@ def _forward_stats_impl(logits: torch.Tensor, labels: torch.Tensor, radius: int,
 
 
 def _forward_stats_fake(logits, labels, radius, stride, pool, pool_size, ignore_index, mode):
-    n, c = logits.shape[:2]
-    d = radius * radius
-    f64 = dict(dtype=torch.float64, device=logits.device)
-    return (logits.new_empty((), **f64), logits.new_empty((), **f64),
-            logits.new_empty((), dtype=torch.int64, device=logits.device),
-            logits.new_empty((n, c, 2, d), **f64), logits.new_empty((n, c, 3, d, d), **f64))
+    return empty_stats(logits, radius)
 
 
 def _backward_grad_impl(logits: torch.Tensor, labels: torch.Tensor, base_scale: torch.Tensor,
