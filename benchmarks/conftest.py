@@ -19,8 +19,8 @@ def pytest_addoption(parser):
                          "paper and DF-sweep cases")
     group.addoption("--rmi-device", default=None,
                     help="device to benchmark on (default: cuda if available, else cpu)")
-    group.addoption("--rmi-budget", type=float, default=2.0,
-                    help="seconds of timed calls to aim for per benchmark (3 to 15 rounds)")
+    group.addoption("--rmi-budget", type=float, default=1.0,
+                    help="seconds of timed calls to aim for per benchmark (3 to 10 rounds)")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ pixels), so ``rmi-pytorch`` computes the same RMI term as ``rmi_ext``.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -116,6 +117,12 @@ def rmi_pytorch_module(case: Case, bce_weight: float = 0.5):
                        use_double_precision=True, epsilon=5e-4)
 
 
+def onehot_target(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``labels [N, H, W]`` -> float32 one-hot ``[N, C, H, W]``, the target ``rmi-pytorch`` takes."""
+    onehot = torch.nn.functional.one_hot(labels, num_classes).permute(0, 3, 1, 2)
+    return onehot.to(torch.float32).contiguous()
+
+
 def make_loss_fn(backend: str, case: Case, labels: torch.Tensor):
     """``fn(logits) -> 0-d loss`` for ``backend`` (compiles lazily: warm it up before timing)."""
     if backend == "compiled-reference":
@@ -128,9 +135,7 @@ def make_loss_fn(backend: str, case: Case, labels: torch.Tensor):
         compiled = torch.compile(reference_loss, dynamic=False)
         return lambda x: compiled(x, labels, cfg)
     if backend == "rmi-pytorch":
-        module = rmi_pytorch_module(case)
-        target = torch.nn.functional.one_hot(labels, case.shape[1]).permute(0, 3, 1, 2)
-        target = target.to(torch.float32).contiguous()
+        module, target = rmi_pytorch_module(case), onehot_target(labels, case.shape[1])
         return lambda x: module(x, target)
     return lambda x: rmi_ext.rmi_loss(x, labels, backend=backend, **case.options)
 
@@ -153,9 +158,14 @@ def peak_extra_bytes_cpu(fwd_bwd) -> int:
     Linux only: writing ``5`` to ``/proc/self/clear_refs`` resets the high-water mark VmHWM to
     the current VmRSS (``ru_maxrss`` cannot be reset and is inherited across exec). Run in a
     fresh process (see ``_memprobe.py``) with a fixed malloc mmap threshold, so that freed
-    tensors leave RSS and a warm-up run does not hide the measured run's allocations.
+    tensors leave RSS and a warm-up run (or an earlier backend) does not hide the measured
+    run's allocations.
     """
     gc.collect()
+    try:  # hand freed heap memory (an earlier backend's) back to the OS: glibc only
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _proc_status_kib("VmRSS")
@@ -175,17 +185,19 @@ def peak_extra_bytes_cuda(fwd_bwd) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def measure_peak_memory(case: Case, backend: str, device: str) -> dict:
-    """Peak extra memory of one forward+backward: CPU in a fresh subprocess, CUDA in-process."""
+def measure_peak_memory(case: Case, backends, device: str) -> dict:
+    """``{backend: {"peak_extra_bytes", "peak_extra_x_logits", ...} or {"error": ...}}``: the
+    peak extra memory of one forward+backward per backend. CPU: one fresh process for the case,
+    the backends measured one after the other (each from its own baseline); CUDA: in-process."""
     if device.startswith("cuda"):
-        return probe(case, backend, device)
+        return {backend: probe(case, backend, device) for backend in backends}
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # fixed threshold: big frees go back to the OS
     # The child imports the same rmi_ext as this process, wherever that came from.
     rmi_root = str(Path(rmi_ext.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [rmi_root, env.get("PYTHONPATH")]))
     cmd = [sys.executable, str(HERE / "_memprobe.py"), json.dumps(
-        dict(case=asdict(case), backend=backend, device=device))]
+        dict(case=asdict(case), backends=list(backends), device=device))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         how = (f"was killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
@@ -208,6 +220,6 @@ def probe(case: Case, backend: str, device: str) -> dict:
     if device.startswith("cuda"):
         extra, method = peak_extra_bytes_cuda(fwd_bwd), "torch.cuda.max_memory_allocated"
     else:
-        extra, method = peak_extra_bytes_cpu(fwd_bwd), "VmHWM - VmRSS in a fresh process"
+        extra, method = peak_extra_bytes_cpu(fwd_bwd), "VmHWM - VmRSS, a fresh process per case"
     return dict(peak_extra_bytes=extra, peak_extra_x_logits=extra / case.logits_bytes,
                 logits_bytes=case.logits_bytes, memory_method=method)

@@ -115,34 +115,30 @@ def results_table(results, case_info):
 
 
 def headline(results, case_info):
-    """Ratios at the paper's setting and at DF 1, in words."""
+    """Forward+backward at the paper's setting and at DF 1: time, speed-ups and memory."""
     lines = []
     paper = [c for c in case_info if case_info[c]["shape"][2] == 513]
-    small_df1 = [c for c in case_info
-                 if case_info[c]["stride"] == 1 and case_info[c]["pool"] == "avg"]
-    for case in paper + small_df1:
-        info = case_info[case]
-        rows = results[case]
-        ref = rows.get("reference", {})
-        title = (f"`{'x'.join(map(str, info['shape']))}`, DF {info['stride']}, R "
-                 f"{info['radius']}, {info['pool']}")
-        if "fwd+bwd" in ref:
-            lines.append(f"- {title}: reference forward+backward "
-                         f"{ref['fwd+bwd']['median'] * 1e3:,.0f} ms, peak extra memory "
-                         f"{ref.get('peak_extra_x_logits', float('nan')):.1f}x the logits.")
+    df1 = [c for c in case_info if case_info[c]["stride"] == 1 and case_info[c]["pool"] == "avg"]
+    for case in case_order({c: case_info[c] for c in paper + df1}):
+        info, rows = case_info[case], results[case]
+        lines += [f"`{'x'.join(map(str, info['shape']))}`, DF {info['stride']}, R "
+                  f"{info['radius']}, {info['pool']}, forward+backward:", "",
+                  "| Backend | ms, median ± IQR/2 | speed-up vs reference | speed-up vs torch.compile "
+                  "| peak extra memory, x logits |", "|---" * 5 + "|"]
         for backend in ordered(rows):
-            if backend == "reference" or "fwd+bwd" not in rows[backend]:
+            row = rows[backend]
+            if "fwd+bwd" not in row:
                 continue
-            parts = [f"{fmt_ratio(speedup(rows, backend))} the reference's speed"]
-            if backend != "compiled-reference" and "compiled-reference" in rows:
-                parts.append(f"{fmt_ratio(speedup(rows, backend, 'compiled-reference'))} "
-                             "torch.compile's")
-            if "peak_extra_x_logits" in rows[backend]:
-                parts.append(f"peak extra memory {rows[backend]['peak_extra_x_logits']:.1f}x "
-                             "the logits")
-            if backend == "compiled-reference" and "first_call_s" in rows[backend]:
-                parts.append(f"first call (compiling) {rows[backend]['first_call_s']:.0f} s")
-            lines.append(f"  - {BACKEND_LABELS.get(backend, backend)}: " + ", ".join(parts))
+            mem = row.get("peak_extra_x_logits")
+            lines.append(f"| {BACKEND_LABELS.get(backend, backend)} | "
+                         f"{fmt_time(row['fwd+bwd'])} | {fmt_ratio(speedup(rows, backend))} | "
+                         f"{fmt_ratio(speedup(rows, backend, 'compiled-reference'))} | "
+                         + ("–" if mem is None else f"{mem:.1f}") + " |")
+        compiled = rows.get("compiled-reference", {})
+        if "first_call_s" in compiled:
+            lines += ["", f"The first forward+backward under torch.compile (compiling) took "
+                          f"{compiled['first_call_s']:.0f} s."]
+        lines.append("")
     return lines
 
 
@@ -219,7 +215,7 @@ def main(argv=None):
              *machine_lines(machine, when),
              f"- Load average (1 min) seen after the timed rounds: {min(loads):.1f} to "
              f"{max(loads):.1f} (the machine's other work inflates times above the core count)",
-             "", "## Headline", "", *headline(results, case_info), "",
+             "", "## Headline", "", *headline(results, case_info),
              "## All cases", "",
              "Times are the median over the rounds ± half the interquartile range, in ms; "
              "`bwd` is the backward alone (its forward is untimed). The speed-up is the "
