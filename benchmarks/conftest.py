@@ -1,9 +1,12 @@
 """Options of the benchmark suite: ``--rmi-full``, ``--rmi-compile-all``, ``--rmi-device``."""
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+_START = time.monotonic()  # conftest is imported before collection
 
 # Without an install, use the package from this checkout (an installed rmi_ext wins).
 if importlib.util.find_spec("rmi_ext") is None:
@@ -44,6 +47,12 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         with open("/proc/cpuinfo") as f:
             cpu_model = next((line.split(":", 1)[1].strip() for line in f
                               if line.startswith("model name")), None)
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        rmi_pytorch = version("rmi-pytorch")
+    except PackageNotFoundError:
+        rmi_pytorch = None
     machine_info["rmi"] = {
         "device": device,
         "cpu_model": cpu_model,
@@ -52,4 +61,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch_version": torch.__version__,
         "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
         "cuda_version": torch.version.cuda,
+        "rmi_pytorch_version": rmi_pytorch,
+        "options": {name: config.getoption(name) for name in
+                    ("--rmi-full", "--rmi-compile-all", "--rmi-budget")},
+        "session_wall_s": time.monotonic() - _START,  # up to writing the JSON
     }

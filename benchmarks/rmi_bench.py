@@ -79,7 +79,7 @@ def why_unavailable(backend: str, case: Case, device: str, compile_all: bool = F
     if backend == "compiled-reference":
         if not (case.compile or compile_all):
             return ("torch.compile of the reference is timed only for the paper and DF-sweep "
-                    "cases (each compile takes about a minute on CPU); pass --rmi-compile-all")
+                    "cases (each compile takes tens of seconds on CPU); pass --rmi-compile-all")
         return None
     if backend == "rmi-pytorch":
         try:
@@ -90,7 +90,11 @@ def why_unavailable(backend: str, case: Case, device: str, compile_all: bool = F
             return f"rmi-pytorch has no {case.pool!r} pooling (only 'avg' and 'max')"
         return None
     available = rmi_ext.backend_info(device)["available"][backend]
-    return None if available is True else available
+    if available is not True:
+        return available
+    if backend == "triton" and not device.startswith("cuda"):
+        return "the Triton interpreter on CPU (TRITON_INTERPRET=1) is for tests, not timing"
+    return None
 
 
 def make_inputs(case: Case, device: str, seed: int = 0):
