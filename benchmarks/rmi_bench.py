@@ -122,7 +122,7 @@ def rmi_pytorch_module(case: Case, bce_weight: float = 0.5):
 
 
 def onehot_target(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``labels [N, H, W]`` -> float32 one-hot ``[N, C, H, W]``, the target ``rmi-pytorch`` takes."""
+    """``labels [N, H, W]`` -> float32 one-hot ``[N, C, H, W]``, the target rmi-pytorch takes."""
     onehot = torch.nn.functional.one_hot(labels, num_classes).permute(0, 3, 1, 2)
     return onehot.to(torch.float32).contiguous()
 
@@ -132,9 +132,9 @@ def make_loss_fn(backend: str, case: Case, labels: torch.Tensor):
     if backend == "compiled-reference":
         # One compiled graph per case: recompiling per shape/config is what a user gets, and
         # dynamic=False keeps a later case from switching earlier ones to dynamic shapes.
-        dynamo_config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
         cfg = rmi_ext.make_config(**case.options)
         compiled = torch.compile(reference_loss, dynamic=False)
         return lambda x: compiled(x, labels, cfg)
