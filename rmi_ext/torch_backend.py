@@ -77,23 +77,29 @@ def _pool_adjoint(grad: torch.Tensor, p_full: torch.Tensor, cfg: RMIConfig) -> t
         grad, list(grad.shape[2:]), list(p_full.shape), True, None, None)
 
 
-def _base_term(x, labels, valid, cfg: RMIConfig):
-    """Per-pixel first-term loss and gradient (BCE summed over classes, or CE), and its count."""
+def _base_loss(x, labels, valid, cfg: RMIConfig):
+    """First-term loss summed over pixels (BCE summed over classes, or CE) and its pixel count.
+
+    CE counts the pixels whose label is in [0, C) and not ignore_index (the authors'
+    F.cross_entropy raises on any other label; the fused kernels cannot check without a sync).
+    """
     if cfg.mode == "sigmoid":
         y = _onehot(labels, valid, x.shape[1], x.dtype)
         m = valid.unsqueeze(1).to(x.dtype)
-        loss = (F.binary_cross_entropy_with_logits(x, y, reduction="none") * m).sum()
-        grad = (torch.sigmoid(x) - y) * m
-        return loss, valid.sum(), grad
-    # CE counts the pixels whose label is in [0, C) and not ignore_index (the authors'
-    # F.cross_entropy raises on any other label; the fused kernels cannot check without a sync).
-    keep = valid
-    target = torch.where(keep, labels, 0)
-    logp = torch.log_softmax(x, dim=1)
-    nll = -logp.gather(1, target.unsqueeze(1)).squeeze(1)
-    loss = (nll * keep).sum()
-    grad = logp.exp() - _onehot(target, keep, x.shape[1], x.dtype)
-    return loss, keep.sum(), grad * keep.unsqueeze(1)
+        return (F.binary_cross_entropy_with_logits(x, y, reduction="none") * m).sum(), valid.sum()
+    target = torch.where(valid, labels, 0)
+    nll = -torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    return (nll * valid).sum(), valid.sum()
+
+
+def _base_loss_grad(x, labels, valid, cfg: RMIConfig):
+    """Per-pixel gradient of the summed first-term loss of :func:`_base_loss`."""
+    if cfg.mode == "sigmoid":
+        y = _onehot(labels, valid, x.shape[1], x.dtype)
+        return (torch.sigmoid(x) - y) * valid.unsqueeze(1).to(x.dtype)
+    target = torch.where(valid, labels, 0)
+    grad = torch.softmax(x, dim=1) - _onehot(target, valid, x.shape[1], x.dtype)
+    return grad * valid.unsqueeze(1)
 
 
 #: Full-resolution elements handled at once: the stages run on chunks of (n, c) planes (the
@@ -117,7 +123,7 @@ def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
     for i in range(logits.shape[0]):
         x = logits[i:i + 1].to(compute_dtype(logits))
         lab, valid = _label_maps(labels[i:i + 1], x.shape[1], cfg.ignore_index)
-        loss, count, _ = _base_term(x, lab, valid, cfg)
+        loss, count = _base_loss(x, lab, valid, cfg)
         base_sum += loss.double()
         base_count += count.double()
         nonfinite += (~torch.isfinite(x)).sum()
@@ -209,8 +215,7 @@ def base_grad(logits, labels, cfg: RMIConfig, base_scale) -> torch.Tensor:
     """Stage (e), first term: ``base_scale`` times the BCE/CE gradient (compute dtype)."""
     x = logits.to(compute_dtype(logits))
     labels, valid = _label_maps(labels, x.shape[1], cfg.ignore_index)
-    _, _, grad = _base_term(x, labels, valid, cfg)
-    return base_scale.to(x.dtype) * grad
+    return base_scale.to(x.dtype) * _base_loss_grad(x, labels, valid, cfg)
 
 
 # ---- the backend interface used by rmi_ext.function ---------------------------------------------
