@@ -216,14 +216,15 @@ def test_pooled_map_smaller_than_region(backend, shape, opts):
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_non_finite_logits_raise(backend, value, dtype):
-    """Non-finite logits raise a RuntimeError naming NaN (fast backends; the reference, plain
-    autograd code, fails inside its Cholesky instead)."""
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_non_finite_logits_raise(backend, value, dtype, mode):
+    """Non-finite logits raise a RuntimeError naming NaN in both modes (fast backends; the
+    reference, plain autograd code, fails inside its Cholesky instead)."""
     x, labels = make_inputs((2, 3, 9, 9), 11, dtype=dtype, requires_grad=False)
     labels[1, 4, 5] = 1
     x[1, 2, 4, 5] = value
     with pytest.raises(RuntimeError, match="NaN"):
-        rmi_ext.rmi_loss(x, labels, radius=2, stride=2, backend=backend)
+        rmi_ext.rmi_loss(x, labels, radius=2, stride=2, mode=mode, backend=backend)
 
 
 # ---- robustness: degenerate but finite inputs --------------------------------------------------

@@ -209,14 +209,19 @@ struct PlaneScratch {
   }
 };
 
-// Sigmoid of one row into sig[]. With with_bce (forward) also adds the masked BCE of the row to
-// *bce and the number of non-finite logits to *bad. kStep: 1 for rows with unit stride (the loop
-// then vectorises), 0 for any other stride `step`.
-template <int kStep, typename scalar_t, typename T>
+// What a row pass computes besides the sigmoid: the backward needs nothing else; the forward
+// counts non-finite logits and, in sigmoid mode only, adds the masked BCE (softmax mode takes
+// its CE from the pixel pre-pass).
+enum class RowExtras { kNone, kNonFinite, kNonFiniteAndBce };
+
+// Sigmoid of one row into sig[], plus the RowExtras: the row's BCE added to *bce, the number of
+// non-finite logits to *bad. kStep: 1 for rows with unit stride (the loop then vectorises), 0
+// for any other stride `step`.
+template <int kStep, RowExtras kExtras, typename scalar_t, typename T>
 void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const int32_t* cls, int32_t c,
-                 T* sig, bool with_bce, double* bce, int64_t* bad) {
+                 T* sig, double* bce, int64_t* bad) {
   step = kStep == 1 ? 1 : step;
-  if (!with_bce) {
+  if constexpr (kExtras == RowExtras::kNone) {
 #pragma omp simd
     for (int64_t col = 0; col < W; ++col) {
       const T x = static_cast<T>(xr[col * step]);
@@ -234,30 +239,42 @@ void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const int32_t* cls
     const T e = exp_nonpos(-std::fabs(x));
     const T inv = T(1) / (T(1) + e);
     sig[col] = x >= T(0) ? inv : e * inv;
-    const T loss = (x > T(0) ? x : T(0)) - (cls[col] == c ? x : T(0)) + log1p_unit(e);
-    row_bce += cls[col] >= 0 ? loss : T(0);
+    if constexpr (kExtras == RowExtras::kNonFiniteAndBce) {
+      const T loss = (x > T(0) ? x : T(0)) - (cls[col] == c ? x : T(0)) + log1p_unit(e);
+      row_bce += cls[col] >= 0 ? loss : T(0);
+    }
   }
   *bce += static_cast<double>(row_bce);
   *bad += static_cast<int64_t>(row_bad);
 }
 
-// Sigmoid of one plane into s.sig; returns the BCE sum (with_bce) and counts non-finite logits.
+template <RowExtras kExtras, typename scalar_t, typename T>
+void sigmoid_rows(const Problem& p, const scalar_t* xp, const int32_t* cls, int32_t c, T* sig,
+                  double* bce, int64_t* bad) {
+  for (int64_t r = 0; r < p.H; ++r) {
+    if (p.sW == 1)
+      sigmoid_row<1, kExtras>(xp + r * p.sH, 1, p.W, cls + r * p.W, c, sig + r * p.W, bce, bad);
+    else
+      sigmoid_row<0, kExtras>(xp + r * p.sH, p.sW, p.W, cls + r * p.W, c, sig + r * p.W, bce, bad);
+  }
+}
+
+// Sigmoid of one plane into s.sig. With a non-null `nonfinite` (forward) also counts the
+// non-finite logits into it and returns the plane's BCE sum in sigmoid mode (0 otherwise).
 template <typename scalar_t, typename T>
 double sigmoid_plane(const Problem& p, const scalar_t* xp, const int32_t* cls, int64_t c,
-                     PlaneScratch<T>& s, bool with_bce, int64_t* nonfinite) {
+                     PlaneScratch<T>& s, int64_t* nonfinite) {
   double bce = 0.0;
   int64_t bad = 0;
   const int32_t cc = static_cast<int32_t>(c);
-  for (int64_t r = 0; r < p.H; ++r) {
-    const scalar_t* xr = xp + r * p.sH;
-    T* sig = s.sig.data() + r * p.W;
-    if (p.sW == 1)
-      sigmoid_row<1>(xr, 1, p.W, cls + r * p.W, cc, sig, with_bce, &bce, &bad);
-    else
-      sigmoid_row<0>(xr, p.sW, p.W, cls + r * p.W, cc, sig, with_bce, &bce, &bad);
-  }
+  if (nonfinite == nullptr)
+    sigmoid_rows<RowExtras::kNone>(p, xp, cls, cc, s.sig.data(), &bce, &bad);
+  else if (p.mode == rmi::kSigmoidMode)
+    sigmoid_rows<RowExtras::kNonFiniteAndBce>(p, xp, cls, cc, s.sig.data(), &bce, &bad);
+  else
+    sigmoid_rows<RowExtras::kNonFinite>(p, xp, cls, cc, s.sig.data(), &bce, &bad);
   if (nonfinite) *nonfinite += bad;
-  return p.mode == rmi::kSigmoidMode ? bce : 0.0;
+  return bce;
 }
 
 // Pooled rows whose average-pool window holds input row r: [*lo, *hi] (empty when lo > hi).
@@ -737,7 +754,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_stats_cpu(
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
         const int32_t* cls = info.cls.data() + n * p.H * p.W;
-        plane_bce[plane] = sigmoid_plane(p, x + n * p.sN + c * p.sC, cls, c, s, true, &plane_bad[plane]);
+        plane_bce[plane] = sigmoid_plane(p, x + n * p.sN + c * p.sC, cls, c, s, &plane_bad[plane]);
         pool_plane(p, cls, c, s);
         const double y_shift = centre(s.yp), p_shift = centre(s.pp);
         moments_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift,
@@ -789,7 +806,7 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
         const int64_t n = plane / p.C, c = plane % p.C;
         const int32_t* cls = info.cls.data() + n * p.H * p.W;
         const scalar_t* xp = x + n * p.sN + c * p.sC;
-        sigmoid_plane(p, xp, cls, c, s, false, nullptr);
+        sigmoid_plane(p, xp, cls, c, s, nullptr);
         pool_plane(p, cls, c, s);
         const double y_shift = centre(s.yp), p_shift = centre(s.pp);
         const double* cp = coef_p + plane * 2 * p.d * p.d;
