@@ -94,6 +94,24 @@ def _linear_scale(n_in, n_out, DT: tl.constexpr):
 
 
 @triton.jit
+def _bilinear_source(o, lin, n_in, DT: tl.constexpr):
+    """Source of output index ``o`` along one axis of an ``align_corners=True`` resize with
+    scale ``lin``: the two input indices ``i0 <= i1 < n_in`` and the weight ``frac`` of ``i1``."""
+    f = lin * o.to(DT)
+    i0 = f.to(tl.int32)
+    frac = tl.minimum(tl.maximum(f - i0.to(DT), 0.0), 1.0)
+    i1 = i0 + tl.where(i0 < n_in - 1, 1, 0)
+    return i0, i1, frac
+
+
+@triton.jit
+def _bilinear_weight(o, i, lin, n_in, DT: tl.constexpr):
+    """Weight of input index ``i`` in output ``o`` of that resize (0 when ``i`` is no source)."""
+    i0, i1, frac = _bilinear_source(o, lin, n_in, DT)
+    return tl.where(i0 == i, 1.0 - frac, 0.0) + tl.where(i1 == i, frac, 0.0)
+
+
+@triton.jit
 def _label_parts(lab, c, C, ignore_index):
     """``valid`` (0 <= label < C, label != ignore_index) and the one-hot bit ``label == c``."""
     valid = (lab >= 0) & (lab < C) & (lab != ignore_index)
@@ -234,14 +252,8 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
         y_out = tl.where(hot, 1.0, 0.0).to(DT)
         lin_h = _linear_scale(H, h, DT)
         lin_w = _linear_scale(W, w, DT)
-        fh = lin_h * oh.to(DT)
-        fw = lin_w * ow.to(DT)
-        h0 = fh.to(tl.int32)
-        w0 = fw.to(tl.int32)
-        lh = tl.minimum(tl.maximum(fh - h0.to(DT), 0.0), 1.0)
-        lw = tl.minimum(tl.maximum(fw - w0.to(DT), 0.0), 1.0)
-        h1 = h0 + tl.where(h0 < H - 1, 1, 0)
-        w1 = w0 + tl.where(w0 < W - 1, 1, 0)
+        h0, h1, lh = _bilinear_source(oh, lin_h, H, DT)
+        w0, w1, lw = _bilinear_source(ow, lin_w, W, DT)
         p_out = tl.full([BH, BW], 0, DT)
         for tap in range(4):
             ih = tl.where(tap // 2 == 0, h0, h1)
@@ -510,19 +522,11 @@ def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
         gp = tl.full([BH, BW], 0, DT)
         for th in range(3):
             oh = ch - 1 + th
-            fh = lin_h * oh.to(DT)
-            h0 = fh.to(tl.int32)
-            lh = tl.minimum(tl.maximum(fh - h0.to(DT), 0.0), 1.0)
-            h1 = h0 + tl.where(h0 < H - 1, 1, 0)
-            wh = tl.where(h0 == ih, 1.0 - lh, 0.0) + tl.where(h1 == ih, lh, 0.0)
+            wh = _bilinear_weight(oh, ih, lin_h, H, DT)
             vh = (oh >= 0) & (oh < h)
             for tw in range(3):
                 ow = cw - 1 + tw
-                fw = lin_w * ow.to(DT)
-                w0 = fw.to(tl.int32)
-                lw = tl.minimum(tl.maximum(fw - w0.to(DT), 0.0), 1.0)
-                w1 = w0 + tl.where(w0 < W - 1, 1, 0)
-                ww = tl.where(w0 == iw, 1.0 - lw, 0.0) + tl.where(w1 == iw, lw, 0.0)
+                ww = _bilinear_weight(ow, iw, lin_w, W, DT)
                 mm = m & vh & (ow >= 0) & (ow < w)
                 g = tl.load(gplane + oh * w + ow, mask=mm, other=0.0).to(DT)
                 gp += tl.where(mm, wh * ww * g, 0.0)

@@ -486,22 +486,12 @@ template <typename acc_t, typename scalar_t, typename label_t>
 RMI_HD void full_grad_store(int64_t q, const scalar_t* logits, const label_t* labels,
                             const Geometry& g, const acc_t* grad_pooled, const acc_t* lse,
                             const double* base_scale, scalar_t* out, const OutStrides& os) {
-  int64_t n, c, y, x;
-  if (os.channels_last) {
-    c = q % g.C;
-    int64_t t = q / g.C;
-    x = t % g.W;
-    t /= g.W;
-    y = t % g.H;
-    n = t / g.H;
-  } else {
-    x = q % g.W;
-    int64_t t = q / g.W;
-    y = t % g.H;
-    t /= g.H;
-    c = t % g.C;
-    n = t / g.C;
-  }
+  int64_t n, c = 0, y, x;  // q walks N, C, H, W, or N, H, W, C for a channels-last output
+  if (os.channels_last) c = q % g.C, q /= g.C;
+  x = q % g.W, q /= g.W;
+  y = q % g.H, q /= g.H;
+  if (!os.channels_last) c = q % g.C, q /= g.C;
+  n = q;
   const int64_t label = label_at(labels, g, n, y, x);
   const bool valid = is_valid_label(label, g.C, g.ignore_index);
   const acc_t v = logit_at<acc_t>(logits, g, n, c, y, x);
