@@ -5,6 +5,7 @@
     python python/train_demo.py             # BCE vs BCE+RMI; CPU under 10 minutes, GPU if present
     python python/train_demo.py --mode softmax   # CE vs CE+RMI
     python python/train_demo.py --full-res  # the RMI run at DF 1 (no downsampling)
+    python python/train_demo.py --rmi-start-epoch 5  # RMI switched on after 5 epochs of BCE
     python python/train_demo.py --quick     # about a minute: a smoke test
 
 The data set is procedural (``synthetic_shapes.py``, 21 classes: background + 5 shape kinds x
@@ -252,6 +253,8 @@ def train_run(run, args, data, device):
     torch.manual_seed(args.seed)  # same initialisation for both runs
     model = SmallSegNet(width=args.width).to(device)
     crit = make_criterion(run, args)
+    # --rmi-start-epoch K: the RMI run trains with the base loss alone for its first K epochs.
+    warmup_crit = BaseLoss(args.mode) if run == "rmi" and args.rmi_start_epoch > 0 else None
     steps_per_epoch = len(train_x) // args.batch_size
     total = steps_per_epoch * args.epochs
     if args.optimizer == "sgd":  # as the RMI authors (momentum 0.9, weight decay 1e-4)
@@ -281,14 +284,16 @@ def train_run(run, args, data, device):
             sync(device)
             t0 = time.perf_counter()
             logits = model(x)
-            loss = crit(logits, y)
+            warm = warmup_crit is not None and epoch < args.rmi_start_epoch
+            active = warmup_crit if warm else crit
+            loss = active(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             sync(device)
             hist["step_s"].append(time.perf_counter() - t0)
-            terms = crit.last_terms
+            terms = active.last_terms
             hist["loss"].append(float(terms[0]))
             hist["base"].append(float(terms[1]))
             hist["rmi"].append(float(terms[2]) if terms[2] is not None else None)
@@ -373,10 +378,12 @@ def save_figures(args, data, results, out_png, curves_png):
     win = max(1, spe // 4)
 
     def curve(ax, values, **kw):
-        t = torch.tensor(values, dtype=torch.float64)
+        # The RMI term is None for the steps before --rmi-start-epoch.
+        start = next((i for i, v in enumerate(values) if v is not None), len(values))
+        t = torch.tensor(values[start:], dtype=torch.float64)
         if len(t) >= win:  # running mean over a quarter epoch
             t = F.avg_pool1d(t[None, None], win, 1).flatten()
-        x = (torch.arange(len(t)) + (win if len(values) >= win else 1)) / spe
+        x = (start + torch.arange(len(t)) + (win if len(values) - start >= win else 1)) / spe
         ax.plot(x.numpy(), t.numpy(), **kw)
 
     base_name = "CE" if args.mode == "softmax" else "BCE"
@@ -403,6 +410,12 @@ def save_figures(args, data, results, out_png, curves_png):
     fig.tight_layout()
     fig.savefig(curves_png, dpi=110)
     plt.close(fig)
+
+
+def epoch_means(values, epochs):
+    """Mean of a per-step history over each epoch."""
+    per = len(values) // epochs
+    return [sum(values[e * per:(e + 1) * per]) / per for e in range(epochs)]
 
 
 def fmt_bytes(n):
@@ -457,7 +470,10 @@ def write_report(args, results, meas, env, paths, wall_total):
              f"RMI: R {args.radius}, DF {args.stride}, {args.pool} pooling, lambda "
              f"{args.weight_lambda} (lambda_way 1: total = {args.weight_lambda} * "
              f"{'CE' if args.mode == 'softmax' else 'BCE'} + {1 - args.weight_lambda:g} * RMI), "
-             f"{args.mode} mode. Both runs: same seed, same initial weights, same batches.\n")
+             f"{args.mode} mode"
+             + (f", RMI switched on at epoch {args.rmi_start_epoch + 1} (base loss alone before)"
+                if args.rmi_start_epoch else "")
+             + ". Both runs: same seed, same initial weights, same batches.\n")
     L.append(f"**Result.** {text}\n")
     L.append(f"| | {labels['base']} | {labels['rmi']} | change |")
     L.append("|---|---:|---:|---:|")
@@ -508,6 +524,7 @@ def write_report(args, results, meas, env, paths, wall_total):
         "env": env, "wall_total_s": wall_total, "verdict": text,
         "runs": {run: {"label": labels[run], "miou": res["miou"], "pixel_acc": res["pixel_acc"],
                        "iou": res["iou"], "val_miou_per_epoch": res["hist"]["val_miou"],
+                       "base_term_per_epoch": epoch_means(res["hist"]["base"], args.epochs),
                        "step_s_median": med[run], "wall_s": res["hist"]["wall_s"]}
                  for run, res in results.items()},
         "loss_measurements": meas,
@@ -562,6 +579,9 @@ def parse_args(argv=None):
                    help="sigmoid: BCE vs BCE+RMI, the paper's RMI (default); softmax: CE vs CE+RMI")
     p.add_argument("--backend", default="auto",
                    help="RMI backend: auto (default), torch, cpu, cuda, triton, reference")
+    p.add_argument("--rmi-start-epoch", type=int, default=0,
+                   help="the RMI run uses the base loss alone for its first K epochs, then base + "
+                        "RMI (a warm start standing in for a pretrained model; 0)")
     p.add_argument("--full-res", action="store_true",
                    help="RMI at full resolution (DF 1), what the fused kernels make affordable")
     p.add_argument("--quick", action="store_true", help="tiny run (about a minute), a smoke test")
@@ -587,6 +607,8 @@ def parse_args(argv=None):
         args.tag = "demo" + ("_quick" if q else "") + ("_fullres" if args.full_res else "")
     if args.size % 4 or args.size < 16:
         p.error("--size must be a multiple of 4 and at least 16")
+    if not 0 <= args.rmi_start_epoch < args.epochs:
+        p.error("--rmi-start-epoch must be at least 0 and less than --epochs")
     if args.n_train < args.batch_size:
         p.error("--n-train must be at least --batch-size")
     return args
