@@ -171,7 +171,8 @@ def _measure_loss_child(spec):
     crit = (BaseLoss(spec["mode"]) if spec["run"] == "base" else rmi_ext.RMILoss(
         radius=spec["radius"], stride=spec["stride"], pool=spec["pool"], mode=spec["mode"],
         backend=spec["backend"]))
-    small_l, small_y = logits.detach()[:1, :, :32, :32].clone().requires_grad_(), labels[:1, :32, :32]
+    small_l = logits.detach()[:1, :, :32, :32].clone().requires_grad_()
+    small_y = labels[:1, :32, :32]
     crit(small_l, small_y).backward()  # warm-up: lazy initialisation, library loading
     rss0 = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -430,10 +431,13 @@ def verdict(args, delta_pts, per_kind_delta):
         head = (f"On this data set and budget, {labels['rmi']} and {labels['base']} end within "
                 f"1 mIoU point of each other ({delta_pts:+.1f}): no clear difference")
     elif delta_pts > 0:
-        head = f"{labels['rmi']} improved held-out mIoU by {delta_pts:.1f} points over {labels['base']}"
+        head = (f"{labels['rmi']} improved held-out mIoU by {delta_pts:.1f} points over "
+                f"{labels['base']}")
     else:
-        head = f"{labels['rmi']} lowered held-out mIoU by {-delta_pts:.1f} points against {labels['base']}"
-    return (f"{head}. Per shape kind the change runs from {worst[1]:+.1f} points ({PLURAL[worst[0]]}) "
+        head = (f"{labels['rmi']} lowered held-out mIoU by {-delta_pts:.1f} points against "
+                f"{labels['base']}")
+    return (f"{head}. Per shape kind the change runs from {worst[1]:+.1f} points "
+            f"({PLURAL[worst[0]]}) "
             f"to {best[1]:+.1f} ({PLURAL[best[0]]}). This is one seed of one short schedule on a "
             f"synthetic data set: differences of a point or two are within run-to-run noise.")
 
@@ -466,7 +470,8 @@ def write_report(args, results, meas, env, paths, wall_total):
              f"{args.n_train} train / {args.n_val} held-out images, seed {args.seed}. "
              f"Model: SmallSegNet (width {args.width}, "
              f"{sum(p.numel() for p in b['model'].parameters()) / 1e3:.0f} k parameters), "
-             f"{'SGD (momentum 0.9)' if args.optimizer == 'sgd' else 'AdamW'} lr {args.lr}, one-cycle, batch {args.batch_size}, {args.epochs} epochs. "
+             f"{'SGD (momentum 0.9)' if args.optimizer == 'sgd' else 'AdamW'} lr {args.lr}, "
+             f"one-cycle, batch {args.batch_size}, {args.epochs} epochs. "
              f"RMI: R {args.radius}, DF {args.stride}, {args.pool} pooling, lambda "
              f"{args.weight_lambda} (lambda_way 1: total = {args.weight_lambda} * "
              f"{'CE' if args.mode == 'softmax' else 'BCE'} + {1 - args.weight_lambda:g} * RMI), "
@@ -487,10 +492,12 @@ def write_report(args, results, meas, env, paths, wall_total):
     L.append(f"| run wall time (incl. per-epoch validation) | {b['hist']['wall_s']:.0f} s | "
              f"{r['hist']['wall_s']:.0f} s | |")
     shape = "x".join(map(str, meas["shape"]))
-    L.append(f"| loss forward+backward alone, logits {shape} | {1e3 * meas['base']['seconds']:.1f} ms "
+    L.append(f"| loss forward+backward alone, logits {shape} | "
+             f"{1e3 * meas['base']['seconds']:.1f} ms "
              f"| {1e3 * meas['rmi']['seconds']:.1f} ms | |")
     L.append(f"| peak extra memory of the loss (incl. the logits' gradient) | "
-             f"{fmt_bytes(meas['base']['extra_bytes'])} | {fmt_bytes(meas['rmi']['extra_bytes'])} | |")
+             f"{fmt_bytes(meas['base']['extra_bytes'])} | "
+             f"{fmt_bytes(meas['rmi']['extra_bytes'])} | |")
     L.append("")
     if "reference" in meas:
         lb = meas["logits_bytes"]
@@ -560,14 +567,19 @@ def print_tables(args, results, kinds, med, meas, env, text):
 # --------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 10; --quick 2)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 4 (64)")
-    p.add_argument("--n-train", type=int, default=None, help="training images (default 1024; --quick 160)")
-    p.add_argument("--n-val", type=int, default=None, help="held-out images (default 256; --quick 64)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per run (default 10; --quick 2)")
+    p.add_argument("--size", type=int, default=64,
+                   help="image side in pixels, a multiple of 4 (64)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="training images (default 1024; --quick 160)")
+    p.add_argument("--n-val", type=int, default=None,
+                   help="held-out images (default 256; --quick 64)")
     p.add_argument("--batch-size", type=int, default=16, help="(16)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(adamw)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate of the one-cycle schedule (default sgd 0.05, adamw 4e-3)")
+                   help="peak learning rate of the one-cycle schedule "
+                        "(default sgd 0.05, adamw 4e-3)")
     p.add_argument("--width", type=int, default=16, help="channels of the first model stage (16)")
     p.add_argument("--stride", "--df", type=int, default=4, dest="stride",
                    help="RMI downsampling factor DF, the stride (4)")
@@ -585,8 +597,10 @@ def parse_args(argv=None):
     p.add_argument("--full-res", action="store_true",
                    help="RMI at full resolution (DF 1), what the fused kernels make affordable")
     p.add_argument("--quick", action="store_true", help="tiny run (about a minute), a smoke test")
-    p.add_argument("--device", default="auto", help="auto (cuda if available; default), cpu, cuda, cuda:1")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if available; default), cpu, cuda, cuda:1")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="data, initialisation and batch order (0)")
     p.add_argument("--num-examples", type=int, default=6, help="val images in the figure (6)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "docs", help="(docs/ of the repository)")
@@ -680,7 +694,8 @@ def main(argv=None):
     text, kinds, med, _ = write_report(args, results, meas, env, paths, wall_total)
     print_tables(args, results, kinds, med, meas, env, text)
     print(f"\nTotal wall time {wall_total / 60:.1f} min. Wrote "
-          + ", ".join(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p) for p in paths.values()))
+          + ", ".join(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)
+                      for p in paths.values()))
 
     # Self-check: the files exist and the numbers are finite.
     problems = [f"missing {p}" for p in paths.values() if not p.exists() or p.stat().st_size == 0]

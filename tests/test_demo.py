@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "python"
 sys.path.insert(0, str(SCRIPTS))
 
+import rmi_ext  # noqa: E402
 import synthetic_shapes as shapes  # noqa: E402
 import train_demo  # noqa: E402
 
@@ -98,7 +99,11 @@ TINY = ["--epochs", "2", "--n-train", "32", "--n-val", "16", "--size", "32", "--
 
 
 def run_demo(tmp_path, *extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The script imports the same rmi_ext as this test session (installed or source tree).
+    package_parent = str(Path(rmi_ext.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=package_parent)
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
     proc = subprocess.run([sys.executable, str(SCRIPTS / "train_demo.py"), *TINY,
                            "--out-dir", str(tmp_path), *extra],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -119,6 +124,7 @@ def test_demo_runs_and_reports(tmp_path, extra, tag, df, base_label):
     assert (tmp_path / f"{tag}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / f"{tag}_results.json").read_text())
     assert summary["config"]["stride"] == df
+    assert summary["env"]["backend"] == rmi_ext.backend_info("cpu")["auto"]
     runs = summary["runs"]
     assert runs["base"]["label"] == base_label and runs["rmi"]["label"] == base_label + "+RMI"
     for run in runs.values():
