@@ -107,11 +107,11 @@ def _base_loss_grad(x, labels, valid, cfg: RMIConfig):
 CHUNK_ELEMENTS = 1 << 18
 
 
-def plane_chunks(logits: torch.Tensor):
-    """``(n, c0, c1)``: image ``n``, classes ``c0:c1``, about ``CHUNK_ELEMENTS`` values each."""
-    n, c, h, w = logits.shape
+def class_chunks(logits: torch.Tensor):
+    """``(c0, c1)`` class ranges of about ``CHUNK_ELEMENTS`` values of one image each."""
+    _, c, h, w = logits.shape
     per = max(1, CHUNK_ELEMENTS // (h * w))
-    return [(i, c0, min(c, c0 + per)) for i in range(n) for c0 in range(0, c, per)]
+    return [(c0, min(c, c0 + per)) for c0 in range(0, c, per)]
 
 
 def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
@@ -130,16 +130,27 @@ def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
     return base_sum, base_count, nonfinite
 
 
+def _full_res_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig, first: int,
+                   num_classes: int | None):
+    """``Y``, ``P`` and ``dP/dx [N, c, H, W]`` (compute dtype) of ``logits [N, c, H, W]``, the
+    planes of classes ``first .. first + c - 1`` out of ``num_classes`` (default ``c``)."""
+    x = logits.to(compute_dtype(logits))
+    num_classes = x.shape[1] if num_classes is None else num_classes
+    labels, valid = _label_maps(labels, num_classes, cfg.ignore_index)
+    p, dpdx = _probs(x, valid, cfg)
+    return _onehot(labels, valid, x.shape[1], x.dtype, first), p, dpdx
+
+
+def _pool_maps(y: torch.Tensor, p: torch.Tensor, cfg: RMIConfig):
+    return _pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False)
+
+
 def pooled_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig, first: int = 0,
                 num_classes: int | None = None):
     """Stage (a), RMI part: pooled ``Y, P [N, c, h, w]`` (compute dtype) of ``logits [N, c, H, W]``,
     the planes of classes ``first .. first + c - 1`` out of ``num_classes``."""
-    x = logits.to(compute_dtype(logits))
-    num_classes = x.shape[1] if num_classes is None else num_classes
-    labels, valid = _label_maps(labels, num_classes, cfg.ignore_index)
-    p, _ = _probs(x, valid, cfg)
-    y = _onehot(labels, valid, x.shape[1], x.dtype, first)
-    return _pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False)
+    y, p, _ = _full_res_maps(logits, labels, cfg, first, num_classes)
+    return _pool_maps(y, p, cfg)
 
 
 def prepare_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
@@ -200,15 +211,10 @@ def pooled_grad_stencil(y, p, coef, shift, radius: int) -> torch.Tensor:
     return grad
 
 
-def rmi_full_res_grad(logits, labels, grad_pooled, cfg: RMIConfig, first: int = 0,
-                      num_classes: int | None = None) -> torch.Tensor:
-    """Stage (e), RMI part: pooling adjoint of ``grad_pooled`` times ``dP/dx``, for the planes
-    ``logits [N, c, H, W]`` of classes ``first ..`` (compute dtype)."""
-    x = logits.to(compute_dtype(logits))
-    num_classes = x.shape[1] if num_classes is None else num_classes
-    _, valid = _label_maps(labels, num_classes, cfg.ignore_index)
-    p_full, dpdx = _probs(x, valid, cfg)
-    return _pool_adjoint(grad_pooled.to(x.dtype), p_full, cfg) * dpdx
+def rmi_full_res_grad(grad_pooled, p_full, dpdx, cfg: RMIConfig) -> torch.Tensor:
+    """Stage (e), RMI part: pooling adjoint of ``grad_pooled [N, c, h, w]`` times ``dP/dx``
+    (``P`` and ``dP/dx`` at full resolution, compute dtype)."""
+    return _pool_adjoint(grad_pooled.to(p_full.dtype), p_full, cfg) * dpdx
 
 
 def base_grad(logits, labels, cfg: RMIConfig, base_scale) -> torch.Tensor:
@@ -227,22 +233,25 @@ def forward_stats(logits, labels, cfg: RMIConfig):
     base_sum, base_count, nonfinite = first_term_sums(logits, labels, cfg)
     means = logits.new_empty((n, c, 2, d), dtype=torch.float64)
     cov = logits.new_empty((n, c, 3, d, d), dtype=torch.float64)
-    for i, c0, c1 in plane_chunks(logits):
-        y, p = pooled_maps(logits[i:i + 1, c0:c1], labels[i:i + 1], cfg, c0, c)
-        means[i:i + 1, c0:c1], cov[i:i + 1, c0:c1] = moment_sums(y, p, cfg.radius)
+    for i in range(n):
+        for c0, c1 in class_chunks(logits):
+            y, p = pooled_maps(logits[i:i + 1, c0:c1], labels[i:i + 1], cfg, c0, c)
+            means[i:i + 1, c0:c1], cov[i:i + 1, c0:c1] = moment_sums(y, p, cfg.radius)
     return base_sum, base_count, nonfinite, means, cov
 
 
 def backward_grad(logits, labels, cfg: RMIConfig, base_scale, coef, shift):
-    """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them)."""
+    """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them),
+    one image at a time, summed in the compute dtype and cast to the logits' dtype once."""
     c = logits.shape[1]
     grad = torch.empty_like(logits)
     for i in range(logits.shape[0]):
-        grad[i:i + 1] = base_grad(logits[i:i + 1], labels[i:i + 1], cfg, base_scale)
-    for i, c0, c1 in plane_chunks(logits):
-        x, lab = logits[i:i + 1, c0:c1], labels[i:i + 1]
-        y, p = pooled_maps(x, lab, cfg, c0, c)
-        grad_pooled = pooled_grad_stencil(y, p, coef[i:i + 1, c0:c1], shift[i:i + 1, c0:c1],
-                                          cfg.radius)
-        grad[i:i + 1, c0:c1] += rmi_full_res_grad(x, lab, grad_pooled, cfg, c0, c)
+        lab = labels[i:i + 1]
+        grad_i = base_grad(logits[i:i + 1], lab, cfg, base_scale)
+        for c0, c1 in class_chunks(logits):
+            y, p, dpdx = _full_res_maps(logits[i:i + 1, c0:c1], lab, cfg, c0, c)
+            grad_pooled = pooled_grad_stencil(*_pool_maps(y, p, cfg), coef[i:i + 1, c0:c1],
+                                              shift[i:i + 1, c0:c1], cfg.radius)
+            grad_i[:, c0:c1] += rmi_full_res_grad(grad_pooled, p, dpdx, cfg)
+        grad[i:i + 1] = grad_i
     return grad
