@@ -232,6 +232,7 @@ def main(argv=None):
         plots.append(("Against R (DF 4, avg)", "radius_sweep.png"))
 
     loads = [x for rows in results.values() for row in rows.values() for x in row["loadavg"]]
+    cores = machine.get("rmi", {}).get("cpu_count") or float("inf")
     methods = sorted({row["memory_method"] for rows in results.values()
                       for row in rows.values() if "memory_method" in row})
     lines = ["# RMI loss benchmarks", "",
@@ -239,8 +240,9 @@ def main(argv=None):
              "`pytest benchmarks --benchmark-json=...`; do not edit by hand.", "",
              *machine_lines(machine, when),
              *([f"- Load average (1 min) seen after the timed rounds: {min(loads):.1f} to "
-                f"{max(loads):.1f} (above the core count, other work competed for the cores "
-                "and inflated the times)"] if loads else []),
+                f"{max(loads):.1f}"
+                + (" (above the core count, other work competed for the cores and inflated "
+                   "the times)" if max(loads) > cores else "")] if loads else []),
              "", "## Headline", "", *headline(results, case_info),
              "## All cases", "",
              "Times are the median over the rounds ± half the interquartile range, in ms; "

@@ -232,6 +232,7 @@ def time_loss(crit, shape, device, reps=5):
     for _ in range(reps + 1):
         sync(device)
         t0 = time.perf_counter()
+        logits.grad = None
         crit(logits, labels).backward()
         sync(device)
         times.append(time.perf_counter() - t0)
@@ -306,13 +307,13 @@ def train_run(run, args, data, device):
                 post["val_mIoU"] = f"{hist['val_miou'][-1]:.3f}"
             bar.set_postfix(post, refresh=False)
             bar.update()
-        _, miou, _ = iou_from_confusion(confusion(predict(model, val_x, device), val_y))
+        pred = predict(model, val_x, device)
+        _, miou, _ = iou_from_confusion(confusion(pred, val_y))
         hist["val_miou"].append(miou)
         hist["epoch_s"].append(time.perf_counter() - t_epoch)
         bar.set_postfix({**post, "val_mIoU": f"{miou:.3f}"})
     bar.close()
     hist["wall_s"] = time.perf_counter() - t_run
-    pred = predict(model, val_x, device)
     iou, miou, acc = iou_from_confusion(confusion(pred, val_y))
     return {"model": model, "crit": crit, "hist": hist, "pred": pred, "iou": iou.tolist(),
             "miou": miou, "pixel_acc": acc}

@@ -95,7 +95,7 @@ def test_bad_arguments_are_refused():
 # ---- end to end --------------------------------------------------------------------------------
 
 TINY = ["--epochs", "2", "--n-train", "32", "--n-val", "16", "--size", "32", "--batch-size", "8",
-        "--width", "8", "--threads", "1", "--num-examples", "3"]
+        "--width", "8", "--threads", "1", "--num-examples", "3", "--device", "cpu"]
 
 
 def run_demo(tmp_path, *extra):
@@ -142,15 +142,10 @@ def test_demo_runs_and_reports(tmp_path, extra, tag, df, base_label):
     md = (tmp_path / f"{tag}_results.md").read_text()
     assert f"val mIoU | {runs['base']['miou']:.3f} | {runs['rmi']['miou']:.3f}" in md
     assert ("RMI switched on at epoch 2" in md) == ("--rmi-start-epoch" in extra)
-
-
-def test_rmi_start_epoch_keeps_the_first_epochs_identical(tmp_path):
-    """With --rmi-start-epoch 1 the RMI run is the base run for its first epoch (same seed,
-    weights and batches): the same BCE values and validation mIoU; then RMI changes the
-    training, so the BCE term of the second epoch differs."""
-    run_demo(tmp_path, "--rmi-start-epoch", "1", "--no-reference-memory")
-    runs = json.loads((tmp_path / "demo_results.json").read_text())["runs"]
-    base, rmi = runs["base"], runs["rmi"]
-    assert base["val_miou_per_epoch"][0] == rmi["val_miou_per_epoch"][0]
-    assert base["base_term_per_epoch"][0] == rmi["base_term_per_epoch"][0]
-    assert base["base_term_per_epoch"][1] != rmi["base_term_per_epoch"][1]
+    if "--rmi-start-epoch" in extra:
+        # The RMI run is the base run for its first epoch (same seed, weights and batches): the
+        # same base-term values and validation mIoU; then RMI changes the training.
+        base, rmi = runs["base"], runs["rmi"]
+        assert base["val_miou_per_epoch"][0] == rmi["val_miou_per_epoch"][0]
+        assert base["base_term_per_epoch"][0] == rmi["base_term_per_epoch"][0]
+        assert base["base_term_per_epoch"][1] != rmi["base_term_per_epoch"][1]
