@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ._config import RMIConfig
 from .function import empty_stats
+from .torch_backend import compute_dtype as _compute_dtype
 
 _POOL_IDS = {"avg": 0, "max": 1, "interp": 2}
 _MODE_IDS = {"sigmoid": 0, "softmax": 1}
@@ -566,10 +567,6 @@ def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _compute_dtype(logits):
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _interpreted(t):
     """CPU tensors only reach this backend under ``TRITON_INTERPRET=1``: there, fewer and larger
     blocks are much faster (the interpreter's cost is per op, not per element)."""
@@ -714,7 +711,7 @@ def _forward_impl(logits, labels, cfg):
     module = _module_for(logits)
     if module is not sys.modules[__name__]:
         return module._forward_impl(logits, labels, cfg)
-    n, c, hgt, wid = logits.shape
+    n, c = logits.shape[:2]
     pmap, ymap, _, part, cnt = _main_pass(logits, labels, cfg, do_base=True, store_argmax=False)
     if cfg.mode == "sigmoid":
         base_sum = part[:, 0].sum()
@@ -725,7 +722,7 @@ def _forward_impl(logits, labels, cfg):
     nonfinite = cnt[:, 1].sum(dtype=torch.int64)
     # Plane means of the pooled maps: the moment kernel subtracts them (covariances unchanged).
     offsets = part[:, 1:].reshape(n * c, -1, 2).sum(dim=1) / float(pmap.shape[2] * pmap.shape[3])
-    offsets = offsets[:, [1, 0]].contiguous()  # (off_y, off_p) per plane
+    offsets = offsets.flip(1)  # (off_y, off_p) per plane; flip, not a list index: no H2D copy
     means, cov = _moments(pmap, ymap, labels, offsets, cfg)
     return base_sum, base_count, nonfinite, means, cov
 
