@@ -221,21 +221,11 @@ template <int kStep, RowExtras kExtras, typename scalar_t, typename T>
 void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const int32_t* cls, int32_t c,
                  T* sig, double* bce, int64_t* bad) {
   step = kStep == 1 ? 1 : step;
-  if constexpr (kExtras == RowExtras::kNone) {
-#pragma omp simd
-    for (int64_t col = 0; col < W; ++col) {
-      const T x = static_cast<T>(xr[col * step]);
-      const T e = exp_nonpos(-std::fabs(x));
-      const T inv = T(1) / (T(1) + e);
-      sig[col] = x >= T(0) ? inv : e * inv;
-    }
-    return;
-  }
   T row_bce = T(0), row_bad = T(0);
 #pragma omp simd reduction(+ : row_bce, row_bad)
   for (int64_t col = 0; col < W; ++col) {
     const T x = static_cast<T>(xr[col * step]);
-    row_bad += (x - x == T(0)) ? T(0) : T(1);  // NaN or Inf
+    if constexpr (kExtras != RowExtras::kNone) row_bad += (x - x == T(0)) ? T(0) : T(1);  // NaN/Inf
     const T e = exp_nonpos(-std::fabs(x));
     const T inv = T(1) / (T(1) + e);
     sig[col] = x >= T(0) ? inv : e * inv;
@@ -311,14 +301,9 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
   const int32_t cc = static_cast<int32_t>(c);
   T* prow = s.row_a.data();
   T* yrow = s.row_b.data();
-  if (p.stride == 1) {
-    for (int64_t r = 0; r < p.H; ++r) {
-      prob_row(p, sig + r * p.W, cls + r * p.W, cc, prow, yrow);
-      T* pp = s.pp.data() + r * p.W;
-      T* yp = s.yp.data() + r * p.W;
-#pragma omp simd
-      for (int64_t col = 0; col < p.W; ++col) pp[col] = prow[col], yp[col] = yrow[col];
-    }
+  if (p.stride == 1) {  // the pooled maps are the full-resolution ones
+    for (int64_t r = 0; r < p.H; ++r)
+      prob_row(p, sig + r * p.W, cls + r * p.W, cc, s.pp.data() + r * p.W, s.yp.data() + r * p.W);
     return;
   }
   const int64_t k = p.ksize, st = p.stride;
@@ -353,42 +338,36 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
     }
     return;
   }
-  for (int64_t oy = 0; oy < p.h; ++oy) {
-    for (int64_t ox = 0; ox < p.w; ++ox) {
-      const int64_t o = oy * p.w + ox;
-      if (p.pool == rmi::kInterp) {
-        const auto ty = rmi::linear_tap<T>(oy, p.H, p.h);
+  if (p.pool == rmi::kInterp) {  // P bilinear (align_corners=True), Y nearest
+    for (int64_t oy = 0; oy < p.h; ++oy) {
+      const auto ty = rmi::linear_tap<T>(oy, p.H, p.h);
+      const int64_t src_row = rmi::nearest_source(oy, p.H, p.h) * p.W;
+      for (int64_t ox = 0; ox < p.w; ++ox) {
         const auto tx = rmi::linear_tap<T>(ox, p.W, p.w);
         const T top = tx.w0 * prob(ty.i0 * p.W + tx.i0) + tx.w1 * prob(ty.i0 * p.W + tx.i1);
         const T bottom = tx.w0 * prob(ty.i1 * p.W + tx.i0) + tx.w1 * prob(ty.i1 * p.W + tx.i1);
-        s.pp[o] = ty.w0 * top + ty.w1 * bottom;
-        const int64_t src = rmi::nearest_source(oy, p.H, p.h) * p.W + rmi::nearest_source(ox, p.W, p.w);
-        s.yp[o] = cls[src] == c ? T(1) : T(0);
-        continue;
+        s.pp[oy * p.w + ox] = ty.w0 * top + ty.w1 * bottom;
+        s.yp[oy * p.w + ox] = cls[src_row + rmi::nearest_source(ox, p.W, p.w)] == c ? T(1) : T(0);
       }
-      int64_t y0, y1, x0, x1;
-      rmi::pool_window(oy, p.H, k, st, &y0, &y1);
+    }
+    return;
+  }
+  // Max pooling (-inf padding): P the window maximum, Y whether any window pixel is class c.
+  for (int64_t oy = 0; oy < p.h; ++oy) {
+    int64_t y0, y1;
+    rmi::pool_window(oy, p.H, k, st, &y0, &y1);
+    for (int64_t ox = 0; ox < p.w; ++ox) {
+      int64_t x0, x1;
       rmi::pool_window(ox, p.W, k, st, &x0, &x1);
-      if (p.pool == rmi::kAvgPool) {
-        double psum = 0.0, ysum = 0.0;
-        for (int64_t yy = y0; yy < y1; ++yy)
-          for (int64_t xx = x0; xx < x1; ++xx) {
-            psum += static_cast<double>(prob(yy * p.W + xx));
-            ysum += cls[yy * p.W + xx] == c ? 1.0 : 0.0;
-          }
-        s.pp[o] = psum / static_cast<double>(k * k);
-        s.yp[o] = ysum / static_cast<double>(k * k);
-      } else {
-        T best = -std::numeric_limits<T>::infinity();
-        bool any = false;
-        for (int64_t yy = y0; yy < y1; ++yy)
-          for (int64_t xx = x0; xx < x1; ++xx) {
-            best = std::max(best, prob(yy * p.W + xx));
-            any = any || cls[yy * p.W + xx] == c;
-          }
-        s.pp[o] = best;
-        s.yp[o] = any ? T(1) : T(0);
-      }
+      T best = -std::numeric_limits<T>::infinity();
+      bool any = false;
+      for (int64_t yy = y0; yy < y1; ++yy)
+        for (int64_t xx = x0; xx < x1; ++xx) {
+          best = std::max(best, prob(yy * p.W + xx));
+          any = any || cls[yy * p.W + xx] == c;
+        }
+      s.pp[oy * p.w + ox] = best;
+      s.yp[oy * p.w + ox] = any ? T(1) : T(0);
     }
   }
 }
