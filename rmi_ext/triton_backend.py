@@ -113,6 +113,13 @@ def _bilinear_weight(o, i, lin, n_in, DT: tl.constexpr):
 
 
 @triton.jit
+def _load_labels(ptrs, mask):
+    """Labels as int64, -1 (never a valid class) outside ``mask``. Masking after the load, not
+    through ``other=-1``: that would read as 255 for uint8 labels, a class when C > 255."""
+    return tl.where(mask, tl.load(ptrs, mask=mask, other=0).to(tl.int64), -1)
+
+
+@triton.jit
 def _label_parts(lab, c, C, ignore_index):
     """``valid`` (0 <= label < C, label != ignore_index) and the one-hot bit ``label == c``."""
     valid = (lab >= 0) & (lab < C) & (lab != ignore_index)
@@ -159,8 +166,7 @@ def _load_y(ymap_plane, lab_base, rows, cols, mask, w, c, ignore_index, slh, slw
     """Pooled ``Y`` at ``(rows, cols)``: from the stored map, or (stride 1) from the labels
     (``label == c`` already implies ``0 <= label < C``)."""
     if Y_FROM_LABELS:
-        lab = tl.load(lab_base + rows.to(tl.int64) * slh + cols.to(tl.int64) * slw, mask=mask,
-                      other=-1).to(tl.int64)
+        lab = _load_labels(lab_base + rows.to(tl.int64) * slh + cols.to(tl.int64) * slw, mask)
         return tl.where((lab == c) & (lab != ignore_index), 1.0, 0.0).to(DT)
     else:
         return tl.load(ymap_plane + rows * w + cols, mask=mask, other=0.0).to(DT)
@@ -200,8 +206,7 @@ def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, 
     if STORE_LSE:
         tl.store(lse_ptr + n.to(tl.int64) * H * W + pix, lse, mask=pmask)
     if CE_SUMS:
-        lab = tl.load(lab_ptr + n.to(tl.int64) * sln + hh * slh + ww * slw, mask=pmask,
-                      other=-1).to(tl.int64)
+        lab = _load_labels(lab_ptr + n.to(tl.int64) * sln + hh * slh + ww * slw, pmask)
         valid = pmask & (lab >= 0) & (lab < C) & (lab != ignore_index)
         x_lab = tl.load(xbase + tl.where(valid, lab, 0) * sxc, mask=valid, other=0.0).to(DT)
         ce = _sum(tl.where(valid, lse - x_lab, 0.0), 0)
@@ -247,8 +252,7 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
         near_w = tl.math.div_rn(tl.cast(W, tl.float32), tl.cast(w, tl.float32))
         src_h = tl.minimum(tl.floor(oh.to(tl.float32) * near_h).to(tl.int32), H - 1)
         src_w = tl.minimum(tl.floor(ow.to(tl.float32) * near_w).to(tl.int32), W - 1)
-        lab = tl.load(lbase + src_h.to(tl.int64) * slh + src_w.to(tl.int64) * slw, mask=omask,
-                      other=-1).to(tl.int64)
+        lab = _load_labels(lbase + src_h.to(tl.int64) * slh + src_w.to(tl.int64) * slw, omask)
         hot = _label_parts(lab, c, C, ignore_index)[1]
         y_out = tl.where(hot, 1.0, 0.0).to(DT)
         lin_h = _linear_scale(H, h, DT)
@@ -262,8 +266,7 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
             wgt = tl.where(tap // 2 == 0, 1.0 - lh, lh) * tl.where(tap % 2 == 0, 1.0 - lw, lw)
             x = tl.load(xbase + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw, mask=omask,
                         other=0.0).to(DT)
-            lab = tl.load(lbase + ih.to(tl.int64) * slh + iw.to(tl.int64) * slw, mask=omask,
-                          other=-1).to(tl.int64)
+            lab = _load_labels(lbase + ih.to(tl.int64) * slh + iw.to(tl.int64) * slw, omask)
             p = _pixel(x, lab, c, C, ignore_index, MODE)[3]
             p_out += wgt * p
     else:
@@ -284,7 +287,7 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
                 m = mh & (iw >= 0) & (iw < W)
                 iw64 = iw.to(tl.int64)
                 x = tl.load(xrow + iw64 * sxw, mask=m, other=0.0).to(DT)
-                lab = tl.load(lrow + iw64 * slw, mask=m, other=-1).to(tl.int64)
+                lab = _load_labels(lrow + iw64 * slw, m)
                 px = _pixel(x, lab, c, C, ignore_index, MODE)
                 hot = px[1]
                 p = px[3]
@@ -328,7 +331,7 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
                 x = tl.load(xrow + iw64 * sxw, mask=m, other=0.0).to(DT)
                 n_bad += (m & ((x != x) | (tl.abs(x) == float("inf")))).to(tl.int32)
                 if MODE == 0:
-                    lab = tl.load(lrow + iw64 * slw, mask=m, other=-1).to(tl.int64)
+                    lab = _load_labels(lrow + iw64 * slw, m)
                     px = _pixel(x, lab, c, C, ignore_index, MODE)
                     base += px[4]
                     n_valid += px[0].to(tl.int32)
@@ -504,8 +507,7 @@ def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
     iw64 = iw.to(tl.int64)
     x = tl.load(x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + ih64 * sxh + iw64 * sxw,
                 mask=m, other=0.0).to(DT)
-    lab = tl.load(lab_ptr + n.to(tl.int64) * sln + ih64 * slh + iw64 * slw, mask=m,
-                  other=-1).to(tl.int64)
+    lab = _load_labels(lab_ptr + n.to(tl.int64) * sln + ih64 * slh + iw64 * slw, m)
     px = _pixel(x, lab, c, C, ignore_index, MODE)
     valid = px[0]
     hot = px[1]

@@ -157,6 +157,15 @@ def test_options_float64(mode):
              weight_lambda=0.3, mode=mode)
 
 
+@pytest.mark.parametrize("stride,pool", [(1, "avg"), (2, "max")])
+def test_uint8_labels_with_256_classes_float64(stride, pool):
+    """uint8 labels where 255 is a class (C = 256, ignore_index 7): the kernels' padded lanes
+    (the 9x10 image fills no block) must not read as label 255."""
+    logits, labels = _inputs(n=1, c=256, h=9, w=10, ignored=False)
+    labels[0, 0, :4] = 255
+    _compare(logits, labels.to(torch.uint8), radius=2, stride=stride, pool=pool, ignore_index=7)
+
+
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 def test_all_ignored_and_single_class_float64(mode):
     logits, labels = _inputs(n=2, c=1, h=9, w=10)
