@@ -162,72 +162,65 @@ def _proc_status_kib(key):
     raise KeyError(key)
 
 
+def _loss_inputs(shape, device):
+    """Seeded random ``logits`` (requires grad) and ``labels`` for the loss measurements."""
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    logits = torch.randn(n, c, h, w, device=device, requires_grad=True)
+    return logits, torch.randint(0, c, (n, h, w), device=device)
+
+
 def _measure_loss_child(spec):
     """Runs in a fresh process (CPU): extra resident memory of one loss forward+backward."""
-    torch.manual_seed(0)
-    n, c, h, w = spec["shape"]
-    logits = torch.randn(n, c, h, w, requires_grad=True)
-    labels = torch.randint(0, c, (n, h, w))
-    crit = (BaseLoss(spec["mode"]) if spec["run"] == "base" else rmi_ext.RMILoss(
-        radius=spec["radius"], stride=spec["stride"], pool=spec["pool"], mode=spec["mode"],
-        backend=spec["backend"]))
+    logits, labels = _loss_inputs(spec.pop("shape"), "cpu")
+    crit = make_criterion(spec.pop("run"), argparse.Namespace(**spec))
     small_l = logits.detach()[:1, :, :32, :32].clone().requires_grad_()
     small_y = labels[:1, :32, :32]
     crit(small_l, small_y).backward()  # warm-up: lazy initialisation, library loading
     rss0 = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark VmHWM to the current RSS
-    t0 = time.perf_counter()
     crit(logits, labels).backward()
-    seconds = time.perf_counter() - t0
     peak = _proc_status_kib("VmHWM")
-    print(json.dumps({"extra_bytes": (peak - rss0) * 1024, "seconds": seconds}))
+    print(json.dumps({"extra_bytes": (peak - rss0) * 1024}))
 
 
-def measure_loss(run, args, shape, device, backend=None):
-    """``{"extra_bytes", "seconds"}`` for one loss forward+backward on logits of ``shape``.
+def measure_loss(run, args, shape, device, backend):
+    """``{"extra_bytes"}``: peak extra memory of one loss forward+backward on logits of ``shape``.
 
     CPU: the rise of the process's resident-memory high-water mark (VmHWM, reset through
     /proc/self/clear_refs) over the RSS before, in a fresh process whose large allocations are
     returned to the OS at once (MALLOC_MMAP_THRESHOLD_). GPU: torch.cuda.max_memory_allocated
     around the loss alone. Either way the logits' gradient (1x the logits) is included.
     """
-    backend = backend or args.backend
     if device.type == "cuda":
-        torch.manual_seed(0)
-        n, c, h, w = shape
-        logits = torch.randn(n, c, h, w, device=device, requires_grad=True)
-        labels = torch.randint(0, c, (n, h, w), device=device)
+        logits, labels = _loss_inputs(shape, device)
         crit = make_criterion(run, argparse.Namespace(**{**vars(args), "backend": backend}))
         crit(logits, labels).backward()  # warm-up
         logits.grad = None
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
         crit(logits, labels).backward()
         torch.cuda.synchronize(device)
-        return {"extra_bytes": torch.cuda.max_memory_allocated(device) - base,
-                "seconds": time.perf_counter() - t0}
+        return {"extra_bytes": torch.cuda.max_memory_allocated(device) - base}
     if not os.path.exists("/proc/self/clear_refs"):
-        return {"extra_bytes": float("nan"), "seconds": float("nan")}
+        return {"extra_bytes": float("nan")}
     spec = dict(run=run, shape=list(shape), radius=args.radius, stride=args.stride,
-                pool=args.pool, mode=args.mode, backend=backend)
+                pool=args.pool, weight_lambda=args.weight_lambda, mode=args.mode,
+                backend=backend)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     proc = subprocess.run([sys.executable, __file__, "--_measure-loss", json.dumps(spec)],
                           env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         print(f"  (memory measurement failed: {proc.stderr.strip().splitlines()[-1:]})")
-        return {"extra_bytes": float("nan"), "seconds": float("nan")}
+        return {"extra_bytes": float("nan")}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def time_loss(crit, shape, device, reps=5):
     """Median seconds of one loss forward+backward (in-process, after a warm-up)."""
-    torch.manual_seed(0)
-    n, c, h, w = shape
-    logits = torch.randn(n, c, h, w, device=device, requires_grad=True)
-    labels = torch.randint(0, c, (n, h, w), device=device)
+    logits, labels = _loss_inputs(shape, device)
     times = []
     for _ in range(reps + 1):
         sync(device)
@@ -608,7 +601,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None,
                    help="output file prefix (default demo, demo_fullres, demo_quick...)")
     p.add_argument("--no-reference-memory", action="store_true",
-                   help="skip measuring the unfold reference's memory")
+                   help="skip measuring the unfold reference (memory and time)")
     p.add_argument("--_measure-loss", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.full_res:
@@ -669,11 +662,12 @@ def main(argv=None):
     shape = (args.batch_size, NUM_CLASSES, args.size, args.size)
     meas = {"shape": list(shape), "logits_bytes": 4 * math.prod(shape)}
     for run in ("base", "rmi"):
-        m = measure_loss(run, args, shape, device, backend)
-        m["seconds"] = time_loss(results[run]["crit"], shape, device)
-        meas[run] = m
+        meas[run] = {**measure_loss(run, args, shape, device, backend),
+                     "seconds": time_loss(results[run]["crit"], shape, device)}
     if not args.no_reference_memory and backend != "reference":
-        meas["reference"] = measure_loss("rmi", args, shape, device, "reference")
+        ref_args = argparse.Namespace(**{**vars(args), "backend": "reference"})
+        meas["reference"] = {**measure_loss("rmi", args, shape, device, "reference"),
+                             "seconds": time_loss(make_criterion("rmi", ref_args), shape, device)}
     mem_method = ("torch.cuda.max_memory_allocated during one loss forward+backward, minus the "
                   "memory allocated before." if device.type == "cuda" else
                   "rise of the resident-memory high-water mark (VmHWM, reset through "
