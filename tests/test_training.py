@@ -1,6 +1,7 @@
 """Issue 7: the loss in real training code: autocast, torch.compile, opcheck, DDP."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -97,7 +98,9 @@ def _free_port() -> int:
 
 def _ddp_worker(rank, world, port, backend, lam, state, img, labels, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A bounded wait: a rank whose peer never comes up fails instead of waiting 30 minutes.
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)
     net = TinyNet()
     net.load_state_dict(state)
@@ -140,10 +143,15 @@ def test_ddp_two_processes_match_single_process(backend):
                  for r in range(2)]
         for p in procs:
             p.start()
-        loss0, ddp_grads = out.get(timeout=300)
-        for p in procs:
-            p.join(timeout=120)
-            assert p.exitcode == 0
+        try:
+            loss0, ddp_grads = out.get(timeout=300)
+            for p in procs:
+                p.join(timeout=120)
+                assert p.exitcode == 0
+        finally:  # a failed rank must not leave its peer running: pytest would wait for it
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
         loss = lambda i: rmi_ext.rmi_loss(net(img[i]), labels[i], stride=2, weight_lambda=lam,
                                           backend=backend)
         if lam == 0.0:  # exact: the concatenated batch in one process
