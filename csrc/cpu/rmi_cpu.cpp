@@ -198,11 +198,13 @@ struct PlaneScratch {
   std::vector<T> row_a, row_b;   // [W] one full-resolution row
   std::vector<T> rows_p, rows_y; // [h*W] average pooling: column sums per pooled row; backward:
                                  // rows_p holds the pooled gradient spread over columns
+  std::vector<int64_t> argmax;   // [h*w] max pooling: the full-resolution index of each maximum
 
   void resize(const Problem& p, bool backward) {
     sig.resize(p.H * p.W), yp.resize(p.h * p.w), pp.resize(p.h * p.w);
     row_a.resize(p.W), row_b.resize(p.W);
     if (p.stride > 1 && p.pool == rmi::kAvgPool) rows_p.resize(p.h * p.W), rows_y.resize(p.h * p.W);
+    if (p.stride > 1 && p.pool == rmi::kMaxPool) argmax.resize(p.h * p.w);
     if (!backward) return;
     grad_pp.resize(p.h * p.w);
     if (p.stride > 1 && p.pool != rmi::kAvgPool) grad_full.resize(p.H * p.W);
@@ -352,7 +354,9 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
     }
     return;
   }
-  // Max pooling (-inf padding): P the window maximum, Y whether any window pixel is class c.
+  // Max pooling (-inf padding): P the window maximum, Y whether any window pixel is class c;
+  // s.argmax keeps where the maximum is (the first in row-major window order, as max_pool2d
+  // picks it) for the backward's pooling adjoint.
   for (int64_t oy = 0; oy < p.h; ++oy) {
     int64_t y0, y1;
     rmi::pool_window(oy, p.H, k, st, &y0, &y1);
@@ -360,14 +364,18 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
       int64_t x0, x1;
       rmi::pool_window(ox, p.W, k, st, &x0, &x1);
       T best = -std::numeric_limits<T>::infinity();
+      int64_t arg = y0 * p.W + x0;
       bool any = false;
       for (int64_t yy = y0; yy < y1; ++yy)
         for (int64_t xx = x0; xx < x1; ++xx) {
-          best = std::max(best, prob(yy * p.W + xx));
-          any = any || cls[yy * p.W + xx] == c;
+          const int64_t u = yy * p.W + xx;
+          const T v = prob(u);
+          if (v > best) best = v, arg = u;
+          any = any || cls[u] == c;
         }
       s.pp[oy * p.w + ox] = best;
       s.yp[oy * p.w + ox] = any ? T(1) : T(0);
+      s.argmax[oy * p.w + ox] = arg;
     }
   }
 }
@@ -602,11 +610,9 @@ void stencil_plane(const Problem& p, const MomentGeometry& g, const M* yc, const
 // dloss/dP at full resolution from the pooled-map gradient s.grad_pp, into s.grad_full
 // (max and interp; average pooling is spread row by row in grad_prob_row).
 template <typename T>
-void pool_adjoint_plane(const Problem& p, const int32_t* cls, PlaneScratch<T>& s) {
+void pool_adjoint_plane(const Problem& p, PlaneScratch<T>& s) {
   std::fill(s.grad_full.begin(), s.grad_full.end(), T(0));
-  const T* sig = s.sig.data();
   T* out = s.grad_full.data();
-  const int64_t k = p.ksize, st = p.stride;
   for (int64_t oy = 0; oy < p.h; ++oy) {
     for (int64_t ox = 0; ox < p.w; ++ox) {
       const double gpool = s.grad_pp[oy * p.w + ox];
@@ -620,19 +626,7 @@ void pool_adjoint_plane(const Problem& p, const int32_t* cls, PlaneScratch<T>& s
         out[ty.i1 * p.W + tx.i1] += ty.w1 * tx.w1 * gv;
         continue;
       }
-      int64_t y0, y1, x0, x1;
-      rmi::pool_window(oy, p.H, k, st, &y0, &y1);
-      rmi::pool_window(ox, p.W, k, st, &x0, &x1);
-      // max: the first maximum in row-major window order, as max_pool2d picks it
-      T best = -std::numeric_limits<T>::infinity();
-      int64_t arg = y0 * p.W + x0;
-      for (int64_t yy = y0; yy < y1; ++yy)
-        for (int64_t xx = x0; xx < x1; ++xx) {
-          const int64_t u = yy * p.W + xx;
-          const T v = rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode);
-          if (v > best) best = v, arg = u;
-        }
-      out[arg] += static_cast<T>(gpool);
+      out[s.argmax[oy * p.w + ox]] += static_cast<T>(gpool);  // max: where pool_plane found it
     }
   }
 }
@@ -792,7 +786,7 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
         stencil_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift, cp, cp + p.d * p.d,
                       shift_p + plane * p.d, s.grad_pp.data(), tables);
         if (p.stride > 1 && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
-        if (p.stride > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, cls, s);
+        if (p.stride > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
         const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * p.H * p.W : nullptr;
         scalar_t* gp = gout + n * gN + c * gC;
         for (int64_t r = 0; r < p.H; ++r) {
