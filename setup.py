@@ -3,15 +3,25 @@
 Environment overrides (as in pytorch_scatter): ``FORCE_ONLY_CPU=1`` never builds CUDA sources,
 ``FORCE_CUDA=1`` builds them even without a visible GPU (needs a CUDA build of torch and nvcc),
 ``RMI_EXT_PORTABLE=1`` compiles the CPU kernels without ``-march=native``.
-Install with ``pip install --no-build-isolation .`` so the build uses the torch already installed.
+``pip install .`` and ``pip install --no-build-isolation .`` both build against the torch already
+installed (pyproject.toml and build_backend.py); torch must be installed first.
+
+Oldest versions tested in CI (.ci/run): torch 2.11 and, for the Triton backend, triton 3.6.
 """
 import glob
 import os
 import sys
 
-import torch
+MIN_TORCH = (2, 11)
+try:
+    import torch
+except ImportError:
+    sys.exit("rmi_ext builds against the torch you have installed, and none was found: install "
+             "torch first (e.g. `pip install torch`), then run `pip install .` again.")
+if tuple(int(v) for v in torch.__version__.split(".")[:2]) < MIN_TORCH:
+    sys.exit(f"rmi_ext needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, found {torch.__version__}: "
+             "upgrade torch, then run `pip install .` again.")
 from setuptools import find_packages, setup
-from setuptools.command.develop import develop
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,28 +58,14 @@ def extensions():
     return [CppExtension("rmi_ext._C", sources, **args)]
 
 
-class DevelopWithoutIsolation(develop):
-    """``pip install --no-build-isolation -e .`` on pip < 24 runs ``setup.py develop``, which
-    recent setuptools turn into ``pip install -e . --use-pep517`` in an isolated environment
-    without torch; keep building against the installed torch instead."""
-
-    def run(self) -> None:
-        import subprocess
-
-        cmd = [sys.executable, "-m", "pip", "install", "-e", HERE, "--use-pep517",
-               "--no-build-isolation"] + ["--no-deps"] * bool(self.no_deps)
-        subprocess.check_call(cmd)
-
-
 setup(
     name="rmi_ext",
     version="0.1.0",
     description="Fast, memory-lean Region Mutual Information (RMI) loss for PyTorch",
     packages=find_packages(include=["rmi_ext", "rmi_ext.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=[f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}"],
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True),
-              "develop": DevelopWithoutIsolation},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

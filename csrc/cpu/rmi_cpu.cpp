@@ -24,29 +24,16 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <vector>
 
-#include "rmi_math.h"
+#include "rmi_ops.h"
 
 namespace rmi_cpu {
 namespace {
 
 using at::Tensor;
-
-int parse_pool(const std::string& pool) {
-  if (pool == "avg") return rmi::kAvgPool;
-  if (pool == "max") return rmi::kMaxPool;
-  TORCH_CHECK(pool == "interp", "rmi_ext: pool must be 'avg', 'max' or 'interp', got '", pool, "'");
-  return rmi::kInterp;
-}
-
-int parse_mode(const std::string& mode) {
-  if (mode == "sigmoid") return rmi::kSigmoidMode;
-  TORCH_CHECK(mode == "softmax", "rmi_ext: mode must be 'sigmoid' or 'softmax', got '", mode, "'");
-  return rmi::kSoftmaxMode;
-}
+using rmi::Problem;
 
 // ---- per-element math that vectorises ------------------------------------------------------
 // float: exp and log1p as plain polynomials (cephes coefficients, ~1 ulp) so that the row loops
@@ -86,42 +73,6 @@ inline float log1p_unit(float e) {
 inline double exp_nonpos(double t) { return std::exp(t > 0.0 ? 0.0 : t); }
 inline double log1p_unit(double e) { return std::log1p(e); }
 
-// Sizes, strides and options shared by every plane.
-struct Problem {
-  int64_t N, C, H, W;      // logits [N, C, H, W]
-  int64_t sN, sC, sH, sW;  // logits strides (elements)
-  int64_t h, w;            // pooled map
-  int64_t R, d;            // region side and vector length
-  int64_t stride, ksize;   // downsampling factor and pool kernel
-  int pool, mode;
-  int64_t ignore_index;
-};
-
-Problem make_problem(const Tensor& logits, const Tensor& labels, int64_t radius, int64_t stride,
-                     const std::string& pool, int64_t pool_size, int64_t ignore_index,
-                     const std::string& mode) {
-  TORCH_CHECK(logits.dim() == 4, "rmi_ext: logits must be [N, C, H, W], got ", logits.sizes());
-  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == logits.size(0) &&
-                  labels.size(1) == logits.size(2) && labels.size(2) == logits.size(3),
-              "rmi_ext: labels must be [N, H, W] matching logits ", logits.sizes(), ", got ",
-              labels.sizes());
-  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
-              "rmi_ext: labels must be an integer tensor, got ", labels.scalar_type());
-  TORCH_CHECK(radius >= 1 && radius <= 10, "rmi_ext: radius must be in [1, 10], got ", radius);
-  TORCH_CHECK(stride >= 1 && pool_size >= 1, "rmi_ext: stride and pool_size must be >= 1");
-  Problem p;
-  p.N = logits.size(0), p.C = logits.size(1), p.H = logits.size(2), p.W = logits.size(3);
-  p.sN = logits.stride(0), p.sC = logits.stride(1), p.sH = logits.stride(2), p.sW = logits.stride(3);
-  p.pool = parse_pool(pool), p.mode = parse_mode(mode);
-  p.stride = stride, p.ksize = pool_size, p.R = radius, p.d = radius * radius;
-  p.ignore_index = ignore_index;
-  p.h = rmi::pooled_len(p.H, p.pool, pool_size, stride);
-  p.w = rmi::pooled_len(p.W, p.pool, pool_size, stride);
-  TORCH_CHECK(p.h >= p.R && p.w >= p.R, "rmi_ext: the pooled map is ", p.h, "x", p.w,
-              ", smaller than the region radius ", p.R);
-  return p;
-}
-
 // ---- label pre-pass ------------------------------------------------------------------------
 
 // Per pixel: class id if valid else -1 ([N*H*W] int32), the number of valid pixels and, in
@@ -158,20 +109,20 @@ PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels
         }
         row_count[row] = count;
         if (p.mode != rmi::kSoftmaxMode) continue;
-        const logit_t* xr = x + n * p.sN + r * p.sH;
+        const logit_t* xr = x + n * p.xs[0] + r * p.xs[2];
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
         std::fill(sum.begin(), sum.end(), T(0));
         for (int64_t c = 0; c < p.C; ++c)
           for (int64_t col = 0; col < p.W; ++col)
-            mx[col] = std::max(mx[col], static_cast<T>(xr[c * p.sC + col * p.sW]));
+            mx[col] = std::max(mx[col], static_cast<T>(xr[c * p.xs[1] + col * p.xs[3]]));
         for (int64_t c = 0; c < p.C; ++c)
           for (int64_t col = 0; col < p.W; ++col)
-            sum[col] += exp_nonpos(static_cast<T>(xr[c * p.sC + col * p.sW]) - mx[col]);
+            sum[col] += exp_nonpos(static_cast<T>(xr[c * p.xs[1] + col * p.xs[3]]) - mx[col]);
         T* lse = info.lse.data() + n * HW + r * p.W;
         double ce = 0.0;
         for (int64_t col = 0; col < p.W; ++col) {
           lse[col] = mx[col] + std::log(sum[col]);
-          if (cls[col] >= 0) ce += lse[col] - static_cast<T>(xr[cls[col] * p.sC + col * p.sW]);
+          if (cls[col] >= 0) ce += lse[col] - static_cast<T>(xr[cls[col] * p.xs[1] + col * p.xs[3]]);
         }
         row_ce[row] = ce;
       }
@@ -203,11 +154,11 @@ struct PlaneScratch {
   void resize(const Problem& p, bool backward) {
     sig.resize(p.H * p.W), yp.resize(p.h * p.w), pp.resize(p.h * p.w);
     row_a.resize(p.W), row_b.resize(p.W);
-    if (p.stride > 1 && p.pool == rmi::kAvgPool) rows_p.resize(p.h * p.W), rows_y.resize(p.h * p.W);
-    if (p.stride > 1 && p.pool == rmi::kMaxPool) argmax.resize(p.h * p.w);
+    if (p.factor > 1 && p.pool == rmi::kAvgPool) rows_p.resize(p.h * p.W), rows_y.resize(p.h * p.W);
+    if (p.factor > 1 && p.pool == rmi::kMaxPool) argmax.resize(p.h * p.w);
     if (!backward) return;
     grad_pp.resize(p.h * p.w);
-    if (p.stride > 1 && p.pool != rmi::kAvgPool) grad_full.resize(p.H * p.W);
+    if (p.factor > 1 && p.pool != rmi::kAvgPool) grad_full.resize(p.H * p.W);
   }
 };
 
@@ -244,10 +195,10 @@ template <RowExtras kExtras, typename scalar_t, typename T>
 void sigmoid_rows(const Problem& p, const scalar_t* xp, const int32_t* cls, int32_t c, T* sig,
                   double* bce, int64_t* bad) {
   for (int64_t r = 0; r < p.H; ++r) {
-    if (p.sW == 1)
-      sigmoid_row<1, kExtras>(xp + r * p.sH, 1, p.W, cls + r * p.W, c, sig + r * p.W, bce, bad);
+    if (p.xs[3] == 1)
+      sigmoid_row<1, kExtras>(xp + r * p.xs[2], 1, p.W, cls + r * p.W, c, sig + r * p.W, bce, bad);
     else
-      sigmoid_row<0, kExtras>(xp + r * p.sH, p.sW, p.W, cls + r * p.W, c, sig + r * p.W, bce, bad);
+      sigmoid_row<0, kExtras>(xp + r * p.xs[2], p.xs[3], p.W, cls + r * p.W, c, sig + r * p.W, bce, bad);
   }
 }
 
@@ -271,9 +222,9 @@ double sigmoid_plane(const Problem& p, const scalar_t* xp, const int32_t* cls, i
 
 // Pooled rows whose average-pool window holds input row r: [*lo, *hi] (empty when lo > hi).
 inline void pooled_rows_of(int64_t r, const Problem& p, int64_t* lo, int64_t* hi) {
-  const int64_t pad = p.ksize / 2, below = r + pad - p.ksize;  // oy > below / s
-  *lo = below < 0 ? 0 : below / p.stride + 1;
-  *hi = std::min(p.h - 1, (r + pad) / p.stride);
+  const int64_t pad = p.kernel / 2, below = r + pad - p.kernel;  // oy > below / s
+  *lo = below < 0 ? 0 : below / p.factor + 1;
+  *hi = std::min(p.h - 1, (r + pad) / p.factor);
 }
 
 // P and Y of one full-resolution row of class c (vectorised).
@@ -303,12 +254,12 @@ void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>
   const int32_t cc = static_cast<int32_t>(c);
   T* prow = s.row_a.data();
   T* yrow = s.row_b.data();
-  if (p.stride == 1) {  // the pooled maps are the full-resolution ones
+  if (p.factor == 1) {  // the pooled maps are the full-resolution ones
     for (int64_t r = 0; r < p.H; ++r)
       prob_row(p, sig + r * p.W, cls + r * p.W, cc, s.pp.data() + r * p.W, s.yp.data() + r * p.W);
     return;
   }
-  const int64_t k = p.ksize, st = p.stride;
+  const int64_t k = p.kernel, st = p.factor;
   if (p.pool == rmi::kAvgPool) {
     // Sum the rows of each pooled row's window first (vector adds over W), then the columns.
     std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
@@ -507,7 +458,7 @@ void moments_plane(const Problem& p, const MomentGeometry& g, const M* yc, const
       }
     }
   }
-  const int64_t R = p.R, d = p.d;
+  const int64_t R = p.radius, d = p.d;
   const double K = static_cast<double>((h - R + 1) * (w - R + 1));
   std::vector<double> mu_y(d), mu_p(d);  // means of the centred maps
   for (int64_t i = 0; i < d; ++i) {
@@ -541,7 +492,7 @@ template <typename M>
 void stencil_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, const double* cp, const double* cy,
                    const double* shift, M* out, std::vector<double>& tables) {
-  const int64_t R = p.R, d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
+  const int64_t R = p.radius, d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
   const int64_t w = p.w, h = p.h, P = R + 1;  // prefix tables are P x P, P = R + 1
   tables.assign(2 * L * cells + cells + 3 * P * P, 0.0);
   double* k_p = tables.data();
@@ -636,13 +587,13 @@ void pool_adjoint_plane(const Problem& p, PlaneScratch<T>& s) {
 template <typename T>
 void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
   std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
-  const double inv_area = 1.0 / static_cast<double>(p.ksize * p.ksize);
+  const double inv_area = 1.0 / static_cast<double>(p.kernel * p.kernel);
   for (int64_t oy = 0; oy < p.h; ++oy) {
     T* row = s.rows_p.data() + oy * p.W;
     for (int64_t ox = 0; ox < p.w; ++ox) {
       const T v = static_cast<T>(s.grad_pp[oy * p.w + ox] * inv_area);
       int64_t x0, x1;
-      rmi::pool_window(ox, p.W, p.ksize, p.stride, &x0, &x1);
+      rmi::pool_window(ox, p.W, p.kernel, p.factor, &x0, &x1);
       for (int64_t xx = x0; xx < x1; ++xx) row[xx] += v;
     }
   }
@@ -651,7 +602,7 @@ void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
 // dloss/dP of full-resolution row r into grow[], from the pooled-map gradient.
 template <typename T>
 void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
-  if (p.stride == 1) {
+  if (p.factor == 1) {
     std::copy(s.grad_pp.begin() + r * p.W, s.grad_pp.begin() + (r + 1) * p.W, grow);
     return;
   }
@@ -674,7 +625,7 @@ void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
 template <int kStep, typename scalar_t, typename T>
 void grad_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, const T* grow,
               const scalar_t* xr, const T* lse, T bscale, scalar_t* gr, int64_t gstep) {
-  const int64_t xstep = kStep == 1 ? 1 : p.sW;
+  const int64_t xstep = kStep == 1 ? 1 : p.xs[3];
   gstep = kStep == 1 ? 1 : gstep;
   if (lse == nullptr) {  // sigmoid mode: BCE gradient
 #pragma omp simd
@@ -701,10 +652,12 @@ void grad_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, con
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_stats_cpu(
-    const Tensor& logits, const Tensor& labels, int64_t radius, int64_t stride,
-    std::string pool, int64_t pool_size, int64_t ignore_index, std::string mode) {
-  const Problem p = make_problem(logits, labels, radius, stride, pool, pool_size, ignore_index, mode);
+rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& labels,
+                                          int64_t radius, int64_t stride, c10::string_view pool,
+                                          int64_t pool_size, int64_t ignore_index,
+                                          c10::string_view mode) {
+  const Problem p = rmi::check_inputs("rmi_ext::forward_stats", logits, labels, radius, stride,
+                                      pool, pool_size, ignore_index, mode);
   const auto f64 = logits.options().dtype(at::kDouble);
   Tensor means = at::empty({p.N, p.C, 2, p.d}, f64);
   Tensor cov = at::empty({p.N, p.C, 3, p.d, p.d}, f64);
@@ -714,7 +667,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_stats_cpu(
     using T = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
-    const MomentGeometry geom(p.h, p.w, p.R);
+    const MomentGeometry geom(p.h, p.w, p.radius);
     const int64_t planes = p.N * p.C;
     std::vector<double> plane_bce(planes, 0.0);
     std::vector<int64_t> plane_bad(planes, 0);
@@ -727,7 +680,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_stats_cpu(
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
         const int32_t* cls = info.cls.data() + n * p.H * p.W;
-        plane_bce[plane] = sigmoid_plane(p, x + n * p.sN + c * p.sC, cls, c, s, &plane_bad[plane]);
+        plane_bce[plane] = sigmoid_plane(p, x + n * p.xs[0] + c * p.xs[1], cls, c, s, &plane_bad[plane]);
         pool_plane(p, cls, c, s);
         const double y_shift = centre(s.yp), p_shift = centre(s.pp);
         moments_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift,
@@ -747,15 +700,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_stats_cpu(
 
 Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tensor& base_scale,
                          const Tensor& coef, const Tensor& shift, int64_t radius, int64_t stride,
-                         std::string pool, int64_t pool_size, int64_t ignore_index, std::string mode) {
-  const Problem p = make_problem(logits, labels, radius, stride, pool, pool_size, ignore_index, mode);
-  TORCH_CHECK(coef.scalar_type() == at::kDouble && shift.scalar_type() == at::kDouble &&
-                  base_scale.scalar_type() == at::kDouble,
-              "rmi_ext: coef, shift and base_scale must be float64");
-  TORCH_CHECK(coef.sizes() == at::IntArrayRef({p.N, p.C, 2, p.d, p.d}) &&
-                  shift.sizes() == at::IntArrayRef({p.N, p.C, p.d}),
-              "rmi_ext: coef must be [N, C, 2, d, d] and shift [N, C, d], got ", coef.sizes(),
-              " and ", shift.sizes());
+                         c10::string_view pool, int64_t pool_size, int64_t ignore_index,
+                         c10::string_view mode) {
+  const Problem p = rmi::check_inputs("rmi_ext::backward_grad", logits, labels, radius, stride,
+                                      pool, pool_size, ignore_index, mode);
+  rmi::check_backward_inputs(p, logits, base_scale, coef, shift);
   const Tensor coef_c = coef.contiguous(), shift_c = shift.contiguous();
   const double scale = base_scale.item<double>();  // CPU tensor: no device sync
   Tensor grad = at::empty_like(logits);
@@ -765,7 +714,7 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* gout = grad.data_ptr<scalar_t>();
     const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
-    const MomentGeometry geom(p.h, p.w, p.R);
+    const MomentGeometry geom(p.h, p.w, p.radius);
     const double* coef_p = coef_c.const_data_ptr<double>();
     const double* shift_p = shift_c.const_data_ptr<double>();
     const T bscale = static_cast<T>(scale);
@@ -774,19 +723,19 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
       s.resize(p, /*backward=*/true);
       std::vector<double> tables;
       std::vector<T> grow(p.W);
-      const bool unit_stride = p.sW == 1 && gW == 1;
+      const bool unit_stride = p.xs[3] == 1 && gW == 1;
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
         const int32_t* cls = info.cls.data() + n * p.H * p.W;
-        const scalar_t* xp = x + n * p.sN + c * p.sC;
+        const scalar_t* xp = x + n * p.xs[0] + c * p.xs[1];
         sigmoid_plane(p, xp, cls, c, s, nullptr);
         pool_plane(p, cls, c, s);
         const double y_shift = centre(s.yp), p_shift = centre(s.pp);
         const double* cp = coef_p + plane * 2 * p.d * p.d;
         stencil_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift, cp, cp + p.d * p.d,
                       shift_p + plane * p.d, s.grad_pp.data(), tables);
-        if (p.stride > 1 && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
-        if (p.stride > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
+        if (p.factor > 1 && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
+        if (p.factor > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
         const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * p.H * p.W : nullptr;
         scalar_t* gp = gout + n * gN + c * gC;
         for (int64_t r = 0; r < p.H; ++r) {
@@ -794,9 +743,9 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
           const int64_t u = r * p.W;
           const T* lse_r = lse ? lse + u : nullptr;
           if (unit_stride)
-            grad_row<1>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.sH, lse_r, bscale, gp + r * gH, 1);
+            grad_row<1>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.xs[2], lse_r, bscale, gp + r * gH, 1);
           else
-            grad_row<0>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.sH, lse_r, bscale, gp + r * gH, gW);
+            grad_row<0>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.xs[2], lse_r, bscale, gp + r * gH, gW);
         }
       }
     });
@@ -807,8 +756,7 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmi_ext, CPU, m) {
-  m.impl("forward_stats", &forward_stats_cpu);
-  m.impl("backward_grad", &backward_grad_cpu);
+  rmi::register_kernels(m, &forward_stats_cpu, &backward_grad_cpu);
 }
 
 }  // namespace rmi_cpu

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "rmi_kernels.cuh"
+#include "rmi_ops.h"
 
 namespace rmi {
 namespace cuda {
@@ -22,63 +23,22 @@ namespace {
 
 using at::Tensor;
 
-int parse_pool(c10::string_view pool) {
-  if (pool == "avg") return kAvgPool;
-  if (pool == "max") return kMaxPool;
-  if (pool == "interp") return kInterp;
-  TORCH_CHECK(false, "rmi_ext: pool must be 'avg', 'max' or 'interp', got '", pool, "'");
-}
-
-int parse_mode(c10::string_view mode) {
-  if (mode == "sigmoid") return kSigmoidMode;
-  if (mode == "softmax") return kSoftmaxMode;
-  TORCH_CHECK(false, "rmi_ext: mode must be 'sigmoid' or 'softmax', got '", mode, "'");
-}
-
-// Checks shared by both ops; returns the geometry (sizes, strides, options, pooled size).
-Geometry check_inputs(const char* op, const Tensor& logits, const Tensor& labels, int64_t radius,
-                      int64_t stride, c10::string_view pool, int64_t pool_size,
-                      int64_t ignore_index, c10::string_view mode) {
+// Checks shared by both ops (rmi_ops.h) plus the device; returns the problem.
+Problem check_cuda_inputs(const char* op, const Tensor& logits, const Tensor& labels,
+                          int64_t radius, int64_t stride, c10::string_view pool,
+                          int64_t pool_size, int64_t ignore_index, c10::string_view mode) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got ", logits.device());
-  TORCH_CHECK(labels.device() == logits.device(), op,
-              ": labels must be on the logits' device ", logits.device(), ", got ",
-              labels.device());
-  TORCH_CHECK(logits.dim() == 4, op, ": logits must be 4-D [N, C, H, W], got shape ",
-              logits.sizes());
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": logits must be float16, bfloat16, float32 or float64, got ", dtype);
-  const auto ltype = labels.scalar_type();
-  TORCH_CHECK(ltype == at::kByte || ltype == at::kInt || ltype == at::kLong, op,
-              ": labels must be uint8, int32 or int64, got ", ltype);
-  const int64_t n = logits.size(0), c = logits.size(1), h = logits.size(2), w = logits.size(3);
-  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == n && labels.size(1) == h &&
-                  labels.size(2) == w,
-              op, ": labels must have shape [N, H, W] = [", n, ", ", h, ", ", w,
-              "] to match logits ", logits.sizes(), ", got ", labels.sizes());
-  TORCH_CHECK(n >= 1 && c >= 1 && h >= 1 && w >= 1, op,
-              ": logits must not be empty, got shape ", logits.sizes());
-  for (int i = 0; i < 4; ++i)
-    TORCH_CHECK(logits.stride(i) >= 0, op, ": logits must have non-negative strides, got ",
-                logits.strides());
-  for (int i = 0; i < 3; ++i)
-    TORCH_CHECK(labels.stride(i) >= 0, op, ": labels must have non-negative strides, got ",
-                labels.strides());
-  TORCH_CHECK(radius >= 1 && radius <= 10, op, ": radius must be in [1, 10], got ", radius);
-  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(pool_size >= 1, op, ": pool_size must be >= 1, got ", pool_size);
-  TORCH_CHECK(n * c <= INT32_MAX, op, ": N * C must be below 2^31, got ", n * c);
-  const int64_t sizes[4] = {n, c, h, w};
-  const int64_t x_strides[4] = {logits.stride(0), logits.stride(1), logits.stride(2),
-                                logits.stride(3)};
-  const int64_t l_strides[3] = {labels.stride(0), labels.stride(1), labels.stride(2)};
-  Geometry g = make_geometry(sizes, x_strides, l_strides, radius, stride, parse_pool(pool),
-                             pool_size, ignore_index, parse_mode(mode));
-  TORCH_CHECK(g.h >= radius && g.w >= radius, op, ": the downsampled map is ", g.h, "x", g.w,
-              " (input ", h, "x", w, ", stride ", stride, ", pool '", pool, "'), smaller than",
-              " the region radius ", radius, ": no region fits; use a smaller stride or radius");
-  return g;
+  const Problem p = check_inputs(op, logits, labels, radius, stride, pool, pool_size,
+                                 ignore_index, mode);
+  TORCH_CHECK(p.N * p.C <= INT32_MAX, op, ": N * C must be below 2^31, got ", p.N * p.C);
+  return p;
+}
+
+// The kernels are built for uint8, int32 and int64 labels; int8 and int16 labels are read
+// through an int32 copy ([N, H, W], 1/C of the logits' elements).
+Tensor kernel_labels(const Tensor& labels) {
+  const auto t = labels.scalar_type();
+  return t == at::kChar || t == at::kShort ? labels.to(at::kInt) : labels;
 }
 
 // Calls f(label_t{}) with the C++ type of the labels.
@@ -94,7 +54,7 @@ void dispatch_labels(const Tensor& labels, F&& f) {
 
 // Stage (a), pooled maps Y and P [N, C, h, w] in the compute type acc_t.
 template <typename scalar_t, typename acc_t, typename label_t>
-void launch_pooled_maps(const Tensor& logits, const Tensor& labels, const Geometry& g,
+void launch_pooled_maps(const Tensor& logits, const Tensor& labels, const Problem& g,
                         const Tensor& y, const Tensor& p, cudaStream_t stream) {
   pooled_maps_kernel<scalar_t, acc_t, label_t>
       <<<grid_blocks(g.N * g.C * g.h * g.w), kThreads, 0, stream>>>(
@@ -103,11 +63,13 @@ void launch_pooled_maps(const Tensor& logits, const Tensor& labels, const Geomet
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_stats_cuda(
-    const Tensor& logits, const Tensor& labels, int64_t radius, int64_t stride,
-    c10::string_view pool, int64_t pool_size, int64_t ignore_index, c10::string_view mode) {
-  const Geometry g = check_inputs("rmi_ext::forward_stats", logits, labels, radius, stride, pool,
-                                  pool_size, ignore_index, mode);
+ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels_in,
+                                      int64_t radius, int64_t stride, c10::string_view pool,
+                                      int64_t pool_size, int64_t ignore_index,
+                                      c10::string_view mode) {
+  const Tensor labels = kernel_labels(labels_in);
+  const Problem g = check_cuda_inputs("rmi_ext::forward_stats", logits, labels, radius, stride,
+                                      pool, pool_size, ignore_index, mode);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t planes = g.N * g.C, d = radius * radius;
@@ -160,26 +122,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_stats_cuda(
   return {base_sum, base_count, nonfinite, means, cov};
 }
 
-void check_f64(const char* name, const Tensor& t, const Tensor& logits,
-               c10::IntArrayRef shape) {
-  TORCH_CHECK(t.scalar_type() == at::kDouble, "rmi_ext::backward_grad: ", name,
-              " must be float64, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == logits.device(), "rmi_ext::backward_grad: ", name,
-              " must be on the logits' device ", logits.device(), ", got ", t.device());
-  TORCH_CHECK(t.sizes() == shape, "rmi_ext::backward_grad: ", name, " must have shape ", shape,
-              ", got ", t.sizes());
-}
-
-Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels, const Tensor& base_scale,
+Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& base_scale,
                           const Tensor& coef, const Tensor& shift, int64_t radius, int64_t stride,
                           c10::string_view pool, int64_t pool_size, int64_t ignore_index,
                           c10::string_view mode) {
-  const Geometry g = check_inputs("rmi_ext::backward_grad", logits, labels, radius, stride, pool,
-                                  pool_size, ignore_index, mode);
-  const int64_t planes = g.N * g.C, d = radius * radius;
-  check_f64("base_scale", base_scale, logits, {});
-  check_f64("coef", coef, logits, {g.N, g.C, 2, d, d});
-  check_f64("shift", shift, logits, {g.N, g.C, d});
+  const Tensor labels = kernel_labels(labels_in);
+  const Problem g = check_cuda_inputs("rmi_ext::backward_grad", logits, labels, radius, stride,
+                                      pool, pool_size, ignore_index, mode);
+  check_backward_inputs(g, logits, base_scale, coef, shift);
+  const int64_t planes = g.N * g.C;
   const c10::cuda::CUDAGuard device_guard(logits.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Small float64 tensors (N*C*d*d): made contiguous, unlike the logits and labels.
@@ -230,6 +181,5 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels, const Tens
 }  // namespace rmi
 
 TORCH_LIBRARY_IMPL(rmi_ext, CUDA, m) {
-  m.impl("forward_stats", &rmi::cuda::forward_stats_cuda);
-  m.impl("backward_grad", &rmi::cuda::backward_grad_cuda);
+  rmi::register_kernels(m, &rmi::cuda::forward_stats_cuda, &rmi::cuda::backward_grad_cuda);
 }

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "rmi_math.h"
+#include "rmi_problem.h"
 
 namespace rmi {
 namespace cuda {
@@ -47,41 +48,6 @@ inline unsigned int reduce_blocks(int64_t n) {
   return static_cast<unsigned int>(blocks);
 }
 
-// Sizes, strides (in elements) and options of one call.
-struct Geometry {
-  int64_t N, C, H, W;  // logits [N, C, H, W]
-  int64_t h, w;        // pooled maps [N, C, h, w]
-  int64_t xs[4];       // logits strides
-  int64_t ls[3];       // labels strides
-  int64_t radius;      // region side R, d = R * R
-  int64_t factor;      // downsampling factor s (the `stride` option)
-  int64_t kernel;      // pool kernel k, padding k / 2
-  int pool;            // PoolKind
-  int mode;            // LossMode
-  int64_t ignore_index;
-};
-
-inline Geometry make_geometry(const int64_t sizes[4], const int64_t x_strides[4],
-                              const int64_t l_strides[3], int64_t radius, int64_t factor,
-                              int pool, int64_t kernel, int64_t ignore_index, int mode) {
-  Geometry g;
-  g.N = sizes[0];
-  g.C = sizes[1];
-  g.H = sizes[2];
-  g.W = sizes[3];
-  g.h = pooled_len(g.H, pool, kernel, factor);
-  g.w = pooled_len(g.W, pool, kernel, factor);
-  for (int i = 0; i < 4; ++i) g.xs[i] = x_strides[i];
-  for (int i = 0; i < 3; ++i) g.ls[i] = l_strides[i];
-  g.radius = radius;
-  g.factor = factor;
-  g.kernel = kernel;
-  g.pool = pool;
-  g.mode = mode;
-  g.ignore_index = ignore_index;
-  return g;
-}
-
 // Strides of the gradient output (the logits' memory format, see rmi_cuda.cu).
 struct OutStrides {
   int64_t s[4];
@@ -91,20 +57,20 @@ struct OutStrides {
 // ---- per-pixel helpers ---------------------------------------------------------------------
 
 template <typename label_t>
-RMI_HD int64_t label_at(const label_t* labels, const Geometry& g, int64_t n, int64_t y,
+RMI_HD int64_t label_at(const label_t* labels, const Problem& g, int64_t n, int64_t y,
                         int64_t x) {
   return static_cast<int64_t>(labels[n * g.ls[0] + y * g.ls[1] + x * g.ls[2]]);
 }
 
 template <typename acc_t, typename scalar_t>
-RMI_HD acc_t logit_at(const scalar_t* logits, const Geometry& g, int64_t n, int64_t c,
+RMI_HD acc_t logit_at(const scalar_t* logits, const Problem& g, int64_t n, int64_t c,
                       int64_t y, int64_t x) {
   return static_cast<acc_t>(logits[n * g.xs[0] + c * g.xs[1] + y * g.xs[2] + x * g.xs[3]]);
 }
 
 // log(sum_c exp(x_c)) over the channels of one pixel.
 template <typename acc_t, typename scalar_t>
-RMI_HD acc_t logsumexp_at(const scalar_t* logits, const Geometry& g, int64_t n, int64_t y,
+RMI_HD acc_t logsumexp_at(const scalar_t* logits, const Problem& g, int64_t n, int64_t y,
                           int64_t x) {
   acc_t top = logit_at<acc_t>(logits, g, n, 0, y, x);
   for (int64_t c = 1; c < g.C; ++c) {
@@ -124,7 +90,7 @@ struct PY {
 };
 
 template <typename acc_t, typename scalar_t, typename label_t>
-RMI_HD PY<acc_t> pixel_py(const scalar_t* logits, const label_t* labels, const Geometry& g,
+RMI_HD PY<acc_t> pixel_py(const scalar_t* logits, const label_t* labels, const Problem& g,
                           int64_t n, int64_t c, int64_t y, int64_t x) {
   int64_t label = label_at(labels, g, n, y, x);
   bool valid = is_valid_label(label, g.C, g.ignore_index);
@@ -144,7 +110,7 @@ struct BaseStats {
 
 template <typename acc_t, typename scalar_t, typename label_t>
 RMI_HD BaseStats base_stats_at(int64_t q, const scalar_t* logits, const label_t* labels,
-                               const Geometry& g) {
+                               const Problem& g) {
   int64_t x = q % g.W, t = q / g.W;
   int64_t y = t % g.H, n = t / g.H;
   int64_t label = label_at(labels, g, n, y, x);
@@ -168,7 +134,7 @@ RMI_HD BaseStats base_stats_at(int64_t q, const scalar_t* logits, const label_t*
 // order; Y is the maximum of a 0/1 map); interp: nearest Y, bilinear align_corners=True P.
 template <typename acc_t, typename scalar_t, typename label_t>
 RMI_HD PY<acc_t> pooled_py_at(int64_t q, const scalar_t* logits, const label_t* labels,
-                              const Geometry& g) {
+                              const Problem& g) {
   int64_t ox = q % g.w, t = q / g.w;
   int64_t oy = t % g.h;
   t /= g.h;
@@ -212,7 +178,7 @@ RMI_HD PY<acc_t> pooled_py_at(int64_t q, const scalar_t* logits, const label_t* 
 
 template <typename acc_t, typename scalar_t, typename label_t>
 RMI_HD void pooled_store(int64_t q, const scalar_t* logits, const label_t* labels,
-                         const Geometry& g, acc_t* y_out, acc_t* p_out) {
+                         const Problem& g, acc_t* y_out, acc_t* p_out) {
   PY<acc_t> v = pooled_py_at<acc_t>(q, logits, labels, g);
   y_out[q] = v.y;
   p_out[q] = v.p;
@@ -284,7 +250,7 @@ inline MomentPlan plan_moments(int64_t planes, int64_t window_rows, int64_t d) {
 // [planes, h, w]; offsets [planes, 2] (the constants subtracted from Y and P).
 template <typename acc_t>
 RMI_HD double moment_partial_at(int64_t plane, int64_t chunk, int64_t e, const acc_t* y,
-                                const acc_t* p, const double* offsets, const Geometry& g,
+                                const acc_t* p, const double* offsets, const Problem& g,
                                 const MomentPlan& plan) {
   const int64_t R = g.radius, d = R * R;
   const int64_t nh = g.h - R + 1, nw = g.w - R + 1;
@@ -323,7 +289,7 @@ RMI_HD double moment_total(const double* partials, int64_t plane, int64_t e,
 // (S - K mu_i mu_j, with mu the shifted means), and for j == 0 the means [planes, 2, d]
 // (mu_y, mu_p plus the offsets). The symmetric Sy, Sp are exactly symmetric.
 RMI_HD void moment_finalize_at(int64_t q, const double* partials, const double* offsets,
-                               const Geometry& g, const MomentPlan& plan, double* means,
+                               const Problem& g, const MomentPlan& plan, double* means,
                                double* cov) {
   const int64_t R = g.radius, d = R * R;
   const int64_t j = q % d, t = q / d;
@@ -358,7 +324,7 @@ RMI_HD void moment_finalize_at(int64_t q, const double* partials, const double* 
 // (Cp, Cy), shift [planes, d].
 template <typename acc_t>
 RMI_HD double pooled_grad_at(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
-                             const double* shift, const Geometry& g) {
+                             const double* shift, const Problem& g) {
   const int64_t R = g.radius, d = R * R;
   const int64_t nh = g.h - R + 1, nw = g.w - R + 1;
   const int64_t col = q % g.w, t = q / g.w;
@@ -391,7 +357,7 @@ RMI_HD double pooled_grad_at(int64_t q, const acc_t* y, const acc_t* p, const do
 
 template <typename acc_t>
 RMI_HD void pooled_grad_store(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
-                              const double* shift, const Geometry& g, acc_t* grad_pooled) {
+                              const double* shift, const Problem& g, acc_t* grad_pooled) {
   grad_pooled[q] = static_cast<acc_t>(pooled_grad_at(q, y, p, coef, shift, g));
 }
 
@@ -431,7 +397,7 @@ RMI_HD acc_t tap_weight(int64_t o, int64_t i, int64_t n_in, int64_t n_out) {
 // Adjoint of the downsampling of P at input pixel (y, x) of plane (n, c): the pooled gradient
 // gathered from every pooled output whose value depends on P[y, x].
 template <typename acc_t, typename scalar_t, typename label_t>
-RMI_HD acc_t pool_adjoint_at(const scalar_t* logits, const label_t* labels, const Geometry& g,
+RMI_HD acc_t pool_adjoint_at(const scalar_t* logits, const label_t* labels, const Problem& g,
                              const acc_t* grad_plane, int64_t n, int64_t c, int64_t y,
                              int64_t x) {
   if (g.factor == 1) return grad_plane[y * g.w + x];
@@ -484,7 +450,7 @@ RMI_HD acc_t pool_adjoint_at(const scalar_t* logits, const label_t* labels, cons
 // logsumexp, unused in sigmoid mode). grad_pooled [N, C, h, w]; base_scale points to one double.
 template <typename acc_t, typename scalar_t, typename label_t>
 RMI_HD void full_grad_store(int64_t q, const scalar_t* logits, const label_t* labels,
-                            const Geometry& g, const acc_t* grad_pooled, const acc_t* lse,
+                            const Problem& g, const acc_t* grad_pooled, const acc_t* lse,
                             const double* base_scale, scalar_t* out, const OutStrides& os) {
   int64_t n, c = 0, y, x;  // q walks N, C, H, W, or N, H, W, C for a channels-last output
   if (os.channels_last) c = q % g.C, q /= g.C;
@@ -536,7 +502,7 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
 // part_sum, part_count, part_nonfinite [gridDim.x]. Launch: reduce_blocks(N*H*W) x kThreads.
 template <typename scalar_t, typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kThreads)
-    base_stats_kernel(const scalar_t* logits, const label_t* labels, Geometry g,
+    base_stats_kernel(const scalar_t* logits, const label_t* labels, Problem g,
                       double* part_sum, double* part_count, int64_t* part_nonfinite) {
   __shared__ double smem[kThreads];
   __shared__ int64_t smem_i[kThreads];
@@ -584,7 +550,7 @@ __global__ void __launch_bounds__(kThreads)
 // Stage (a), pooled maps: y_out, p_out [N, C, h, w]. Launch: grid_blocks(N*C*h*w) x kThreads.
 template <typename scalar_t, typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kThreads)
-    pooled_maps_kernel(const scalar_t* logits, const label_t* labels, Geometry g, acc_t* y_out,
+    pooled_maps_kernel(const scalar_t* logits, const label_t* labels, Problem g, acc_t* y_out,
                        acc_t* p_out) {
   RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.h * g.w) {
     pooled_store<acc_t>(q, logits, labels, g, y_out, p_out);
@@ -594,7 +560,7 @@ __global__ void __launch_bounds__(kThreads)
 // Stage (a), softmax mode: channel logsumexp lse [N, H, W]. Launch: grid_blocks(N*H*W).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    logsumexp_kernel(const scalar_t* logits, Geometry g, acc_t* lse) {
+    logsumexp_kernel(const scalar_t* logits, Problem g, acc_t* lse) {
   RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
     const int64_t x = q % g.W, t = q / g.W;
     lse[q] = logsumexp_at<acc_t>(logits, g, t / g.H, t % g.H, x);
@@ -625,7 +591,7 @@ __global__ void __launch_bounds__(kThreads)
 // ceil(plan.entries / kThreads)) x kThreads; threads of a block share a plane and a chunk.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    moment_partials_kernel(const acc_t* y, const acc_t* p, const double* offsets, Geometry g,
+    moment_partials_kernel(const acc_t* y, const acc_t* p, const double* offsets, Problem g,
                            MomentPlan plan, double* partials) {
   const int64_t plane = blockIdx.x, chunk = blockIdx.y;
   const int64_t e = static_cast<int64_t>(blockIdx.z) * kThreads + threadIdx.x;
@@ -637,7 +603,7 @@ __global__ void __launch_bounds__(kThreads)
 // Stage (b), level 2: means [planes, 2, d], cov [planes, 3, d, d].
 // Launch: grid_blocks(planes*d*d) x kThreads.
 __global__ void __launch_bounds__(kThreads)
-    moment_finalize_kernel(const double* partials, const double* offsets, Geometry g,
+    moment_finalize_kernel(const double* partials, const double* offsets, Problem g,
                            MomentPlan plan, double* means, double* cov) {
   const int64_t d = g.radius * g.radius;
   RMI_GRID_STRIDE_LOOP(q, g.N * g.C * d * d) {
@@ -649,7 +615,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     pooled_grad_kernel(const acc_t* y, const acc_t* p, const double* coef, const double* shift,
-                       Geometry g, acc_t* grad_pooled) {
+                       Problem g, acc_t* grad_pooled) {
   RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.h * g.w) {
     pooled_grad_store(q, y, p, coef, shift, g, grad_pooled);
   }
@@ -658,7 +624,7 @@ __global__ void __launch_bounds__(kThreads)
 // Stage (e): grad_logits [N, C, H, W] through strides os. Launch: grid_blocks(N*C*H*W).
 template <typename scalar_t, typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kThreads)
-    full_grad_kernel(const scalar_t* logits, const label_t* labels, Geometry g,
+    full_grad_kernel(const scalar_t* logits, const label_t* labels, Problem g,
                      const acc_t* grad_pooled, const acc_t* lse, const double* base_scale,
                      scalar_t* out, OutStrides os) {
   RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.H * g.W) {

@@ -57,7 +57,7 @@ void instantiate() {
 MomentPlan check_host_helpers() {
   const int64_t sizes[4] = {2, 3, 17, 19}, x_strides[4] = {969, 323, 19, 1};
   const int64_t l_strides[3] = {323, 19, 1};
-  Geometry g = make_geometry(sizes, x_strides, l_strides, 3, 4, kAvgPool, 4, 255, kSigmoidMode);
+  Problem g = make_problem(sizes, x_strides, l_strides, 3, 4, kAvgPool, 4, 255, kSigmoidMode);
   unsigned int blocks = grid_blocks(g.N * g.C * g.h * g.w) + reduce_blocks(g.N * g.H * g.W);
   MomentPlan plan = plan_moments(g.N * g.C, g.h - g.radius + 1, g.radius * g.radius);
   plan.chunks += blocks;

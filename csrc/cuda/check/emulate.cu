@@ -1,5 +1,5 @@
 // Host emulation of the CUDA kernels of csrc/cuda/rmi_kernels.cuh: runs the same per-element
-// functions (`*_at`, `*_store`) on the CPU, in the kernels' plan (same Geometry, MomentPlan,
+// functions (`*_at`, `*_store`) on the CPU, in the kernels' plan (same Problem, MomentPlan,
 // chunks and finalize), so tests/test_cuda.py can check their math and indexing against the
 // reference without a GPU. What it cannot check: the grid-stride loops, the block
 // reductions and the launches (rmi_cuda.cu).
@@ -62,7 +62,7 @@ double to_double(__half v) { return static_cast<double>(static_cast<float>(v)); 
 double to_double(__nv_bfloat16 v) { return static_cast<double>(static_cast<float>(v)); }
 
 template <typename scalar_t, typename acc_t, typename label_t>
-std::vector<double> forward_stats(const Geometry& g, const scalar_t* x, const label_t* labels) {
+std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const label_t* labels) {
   const int64_t planes = g.N * g.C, plane_size = g.h * g.w, d = g.radius * g.radius;
   // (a) first term: base_stats_kernel + base_stats_final_kernel
   BaseStats total = {0.0, 0.0, 0};
@@ -104,7 +104,7 @@ std::vector<double> forward_stats(const Geometry& g, const scalar_t* x, const la
 }
 
 template <typename scalar_t, typename acc_t, typename label_t>
-std::vector<double> backward_grad(const int64_t* hd, const Geometry& g, const scalar_t* x,
+std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const scalar_t* x,
                                   const label_t* labels, std::FILE* in) {
   const int64_t planes = g.N * g.C, plane_size = g.h * g.w, d = g.radius * g.radius;
   const std::vector<double> base_scale = read_array<double>(in, 1);
@@ -150,7 +150,7 @@ std::vector<double> run(const int64_t* hd, std::FILE* in) {
   const std::vector<scalar_t> x = read_array<scalar_t>(in, hd[kXStorage]);
   const std::vector<label_t> labels = read_array<label_t>(in, hd[kLStorage]);
   const int64_t sizes[4] = {hd[kN], hd[kC], hd[kH], hd[kW]};
-  const Geometry g = make_geometry(sizes, hd + kXStride0, hd + kLStride0, hd[kRadius],
+  const Problem g = make_problem(sizes, hd + kXStride0, hd + kLStride0, hd[kRadius],
                                    hd[kStride], static_cast<int>(hd[kPool]), hd[kPoolSize],
                                    hd[kIgnoreIndex], static_cast<int>(hd[kMode]));
   if (g.h < g.radius || g.w < g.radius) fail("pooled map smaller than the region");
