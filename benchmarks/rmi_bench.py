@@ -189,6 +189,25 @@ def peak_extra_bytes_cuda(fwd_bwd) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def peak_extra_bytes_torch(fwd_bwd) -> int:
+    """Peak of the live torch allocations during ``fwd_bwd()`` above those before it, in bytes,
+    on any device: the running sum of the ``[memory]`` events of ``torch.profiler`` with
+    ``profile_memory=True`` (custom ops and interpreted Triton host code included; memory that
+    is not a torch tensor, e.g. the Triton interpreter's own copies, is not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] * torch.cuda.is_available())
+    with profile(activities=activities, profile_memory=True) as prof:
+        fwd_bwd()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # > 0 for an allocation, < 0 for a free
+        peak = max(peak, live)
+    return peak
+
+
 def measure_peak_memory(case: Case, backends, device: str) -> dict:
     """``{backend: {"peak_extra_bytes", "peak_extra_x_logits", ...} or {"error": ...}}``: the
     peak extra memory of one forward+backward per backend. CPU: one fresh process for the case,

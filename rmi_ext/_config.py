@@ -8,6 +8,7 @@ import torch
 POOL_MODES = ("avg", "max", "interp")
 LOSS_MODES = ("sigmoid", "softmax")
 BACKENDS = ("auto", "reference", "torch", "cpu", "cuda", "triton")
+NONFINITE_POLICIES = ("auto", "raise", "nan")
 
 #: Constants of the authors' implementation.
 POS_ALPHA = 5e-4  # ridge added to Sp and to M before inverse / Cholesky
@@ -27,6 +28,13 @@ class RMIConfig(NamedTuple):
     lambda_way: int = 1
     ignore_index: int = 255
     mode: str = "sigmoid"
+    nonfinite: str = "auto"
+
+    def raises_on_nonfinite(self, device: torch.device) -> bool:
+        """``True``: NaN/Inf logits raise; ``False``: they make the loss and gradient NaN.
+        ``"auto"`` raises on CPU (no cost) and poisons on CUDA, where raising needs a host sync
+        and a device-side assert would kill the CUDA context (see the README, Robustness)."""
+        return self.nonfinite == "raise" or (self.nonfinite == "auto" and device.type == "cpu")
 
     @property
     def dim(self) -> int:
@@ -76,6 +84,7 @@ def make_config(
     lambda_way=1,
     ignore_index=255,
     mode="sigmoid",
+    nonfinite="auto",
 ) -> RMIConfig:
     """Check every option once and return an :class:`RMIConfig` (raises TypeError/ValueError)."""
     radius = _check_int("radius", radius, 1, MAX_RADIUS)
@@ -89,8 +98,13 @@ def make_config(
     lambda_way = _check_int("lambda_way", lambda_way, 0, 1)
     ignore_index = _check_int("ignore_index", ignore_index, -(2**62))
     mode = _check_choice("mode", mode, LOSS_MODES)
+    nonfinite = _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
     return RMIConfig(radius, stride, pool, pool_size, float(weight_lambda), lambda_way,
-                     ignore_index, mode)
+                     ignore_index, mode, nonfinite)
+
+
+#: Label dtypes accepted by every backend (the same rule as csrc/rmi_ops.h is_label_dtype).
+LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def check_inputs(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig) -> None:
@@ -106,8 +120,8 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig) -> 
         raise ValueError(f"logits must be 4-D [N, C, H, W], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (uint8/int32/int64), got {labels.dtype}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be uint8, int8, int16, int32 or int64, got {labels.dtype}")
     n, c, h, w = logits.shape
     if tuple(labels.shape) != (n, h, w):
         raise ValueError(

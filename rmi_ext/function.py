@@ -39,9 +39,22 @@ def base_normaliser(base_count: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
     return base_count + 1.0 if cfg.mode == "sigmoid" else base_count.clamp_min(1.0)
 
 
-def check_finite(nonfinite: torch.Tensor) -> None:
-    """Raise (CPU) or assert on device without a host sync (CUDA) when logits are not finite."""
-    torch._assert_async(nonfinite == 0, "rmi_loss: logits contain NaN or Inf values")
+NONFINITE_MESSAGE = "rmi_loss: logits contain NaN or Inf values"
+
+
+def nonfinite_poison(nonfinite: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
+    """0-d float64: 0, or NaN when the logits had NaN/Inf values and the policy is not to raise.
+
+    Raising (``cfg.raises_on_nonfinite``): on CPU ``torch._assert_async`` raises at once (no
+    device, no sync; it stays traceable by torch.compile); on CUDA it would be a device-side
+    assert that kills the context, so the strict mode reads the count with a host sync.
+    """
+    if cfg.raises_on_nonfinite(nonfinite.device):
+        if nonfinite.device.type == "cpu":
+            torch._assert_async(nonfinite == 0, NONFINITE_MESSAGE)
+        elif bool(nonfinite):  # opt-in strict mode on a GPU: one host sync
+            raise RuntimeError(NONFINITE_MESSAGE)
+    return torch.where(nonfinite > 0, float("nan"), 0.0).to(torch.float64)
 
 
 class RMIFunction(torch.autograd.Function):
@@ -51,22 +64,24 @@ class RMIFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, cfg: RMIConfig, backend: str):
         base_sum, base_count, nonfinite, means, cov = LOADED[backend].forward_stats(
             logits, labels, cfg)
-        check_finite(nonfinite)
+        poison = nonfinite_poison(nonfinite, cfg)
         norm = base_normaliser(base_count, cfg)
         rmi_nc, (a, chol) = linalg.rmi_from_moments(cov)
         rmi_term = rmi_nc.mean(dim=0).sum() / cfg.dim
         ctx.cfg, ctx.backend = cfg, backend
-        ctx.save_for_backward(logits, labels, norm, means, cov, a, chol)
-        return base_sum / norm, rmi_term
+        ctx.save_for_backward(logits, labels, norm, means, cov, a, chol, poison)
+        return base_sum / norm + poison, rmi_term + poison
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, grad_base, grad_rmi):
-        logits, labels, norm, means, cov, a, chol = ctx.saved_tensors
+        logits, labels, norm, means, cov, a, chol, poison = ctx.saved_tensors
         cfg = ctx.cfg
         grad_base = torch.zeros_like(norm) if grad_base is None else grad_base.double()
         grad_rmi = torch.zeros_like(norm) if grad_rmi is None else grad_rmi.double()
         scale = grad_rmi / (logits.shape[0] * cfg.dim)
         coef, shift = linalg.stencil_coefficients(cov, means, a, chol, scale)
-        grad = LOADED[ctx.backend].backward_grad(logits, labels, cfg, grad_base / norm, coef, shift)
+        # NaN logits (policy "nan"): NaN coefficients make every gradient element NaN.
+        coef, base_scale = coef + poison, grad_base / norm + poison
+        grad = LOADED[ctx.backend].backward_grad(logits, labels, cfg, base_scale, coef, shift)
         return grad, None, None, None

@@ -14,6 +14,21 @@ def _eye(d: int, like: torch.Tensor) -> torch.Tensor:
     return torch.eye(d, dtype=like.dtype, device=like.device)
 
 
+def lu_inverse(x: torch.Tensor) -> torch.Tensor:
+    """``x^-1`` for a batch of invertible matrices, by the LU factorisation with partial
+    pivoting that ``torch.inverse`` (the authors' code) uses: ``x^-1 = U^-1 L^-1 P^T``.
+
+    Built from ops that never read a device value on the host: ``torch.linalg.inv``,
+    ``inv_ex`` and ``lu_solve`` check their pivots or errors with ``.item()`` (a host sync on
+    CUDA, and no CUDA-graph capture).
+    """
+    lu, pivots, _ = torch.linalg.lu_factor_ex(x)
+    perm, lower, upper = torch.lu_unpack(lu, pivots)
+    y = torch.linalg.solve_triangular(lower, perm.transpose(-2, -1), upper=False,
+                                      unitriangular=True)
+    return torch.linalg.solve_triangular(upper, y, upper=True)
+
+
 def rmi_from_moments(cov: torch.Tensor):
     """``cov [N, C, 3, d, d]`` float64 (``Sy, Sp, B``) -> ``rmi [N, C]`` and saved ``(A, L)``.
 
@@ -23,7 +38,7 @@ def rmi_from_moments(cov: torch.Tensor):
     """
     sy, sp, b = cov.unbind(dim=2)
     eye = _eye(cov.shape[-1], cov)
-    a = torch.linalg.inv(sp + POS_ALPHA * eye)
+    a = lu_inverse(sp + POS_ALPHA * eye)
     m = sy - b @ a @ b.transpose(-2, -1)
     m = 0.5 * (m + m.transpose(-2, -1)) + POS_ALPHA * eye
     chol, info = torch.linalg.cholesky_ex(m)

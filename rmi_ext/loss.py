@@ -23,10 +23,10 @@ class RMITerms(NamedTuple):
 
 def rmi_loss_terms(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
                    weight_lambda=0.5, lambda_way=1, ignore_index=255, mode="sigmoid",
-                   backend="auto") -> RMITerms:
+                   nonfinite="auto", backend="auto") -> RMITerms:
     """Like :func:`rmi_loss`, but returns ``RMITerms(loss, base, rmi)`` for logging."""
     cfg = make_config(radius, stride, pool, pool_size, weight_lambda, lambda_way, ignore_index,
-                      mode)
+                      mode, nonfinite)
     check_inputs(logits, labels, cfg)
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     name = resolve_backend(backend, str(logits.device))
@@ -43,7 +43,7 @@ def rmi_loss_terms(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=
 
 def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
              weight_lambda=0.5, lambda_way=1, ignore_index=255, mode="sigmoid",
-             backend="auto") -> torch.Tensor:
+             nonfinite="auto", backend="auto") -> torch.Tensor:
     """Region Mutual Information loss (Zhao et al., NeurIPS 2019), the authors' exact numbers.
 
     Args:
@@ -59,6 +59,9 @@ def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
             ``base + lam*rmi`` (``lambda_way=0``).
         ignore_index: label value to ignore (default 255).
         mode: ``"sigmoid"`` (BCE + RMI) or ``"softmax"`` (CE + RMI on sigmoid probabilities).
+        nonfinite: what NaN/Inf logits do (fast backends): ``"raise"`` a RuntimeError (a host
+            sync on CUDA), ``"nan"`` make the loss and the gradient NaN (no sync: AMP's
+            GradScaler then skips the step), ``"auto"`` (default) raise on CPU, NaN on CUDA.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
 
     Returns:
@@ -67,7 +70,7 @@ def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
     return rmi_loss_terms(logits, labels, radius=radius, stride=stride, pool=pool,
                           pool_size=pool_size, weight_lambda=weight_lambda,
                           lambda_way=lambda_way, ignore_index=ignore_index, mode=mode,
-                          backend=backend).loss
+                          nonfinite=nonfinite, backend=backend).loss
 
 
 class RMILoss(nn.Module):
@@ -77,13 +80,15 @@ class RMILoss(nn.Module):
     """
 
     def __init__(self, *, radius=3, stride=4, pool="avg", pool_size=None, weight_lambda=0.5,
-                 lambda_way=1, ignore_index=255, mode="sigmoid", backend="auto"):
+                 lambda_way=1, ignore_index=255, mode="sigmoid", nonfinite="auto",
+                 backend="auto"):
         super().__init__()
         make_config(radius, stride, pool, pool_size, weight_lambda, lambda_way, ignore_index,
-                    mode)  # fail at construction, not at the first batch
+                    mode, nonfinite)  # fail at construction, not at the first batch
         self.options = dict(radius=radius, stride=stride, pool=pool, pool_size=pool_size,
                             weight_lambda=weight_lambda, lambda_way=lambda_way,
-                            ignore_index=ignore_index, mode=mode, backend=backend)
+                            ignore_index=ignore_index, mode=mode, nonfinite=nonfinite,
+                            backend=backend)
         self.last_terms: RMITerms | None = None
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

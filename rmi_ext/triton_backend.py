@@ -68,6 +68,21 @@ _SUM_COMBINE = tl.standard._sum_combine if _INTERPRETED else _add
 _MAX_COMBINE = tl.standard._elementwise_max if _INTERPRETED else _maximum
 
 
+# Loops with run-time bounds (``range(lo, hi, STEP)`` with ``hi`` a kernel argument or computed)
+# are scf.for loops when compiled, which the compiler pipelines. The interpreter runs them as
+# Python ``range`` on its scalars, 1-element numpy arrays: triton 3.6's ``tensor.__index__`` is
+# ``int(array)``, which numpy >= 2.4 rejects for 1-d arrays (3.9 squeezes first). So run-time
+# bounds go through ``_loop_bound``: the identity when compiled (inlined: the IR is unchanged),
+# a Python int when interpreted.
+if _INTERPRETED:
+    def _loop_bound(x):
+        return x if isinstance(x, int) else int(x.handle.data.item())
+else:
+    @triton.jit
+    def _loop_bound(x):
+        return x
+
+
 @triton.jit
 def _sum(x, AXIS: tl.constexpr):
     return tl.reduce(x, AXIS, _SUM_COMBINE)
@@ -182,11 +197,14 @@ def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, 
                 DT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     """Softmax mode, per pixel: ``lse = logsumexp_c x`` (online over channel blocks).
 
-    Grid ``(cdiv(H*W, BP), N)``. ``STORE_LSE``: write ``lse [N, H*W]`` (backward).
-    ``CE_SUMS``: write this program's ``(sum CE, valid count)`` to ``part_ptr[pid, 0:2]``.
+    Grid ``(N * cdiv(H*W, BP),)``, pixel blocks fastest (a 1-D grid: no 65535 limit on ``N``).
+    ``STORE_LSE``: write ``lse [N, H*W]`` (backward). ``CE_SUMS``: write this program's
+    ``(sum CE, valid count)`` to ``part_ptr[pid, 0:2]``.
     """
-    pblk = tl.program_id(0)
-    n = tl.program_id(1)
+    pid = tl.program_id(0)
+    nblk = tl.cdiv(H * W, BP)
+    n = pid // nblk
+    pblk = pid % nblk
     pix = pblk * BP + tl.arange(0, BP)
     pmask = pix < H * W
     hh = (pix // W).to(tl.int64)
@@ -194,7 +212,7 @@ def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, 
     xbase = x_ptr + n.to(tl.int64) * sxn + hh * sxh + ww * sxw  # [BP] pointers
     run_max = tl.full([BP], float("-inf"), DT)
     run_sum = tl.full([BP], 0, DT)
-    for c0 in range(0, C, BC):
+    for c0 in range(0, _loop_bound(C), BC):
         cc = c0 + tl.arange(0, BC)[:, None]
         xv = tl.load(xbase[None, :] + cc.to(tl.int64) * sxc, mask=(cc < C) & pmask[None, :],
                      other=0.0).to(DT)
@@ -210,9 +228,9 @@ def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, 
         valid = pmask & (lab >= 0) & (lab < C) & (lab != ignore_index)
         x_lab = tl.load(xbase + tl.where(valid, lab, 0) * sxc, mask=valid, other=0.0).to(DT)
         ce = _sum(tl.where(valid, lse - x_lab, 0.0), 0)
-        pid = n * tl.num_programs(0) + pblk
-        tl.store(part_ptr + pid * 2, ce.to(tl.float64))
-        tl.store(part_ptr + pid * 2 + 1, _sum(valid.to(tl.int32), 0).to(tl.float64))
+        pid64 = pid.to(tl.int64)
+        tl.store(part_ptr + pid64 * 2, ce.to(tl.float64))
+        tl.store(part_ptr + pid64 * 2 + 1, _sum(valid.to(tl.int32), 0).to(tl.float64))
 
 
 @triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index"])
@@ -311,7 +329,7 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
         tl.store(ymap_ptr + pooled_off, y_out, mask=omask)
     if STORE_ARGMAX:
         tl.store(amax_ptr + pooled_off, arg, mask=omask)
-    pid = (plane * tl.num_programs(1) + th) * tl.num_programs(2) + tw
+    pid = (plane.to(tl.int64) * tl.num_programs(1) + th) * tl.num_programs(2) + tw
     tl.store(part_ptr + pid * 3 + 1, _sum(p_out, None).to(tl.float64))
     tl.store(part_ptr + pid * 3 + 2, _sum(y_out, None).to(tl.float64))
 
@@ -377,8 +395,8 @@ def _moment_kernel(pmap_ptr, ymap_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
     dxi = (gi % R)[:, None]
     dyj = (gj // R)[:, None]
     dxj = (gj % R)[:, None]
-    off_y = tl.load(off_ptr + plane * 2)
-    off_p = tl.load(off_ptr + plane * 2 + 1)
+    off_y = tl.load(off_ptr + plane.to(tl.int64) * 2)
+    off_p = tl.load(off_ptr + plane.to(tl.int64) * 2 + 1)
     pplane = pmap_ptr + plane.to(tl.int64) * h * w
     yplane = ymap_ptr + plane.to(tl.int64) * h * w
     lbase = lab_ptr + n.to(tl.int64) * sln
@@ -391,7 +409,7 @@ def _moment_kernel(pmap_ptr, ymap_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
     sum_pi = tl.full([BD], 0, tl.float64)
     k_begin = split * CHUNKS * BK
     k_end = tl.minimum(K, k_begin + CHUNKS * BK)
-    for k0 in range(k_begin, k_end, BK):
+    for k0 in range(_loop_bound(k_begin), _loop_bound(k_end), BK):
         kk = k0 + tl.arange(0, BK)
         mk = (kk < k_end)[None, :]
         a = (kk // nw)[None, :]
@@ -520,8 +538,9 @@ def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
     elif POOL == 2:
         lin_h = _linear_scale(H, h, DT)
         lin_w = _linear_scale(W, w, DT)
-        ch = (ih * (h - 1)) // tl.maximum(H - 1, 1)
-        cw = (iw * (w - 1)) // tl.maximum(W - 1, 1)
+        # ih * (h - 1) reaches H * h: int64 (on a [BH, 1] column and a [1, BW] row only).
+        ch = ((ih64 * (h - 1)) // tl.maximum(H - 1, 1)).to(tl.int32)
+        cw = ((iw64 * (w - 1)) // tl.maximum(W - 1, 1)).to(tl.int32)
         gp = tl.full([BH, BW], 0, DT)
         for th in range(3):
             oh = ch - 1 + th
@@ -579,15 +598,41 @@ def _pow2(x, cap):
     return min(triton.next_power_of_2(max(int(x), 1)), cap)
 
 
+#: Index arithmetic: whatever scales with the plane, image or program index (plane offsets
+#: ``n*sxn + c*sxc``, ``plane*h*w`` into the maps, partial-sum rows) is int64, so tensors of any
+#: size (past 2^31 elements) are addressed correctly; offsets inside one image plane (``ih*W +
+#: iw``, the arg-max map, pooled and window indices, and block starts that overshoot the plane
+#: by at most a block) stay int32, hence at most ``_MAX_PLANE`` pixels per image plane.
+_MAX_PLANE = 2**30
+_MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's launch grid limits
+
+
+def _check_plane(logits):
+    hgt, wid = logits.shape[2:]
+    if hgt * wid >= _MAX_PLANE:
+        raise ValueError(f"rmi_loss backend 'triton': an image plane of {hgt} x {wid} = "
+                         f"{hgt * wid} pixels (logits of shape {tuple(logits.shape)}) is too "
+                         f"large, the limit is {_MAX_PLANE - 1} pixels per plane")
+
+
+def _checked_grid(grid, t, what):
+    """``grid``, or a ValueError naming the sizes when it exceeds CUDA's launch limits."""
+    if any(g > limit for g, limit in zip(grid, _MAX_GRID)):
+        raise ValueError(f"rmi_loss backend 'triton': the {what} kernel for a tensor of shape "
+                         f"{tuple(t.shape)} needs a launch grid {grid}, beyond CUDA's limits "
+                         f"{_MAX_GRID[:len(grid)]}")
+    return grid
+
+
 def _lse(logits, labels, cfg, *, store_lse, ce_sums):
     """Softmax mode: ``lse [N, H*W]`` (or ``None``) and CE partials ``[programs, 2]``."""
     n, c, hgt, wid = logits.shape
     dt = _compute_dtype(logits)
     bc = _pow2(c, 16)
     bp = _pow2(hgt * wid, 4096 if _interpreted(logits) else 128)
-    grid = (triton.cdiv(hgt * wid, bp), n)
+    grid = _checked_grid((n * triton.cdiv(hgt * wid, bp),), logits, "logsumexp")
     lse = torch.empty((n, hgt * wid) if store_lse else (1,), dtype=dt, device=logits.device)
-    part = torch.empty((grid[0] * grid[1], 2) if ce_sums else (1,), dtype=torch.float64,
+    part = torch.empty((grid[0], 2) if ce_sums else (1,), dtype=torch.float64,
                        device=logits.device)
     _lse_kernel[grid](logits, labels, lse, part, c, hgt, wid, *logits.stride(), *labels.stride(),
                       cfg.ignore_index, STORE_LSE=store_lse, CE_SUMS=ce_sums,
@@ -609,7 +654,7 @@ def _main_pass(logits, labels, cfg, *, do_base, store_argmax):
     bh = _pow2(ph, max(1, cap // bw))
     th = max(triton.cdiv(ph, bh), triton.cdiv(hgt, bh * s))
     tw = max(triton.cdiv(pw, bw), triton.cdiv(wid, bw * s))
-    grid = (n * c, th, tw)
+    grid = _checked_grid((n * c, th, tw), logits, "main pass")
     dev = logits.device
     pmap = torch.empty((n, c, ph, pw), dtype=dt, device=dev)
     ymap = torch.empty((n, c, ph, pw) if s > 1 else (1,), dtype=dt, device=dev)
@@ -652,7 +697,7 @@ def _moments(pmap, ymap, labels, offsets, cfg, tiling=None):
     dev = pmap.device
     raw = torch.empty((n * c, splits, 3, d, d), dtype=torch.float64, device=dev)
     sums = torch.empty((n * c, splits, 2, d), dtype=torch.float64, device=dev)
-    _moment_kernel[(n * c, nb * nb, splits)](
+    _moment_kernel[_checked_grid((n * c, nb * nb, splits), pmap, "moment")](
         pmap, ymap, labels, offsets, raw, sums, c, ph, pw, *labels.stride(), cfg.ignore_index,
         chunks, R=r, D=d, NB=nb, Y_FROM_LABELS=cfg.stride == 1, BD=bd, BK=bk)
     raw, sums = raw.sum(dim=1), sums.sum(dim=1)  # [N*C, 3, d, d], [N*C, 2, d]
@@ -673,7 +718,8 @@ def _stencil(pmap, ymap, labels, coef, shift, cfg):
         bj = _pow2(d, 32)
         block = _pow2(ph * pw, 2048 // bj)
     g = torch.empty_like(pmap)
-    _stencil_kernel[(n * c * triton.cdiv(ph * pw, block),)](
+    grid = _checked_grid((n * c * triton.cdiv(ph * pw, block),), pmap, "stencil")
+    _stencil_kernel[grid](
         pmap, ymap, labels, coef, shift, g, n * c, c, ph, pw, *labels.stride(), cfg.ignore_index,
         R=cfg.radius, D=d, Y_FROM_LABELS=cfg.stride == 1, DT=_TL_DTYPES[pmap.dtype],
         BJ=bj, BLOCK=block, num_warps=8)
@@ -713,6 +759,7 @@ def _forward_impl(logits, labels, cfg):
     module = _module_for(logits)
     if module is not sys.modules[__name__]:
         return module._forward_impl(logits, labels, cfg)
+    _check_plane(logits)
     n, c = logits.shape[:2]
     pmap, ymap, _, part, cnt = _main_pass(logits, labels, cfg, do_base=True, store_argmax=False)
     if cfg.mode == "sigmoid":
@@ -733,6 +780,7 @@ def _backward_impl(logits, labels, cfg, base_scale, coef, shift):
     module = _module_for(logits)
     if module is not sys.modules[__name__]:
         return module._backward_impl(logits, labels, cfg, base_scale, coef, shift)
+    _check_plane(logits)
     lse = None
     if cfg.mode == "softmax":
         lse, _ = _lse(logits, labels, cfg, store_lse=True, ce_sums=False)
@@ -749,7 +797,9 @@ def _backward_impl(logits, labels, cfg, base_scale, coef, shift):
     s = cfg.stride
     pool, pk = (0, 1) if s == 1 else (_POOL_IDS[cfg.pool], cfg.pool_size)
     scale = base_scale.to(device=logits.device, dtype=torch.float64).reshape(1)
-    _grad_kernel[(n * c, triton.cdiv(hgt, bh), triton.cdiv(wid, bw))](
+    grid = _checked_grid((n * c, triton.cdiv(hgt, bh), triton.cdiv(wid, bw)), logits,
+                         "gradient")
+    _grad_kernel[grid](
         logits, labels, g, amax, g if lse is None else lse, scale, grad, c, hgt, wid, ph, pw,
         *logits.stride(), *labels.stride(), *grad.stride(), cfg.ignore_index, S=s, PK=pk,
         POOL=pool, MODE=_MODE_IDS[cfg.mode], DT=_TL_DTYPES[g.dtype], BH=bh, BW=bw, num_warps=8)

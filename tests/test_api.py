@@ -189,6 +189,9 @@ def test_bad_tensors():
         rmi_ext.rmi_loss(x, labels.float(), radius=2, stride=2)
     with pytest.raises(TypeError, match="labels"):
         rmi_ext.rmi_loss(x, labels >= 0, radius=2, stride=2)
+    with pytest.raises(TypeError, match=r"labels must be uint8, int8, int16, int32 or int64, "
+                                        r"got torch.uint16"):
+        rmi_ext.rmi_loss(x, labels.clamp(min=0).to(torch.uint16), radius=2, stride=2)
     with pytest.raises(ValueError, match="labels"):
         rmi_ext.rmi_loss(x, labels[:, :8], radius=2, stride=2)
     with pytest.raises(ValueError, match="labels"):
@@ -225,6 +228,49 @@ def test_non_finite_logits_raise(backend, value, dtype, mode):
     x[1, 2, 4, 5] = value
     with pytest.raises(RuntimeError, match="NaN"):
         rmi_ext.rmi_loss(x, labels, radius=2, stride=2, mode=mode, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_non_finite_logits_poison_loss_and_gradient(backend, value, mode):
+    """nonfinite="nan" (what "auto" does on CUDA): no error, no host sync; the loss and the
+    gradient are NaN, so AMP's GradScaler skips the step. Finite logits are unaffected."""
+    x, labels = make_inputs((2, 3, 9, 9), 11, dtype=torch.float32, requires_grad=False)
+    clean = x.clone().requires_grad_()
+    x[1, 2, 4, 5] = value
+    x.requires_grad_()
+    for logits, poisoned in ((x, True), (clean, False)):
+        terms = rmi_ext.rmi_loss_terms(logits, labels, radius=2, stride=2, mode=mode,
+                                       nonfinite="nan", backend=backend)
+        (2.0 * terms.loss).backward()
+        for t in (terms.loss, terms.base, terms.rmi):
+            assert bool(torch.isnan(t)) is poisoned, (t, poisoned)
+        assert bool(torch.isnan(logits.grad).any()) is poisoned
+        assert bool(torch.isfinite(logits.grad).all()) is not poisoned
+    with pytest.raises(RuntimeError, match="NaN or Inf"):  # the strict mode on any device
+        rmi_ext.rmi_loss(x, labels, radius=2, stride=2, nonfinite="raise", backend=backend)
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        rmi_ext.rmi_loss(x, labels, nonfinite="ignore", backend=backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_no_host_sync_in_forward_backward(backend):
+    """The profile of a forward+backward (policy "nan", as on CUDA) has no op that reads a
+    device value on the host: no linalg error check, .item() or nonzero."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, labels = make_inputs((2, 3, 17, 15), 12, dtype=torch.float32)
+    run = lambda: rmi_ext.rmi_loss(x, labels, radius=3, stride=2, nonfinite="nan",  # noqa: E731
+                                   backend=backend).backward()
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    names = {e.name for e in prof.events()}
+    assert "aten::mul" in names or "aten::add" in names, sorted(names)[:20]  # the profile works
+    syncs = names & {"aten::_linalg_check_errors", "aten::item", "aten::_local_scalar_dense",
+                     "aten::nonzero"}
+    assert not syncs, syncs
 
 
 # ---- robustness: degenerate but finite inputs --------------------------------------------------

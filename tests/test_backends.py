@@ -13,6 +13,7 @@ import torch
 
 import ld_oracle
 import rmi_ext
+from rmi_ext._config import LABEL_DTYPES
 from conftest import ERRORS, fast_backends, make_inputs, rel_err
 
 BACKENDS = fast_backends()
@@ -197,7 +198,7 @@ def test_all_ignored_image_in_batch(backend, mode, pool):
     compare(backend, x, labels, mode=mode, pool=pool, stride=2, radius=2)
 
 
-@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
 def test_label_dtypes(backend, label_dtype):
     x, labels = make_inputs((2, 3, 13, 11), 9, label_dtype=label_dtype)
     compare(backend, x, labels, stride=2, radius=3)

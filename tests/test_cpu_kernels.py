@@ -98,3 +98,29 @@ def test_channels_last_and_strided_views_without_copy_semantics():
         _assert_matches_reference(inp, y, 1e-5, 1e-4, stride=2)
     grad = _loss_and_grad(cl, y, "cpu", stride=2)[1]
     assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_op_checks_shared_with_cuda_name_the_argument():
+    """The C++ checks (csrc/rmi_ops.h, shared by the CPU and CUDA kernels) guard direct op calls."""
+    x = torch.randn(1, 2, 9, 9)
+    y = torch.zeros(1, 9, 9, dtype=torch.long)
+    op = torch.ops.rmi_ext.forward_stats
+    for args, message in [
+            ((x, y.to(torch.uint16), 3, 1, "avg", 1, 255, "sigmoid"), "labels must be uint8, int8"),
+            ((x, y, 11, 1, "avg", 1, 255, "sigmoid"), r"radius must be in \[1, 10\], got 11"),
+            ((x, y, 3, 1, "mean", 1, 255, "sigmoid"), "pool must be 'avg', 'max' or 'interp'"),
+            ((x, y, 3, 1, "avg", 1, 255, "tanh"), "mode must be 'sigmoid' or 'softmax'"),
+            ((x, y, 3, 5, "avg", 5, 255, "sigmoid"), "smaller than the region radius 3"),
+            ((x, y[:, :8], 3, 1, "avg", 1, 255, "sigmoid"), r"labels must have shape \[N, H, W\]")]:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+    coef = torch.zeros(1, 2, 2, 9, 9, dtype=torch.float64)
+    shift = torch.zeros(1, 2, 9, dtype=torch.float64)
+    scale = torch.ones((), dtype=torch.float64)
+    back = torch.ops.rmi_ext.backward_grad
+    with pytest.raises(RuntimeError, match=r"coef must have shape \[1, 2, 2, 9, 9\]"):
+        back(x, y, scale, coef[:, :, :1], shift, 3, 1, "avg", 1, 255, "sigmoid")
+    with pytest.raises(RuntimeError, match="shift must be float64"):
+        back(x, y, scale, coef, shift.float(), 3, 1, "avg", 1, 255, "sigmoid")
+    grad = back(x, y, scale, coef, shift, 3, 1, "avg", 1, 255, "sigmoid")
+    assert grad.shape == x.shape and torch.isfinite(grad).all()

@@ -706,7 +706,7 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
                                       pool, pool_size, ignore_index, mode);
   rmi::check_backward_inputs(p, logits, base_scale, coef, shift);
   const Tensor coef_c = coef.contiguous(), shift_c = shift.contiguous();
-  const double scale = base_scale.item<double>();  // CPU tensor: no device sync
+  const double scale = *base_scale.const_data_ptr<double>();  // CPU tensor (no aten::item)
   Tensor grad = at::empty_like(logits);
   const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rmi_backward_grad", [&] {
