@@ -1,8 +1,10 @@
 """Backend registry: which backends can run on a device, and what ``"auto"`` picks."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -41,22 +43,41 @@ def _device_reason(name: str, device: torch.device) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _probe(name: str, device: str) -> str | None:
+    """Run the backend's ``probe(device)`` once per device (e.g. Triton compiles and launches a
+    tiny kernel: a missing C compiler or a driver mismatch shows here, not in a training step).
+    ``None`` when it works or the backend has no probe, else the reason."""
+    module = _load(name)[0]
+    probe = getattr(module, "probe", None)
+    return None if probe is None else probe(torch.device(device))
+
+
 def why_unavailable(name: str, device) -> str | None:
     """``None`` if backend ``name`` can run on ``device``, else the reason it cannot."""
     device = torch.device(device)
     reason = _device_reason(name, device)
     if reason is None and name not in ("reference", "torch"):
-        reason = _load(name)[1]
+        reason = _load(name)[1] or _probe(name, str(device))
     return reason
 
 
 def auto_backend(device) -> str:
-    """The backend ``backend="auto"`` uses for tensors on ``device``: the fastest that runs."""
+    """The backend ``backend="auto"`` uses for tensors on ``device``: the fastest that runs.
+    A backend that imports but fails its probe is skipped with one warning naming the cause."""
     device = torch.device(device)
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if why_unavailable(name, device) is None:
+        reason = why_unavailable(name, device)
+        if reason is None:
             return name
+        if _load(name)[0] is not None and _device_reason(name, device) is None:
+            _warn_once(f"rmi_ext: backend 'auto' skips {name!r} on {device}: {reason}")
     return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 #: Backend modules resolved so far, by name (read by rmi_ext.function, also under torch.compile).

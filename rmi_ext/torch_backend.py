@@ -102,27 +102,35 @@ def _base_loss_grad(x, labels, valid, cfg: RMIConfig):
     return grad * valid.unsqueeze(1)
 
 
-#: Full-resolution elements handled at once: the stages run on chunks of (n, c) planes (the
-#: first term on one image at a time), so temporaries stay small at every DF, DF 1 included.
-CHUNK_ELEMENTS = 1 << 18
+#: Full-resolution elements handled at once, by device type: the stages run on chunks of
+#: (n, c) planes so that temporaries stay small at every DF, DF 1 included. A GPU gets chunks of
+#: many images (a few hundred launches a step, not one chunk per plane); a CPU, cache-sized ones.
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
-def class_chunks(logits: torch.Tensor):
-    """``(c0, c1)`` class ranges of about ``CHUNK_ELEMENTS`` values of one image each."""
-    _, c, h, w = logits.shape
-    per = max(1, CHUNK_ELEMENTS // (h * w))
-    return [(c0, min(c, c0 + per)) for c0 in range(0, c, per)]
+def plane_chunks(shape, device_type: str):
+    """``(n0, n1, c0, c1)`` blocks of ``logits [N, C, H, W]`` of at most about the device's
+    ``CHUNK_ELEMENTS``: whole images (all classes) when one fits, else class ranges of one."""
+    n, c, h, w = shape
+    budget = CHUNK_ELEMENTS.get(device_type, DEFAULT_CHUNK_ELEMENTS)
+    if c * h * w <= budget:
+        per = budget // (c * h * w)
+        return [(n0, min(n, n0 + per), 0, c) for n0 in range(0, n, per)]
+    per = max(1, budget // (h * w))
+    return [(i, i + 1, c0, min(c, c0 + per)) for i in range(n) for c0 in range(0, c, per)]
 
 
 def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
     """Stage (a), first term: ``base_sum``, ``base_count`` (0-d float64) and ``nonfinite``
-    (0-d int64, number of non-finite logits), one image at a time."""
+    (0-d int64, number of non-finite logits), a few images at a time (:func:`plane_chunks`)."""
     base_sum = logits.new_zeros((), dtype=torch.float64)
     base_count = logits.new_zeros((), dtype=torch.float64)
     nonfinite = logits.new_zeros((), dtype=torch.int64)
-    for i in range(logits.shape[0]):
-        x = logits[i:i + 1].to(compute_dtype(logits))
-        lab, valid = _label_maps(labels[i:i + 1], x.shape[1], cfg.ignore_index)
+    images = sorted({(n0, n1) for n0, n1, _, _ in plane_chunks(logits.shape, logits.device.type)})
+    for n0, n1 in images:
+        x = logits[n0:n1].to(compute_dtype(logits))
+        lab, valid = _label_maps(labels[n0:n1], x.shape[1], cfg.ignore_index)
         loss, count = _base_loss(x, lab, valid, cfg)
         base_sum += loss.double()
         base_count += count.double()
@@ -233,25 +241,25 @@ def forward_stats(logits, labels, cfg: RMIConfig):
     base_sum, base_count, nonfinite = first_term_sums(logits, labels, cfg)
     means = logits.new_empty((n, c, 2, d), dtype=torch.float64)
     cov = logits.new_empty((n, c, 3, d, d), dtype=torch.float64)
-    for i in range(n):
-        for c0, c1 in class_chunks(logits):
-            y, p = pooled_maps(logits[i:i + 1, c0:c1], labels[i:i + 1], cfg, c0, c)
-            means[i:i + 1, c0:c1], cov[i:i + 1, c0:c1] = moment_sums(y, p, cfg.radius)
+    for n0, n1, c0, c1 in plane_chunks(logits.shape, logits.device.type):
+        y, p = pooled_maps(logits[n0:n1, c0:c1], labels[n0:n1], cfg, c0, c)
+        means[n0:n1, c0:c1], cov[n0:n1, c0:c1] = moment_sums(y, p, cfg.radius)
     return base_sum, base_count, nonfinite, means, cov
 
 
 def backward_grad(logits, labels, cfg: RMIConfig, base_scale, coef, shift):
     """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them),
-    one image at a time, summed in the compute dtype and cast to the logits' dtype once."""
+    a few images at a time, summed in the compute dtype and cast to the logits' dtype once."""
     c = logits.shape[1]
     grad = torch.empty_like(logits)
-    for i in range(logits.shape[0]):
-        lab = labels[i:i + 1]
-        grad_i = base_grad(logits[i:i + 1], lab, cfg, base_scale)
-        for c0, c1 in class_chunks(logits):
-            y, p, dpdx = _full_res_maps(logits[i:i + 1, c0:c1], lab, cfg, c0, c)
-            grad_pooled = pooled_grad_stencil(*_pool_maps(y, p, cfg), coef[i:i + 1, c0:c1],
-                                              shift[i:i + 1, c0:c1], cfg.radius)
+    chunks = plane_chunks(logits.shape, logits.device.type)
+    for n0, n1 in sorted({(n0, n1) for n0, n1, _, _ in chunks}):
+        lab = labels[n0:n1]
+        grad_i = base_grad(logits[n0:n1], lab, cfg, base_scale)
+        for c0, c1 in [(c0, c1) for m0, _, c0, c1 in chunks if m0 == n0]:
+            y, p, dpdx = _full_res_maps(logits[n0:n1, c0:c1], lab, cfg, c0, c)
+            grad_pooled = pooled_grad_stencil(*_pool_maps(y, p, cfg), coef[n0:n1, c0:c1],
+                                              shift[n0:n1, c0:c1], cfg.radius)
             grad_i[:, c0:c1] += rmi_full_res_grad(grad_pooled, p, dpdx, cfg)
-        grad[i:i + 1] = grad_i
+        grad[n0:n1] = grad_i
     return grad

@@ -332,3 +332,30 @@ def test_all_ignored_values():
         for mode in ("sigmoid", "softmax"):
             t = rmi_ext.rmi_loss_terms(x, labels, radius=2, stride=2, mode=mode, backend=backend)
             assert t.base.item() == 0.0 and torch.isfinite(t.rmi)
+
+
+def test_auto_skips_a_backend_whose_probe_fails(monkeypatch):
+    """A backend that imports but cannot run here (its probe fails: e.g. Triton without a C
+    compiler for its launcher) is skipped by "auto" with one warning naming the cause, shown in
+    backend_info, and raises when named."""
+    from rmi_ext import _dispatch, cpu_backend
+
+    if rmi_ext.backend_info("cpu")["available"]["cpu"] is not True:
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(cpu_backend, "probe", lambda device: "launcher cannot be built (test)",
+                        raising=False)
+    monkeypatch.delitem(_dispatch.LOADED, "cpu", raising=False)
+    _dispatch._probe.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="skips 'cpu' on cpu: launcher cannot be built"):
+            assert rmi_ext.auto_backend("cpu") == "torch"
+        info = rmi_ext.backend_info("cpu")
+        assert info["auto"] == "torch"
+        assert info["available"]["cpu"] == "launcher cannot be built (test)"
+        x, labels = make_inputs((1, 2, 9, 9), 3)
+        with pytest.raises(RuntimeError, match="'cpu' cannot run on cpu: launcher cannot be"):
+            rmi_ext.rmi_loss(x, labels, radius=2, stride=2, backend="cpu")
+    finally:
+        monkeypatch.undo()
+        _dispatch._probe.cache_clear()
+    assert rmi_ext.auto_backend("cpu") == "cpu"

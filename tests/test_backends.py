@@ -290,3 +290,4 @@ def test_weight_lambda_edges(backend, mode, lam, lambda_way):
     x, labels = make_inputs((2, 3, 13, 11), 16, mode=mode)
     compare(backend, x, labels, mode=mode, stride=2, radius=2, weight_lambda=lam,
             lambda_way=lambda_way)
+
