@@ -1,26 +1,18 @@
 """Python side of the ``torch.ops.rmi_ext`` custom ops: loading and fake (meta) kernels.
 
-The fake kernels give shapes/dtypes only, so ``torch.compile`` can trace through the ops.
+The fake kernels (:mod:`rmi_ext.function`) check the inputs and give the outputs' shapes and
+dtypes, so ``torch.compile`` can trace through the ops.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
-from .function import empty_stats
+from .function import fake_backward_grad, fake_forward_stats
 
 ops = torch.ops.rmi_ext
-
-
-@torch.library.register_fake("rmi_ext::forward_stats")
-def _forward_stats_fake(logits, labels, radius, stride, pool, pool_size, ignore_index, mode):
-    return empty_stats(logits, radius)
-
-
-@torch.library.register_fake("rmi_ext::backward_grad")
-def _backward_grad_fake(logits, labels, base_scale, coef, shift, radius, stride, pool,
-                        pool_size, ignore_index, mode):
-    return torch.empty_like(logits)
+torch.library.register_fake("rmi_ext::forward_stats")(fake_forward_stats)
+torch.library.register_fake("rmi_ext::backward_grad")(fake_backward_grad)
 
 
 def forward_stats(logits, labels, cfg):

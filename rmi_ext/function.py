@@ -20,7 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import linalg
-from ._config import RMIConfig
+from ._config import LABEL_DTYPES, MAX_RADIUS, RMIConfig
 from ._dispatch import LOADED
 
 
@@ -32,6 +32,40 @@ def empty_stats(logits: torch.Tensor, radius: int):
     return (logits.new_empty((), **f64), logits.new_empty((), **f64),
             logits.new_empty((), dtype=torch.int64, device=logits.device),
             logits.new_empty((n, c, 2, d), **f64), logits.new_empty((n, c, 3, d, d), **f64))
+
+
+def _check_op_inputs(logits, labels, radius: int) -> None:
+    """The checks of csrc/rmi_ops.h, for the fake kernels (``torch._check``: symbolic shapes)."""
+    torch._check(logits.dim() == 4, lambda: f"logits must be [N, C, H, W], got {logits.shape}")
+    torch._check(logits.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                 lambda: f"logits must be a float tensor, got {logits.dtype}")
+    torch._check(labels.dtype in LABEL_DTYPES,
+                 lambda: f"labels must be uint8, int8, int16, int32 or int64, got {labels.dtype}")
+    torch._check(labels.dim() == 3, lambda: f"labels must be [N, H, W], got {labels.shape}")
+    for i, j in ((0, 0), (1, 2), (2, 3)):
+        torch._check(labels.shape[i] == logits.shape[j],
+                     lambda: f"labels {labels.shape} do not match logits {logits.shape}")
+    torch._check(1 <= radius <= MAX_RADIUS, lambda: f"radius must be in [1, 10], got {radius}")
+
+
+def fake_forward_stats(logits, labels, radius, stride, pool, pool_size, ignore_index, mode):
+    """Fake (meta) kernel of every ``forward_stats`` op: checks, then :func:`empty_stats`."""
+    _check_op_inputs(logits, labels, radius)
+    return empty_stats(logits, radius)
+
+
+def fake_backward_grad(logits, labels, base_scale, coef, shift, radius, stride, pool, pool_size,
+                       ignore_index, mode):
+    """Fake (meta) kernel of every ``backward_grad`` op: checks, then ``empty_like(logits)``."""
+    _check_op_inputs(logits, labels, radius)
+    n, c, d = logits.shape[0], logits.shape[1], radius * radius
+    for name, t, shape in (("base_scale", base_scale, ()), ("coef", coef, (n, c, 2, d, d)),
+                           ("shift", shift, (n, c, d))):
+        torch._check(t.dtype == torch.float64, lambda: f"{name} must be float64, got {t.dtype}")
+        torch._check(t.dim() == len(shape), lambda: f"{name} must have shape {shape}")
+        for size, want in zip(t.shape, shape):
+            torch._check(size == want, lambda: f"{name} must have shape {shape}, got {t.shape}")
+    return torch.empty_like(logits)
 
 
 def base_normaliser(base_count: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:

@@ -163,3 +163,33 @@ def test_ddp_two_processes_match_single_process(backend):
         assert abs(loss0 - single0) <= 1e-6 * max(1.0, abs(single0))
         for g, e in zip(ddp_grads, expected):
             assert torch.allclose(torch.from_numpy(g), e, rtol=1e-5, atol=1e-7)
+
+
+def test_fake_kernels_check_shapes_and_dtypes():
+    """The ops' fake kernels (what torch.compile traces) reject what the C++ checks reject."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import rmi_ext._ops  # noqa: F401
+
+    ops = torch.ops.rmi_ext
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 16, 16)
+        y = torch.empty(2, 16, 16, dtype=torch.int64)
+        stats = ops.forward_stats(x, y, 3, 2, "avg", 2, 255, "sigmoid")
+        assert [tuple(t.shape) for t in stats] == [(), (), (), (2, 3, 2, 9), (2, 3, 3, 9, 9)]
+        assert [t.dtype for t in stats] == [torch.float64] * 2 + [torch.int64] + [torch.float64] * 2
+        for bad_x, bad_y, message in ((x, y.float(), "labels must be uint8"),
+                                      (x, y[:, :8], "do not match logits"),
+                                      (x[0], y, r"logits must be \[N, C, H, W\]")):
+            with pytest.raises(Exception, match=message):
+                ops.forward_stats(bad_x, bad_y, 3, 2, "avg", 2, 255, "sigmoid")
+        coef = torch.empty(2, 3, 2, 9, 9, dtype=torch.float64)
+        shift = torch.empty(2, 3, 9, dtype=torch.float64)
+        scale = torch.empty((), dtype=torch.float64)
+        grad = ops.backward_grad(x, y, scale, coef, shift, 3, 2, "avg", 2, 255, "sigmoid")
+        assert grad.shape == x.shape and grad.dtype == x.dtype
+        with pytest.raises(Exception, match=r"coef must have shape \(2, 3, 2, 9, 9\)"):
+            ops.backward_grad(x, y, scale, coef[:, :, :, :4], shift, 3, 2, "avg", 2, 255,
+                              "sigmoid")
+        with pytest.raises(Exception, match="shift must be float64"):
+            ops.backward_grad(x, y, scale, coef, shift.float(), 3, 2, "avg", 2, 255, "sigmoid")
