@@ -4,11 +4,15 @@ compiled kernels against the unfold reference on a GPU.
 Without a GPU (needs ``nvcc`` on PATH):
 
 * ``csrc/cuda/check/compile_check.cu`` (torch-free) instantiates every kernel template of
-  ``rmi_kernels.cuh``; it must compile with ``nvcc -c``.
+  ``rmi_kernels.cuh`` with the types ``rmi_cuda.cu`` dispatches; it must compile for sm_80 and
+  sm_90, and ptxas' resource report (``-Xptxas -v``) must show no register spills in the hot
+  kernels (``test_kernel_resources`` prints the registers / spills / stack table).
 * ``csrc/cuda/check/emulate.cu`` runs the kernels' per-element functions on the host, in the
   kernels' plan; wrapped as a backend below, it is checked against the reference (loss and
   gradient) exactly like the GPU kernels. Only the grid-stride loops, the block reductions and
-  the torch glue (``rmi_cuda.cu``) are left to the GPU tests.
+  the torch glue (``rmi_cuda.cu``) are left to the GPU tests. Its ``--selftest`` checks the
+  kernels' index division (FastDivmod) and its ``--plan`` the launch plan at sizes past 2^31
+  elements and 65535 planes (grid limits), without allocating anything.
 * ``RMI_TEST_CUDA_GLUE=1`` also compiles ``rmi_cuda.cu`` against the installed torch's headers
   (about a minute of CPU; off by default).
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -171,8 +176,9 @@ def builds():
         tmp = Path(tmp)
         b = Builds(tmp)
         check = CSRC / "cuda/check"
-        b.start("compile_check", [NVCC, "-std=c++17", "-c", "-I", str(CSRC),
-                                  str(check / "compile_check.cu"), "-o", str(tmp / "check.o")])
+        b.start("compile_check", [NVCC, "-std=c++17", "-c", "-O3", "-I", str(CSRC)]
+                + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in RESOURCE_ARCHS]
+                + ["-Xptxas", "-v", str(check / "compile_check.cu"), "-o", str(tmp / "check.o")])
         b.start("emulate", [NVCC, "-std=c++17", "-O2", "-I", str(CSRC),
                             str(check / "emulate.cu"), "-o", str(tmp / "emulate")])
         glue = _glue_command(tmp / "glue.o")
@@ -189,6 +195,114 @@ def builds():
 def test_kernels_compile_without_torch(builds):
     rc, out = builds.result("compile_check")
     assert rc == 0, out
+
+
+# ---- without a GPU: registers and spills of the compiled kernels ------------------------------
+
+RESOURCE_ARCHS = ("80", "90")
+#: Kernels on the hot path (per pixel or per pooled pixel), which must not spill.
+HOT_KERNELS = ("base_stats_kernel", "pooled_maps_kernel", "moment_partials_kernel",
+               "pooled_grad_kernel", "full_grad_kernel")
+#: No kernel is exempt today. A kernel that spills for a reason that cannot be fixed without
+#: measuring on a GPU goes here, as {"kernel_name": "why"}; it is then reported, not asserted.
+SPILL_EXEMPT: dict = {}
+_LOGITS = ("float", "double", "__half", "__nv_bfloat16")
+_LABEL_TYPES = ("unsigned char", "int", "long")
+
+
+def _demangle(names):
+    cxxfilt = shutil.which("c++filt") or shutil.which("cu++filt")
+    if cxxfilt is None:
+        return list(names)
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    lines = out.stdout.splitlines()
+    return lines if out.returncode == 0 and len(lines) == len(names) else list(names)
+
+
+def parse_ptxas(text):
+    """Entry functions of a ``-Xptxas -v`` report: dicts with ``kernel`` (the bare name, e.g.
+    ``full_grad_kernel``), ``signature`` (demangled, template arguments included), ``arch``,
+    ``registers``, ``spill_stores``, ``spill_loads``, ``stack`` (bytes of stack frame)."""
+    rows, current = [], None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        if m:
+            current = {"mangled": m.group(1), "arch": m.group(2)}
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                      r"(\d+) bytes spill loads", line)
+        if m:
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                           spill_loads=int(m.group(3)))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+            rows.append(current)
+            current = None
+    for row, name in zip(rows, _demangle([r["mangled"] for r in rows])):
+        row["signature"] = re.sub(r"\(.*", "", name).replace("rmi::cuda::", "").replace(
+            "void ", "")
+        m = re.match(r"_ZN3rmi4cuda(\d+)", row["mangled"])
+        row["kernel"] = (row["mangled"][m.end():m.end() + int(m.group(1))] if m
+                         else row["signature"].split("<")[0])
+    return rows
+
+
+def resource_table(rows):
+    lines = [f"{'kernel':58} {'arch':6} {'regs':>4} {'spill st/ld':>12} {'stack':>6}"]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["signature"], r["arch"])):
+        lines.append(f"{r['signature']:58} {r['arch']:6} {r['registers']:>4} "
+                     f"{r['spill_stores']:>5}/{r['spill_loads']:<6} {r['stack']:>6}")
+    return "\n".join(lines)
+
+
+@needs_nvcc
+def test_kernel_resources(builds):
+    """ptxas registers / spills / stack of every kernel for sm_80 and sm_90 (printed: run with
+    ``-s`` or ``-rA`` to see the table); no spills in the hot kernels; every instantiation that
+    rmi_cuda.cu launches is in the report."""
+    rc, out = builds.result("compile_check")
+    assert rc == 0, out
+    rows = parse_ptxas(out)
+    table = resource_table(rows)
+    print("\n" + table)
+    seen = {(r["kernel"], r["arch"]) for r in rows}
+    signatures = {(r["signature"].replace(" ", ""), r["arch"]) for r in rows}
+    for arch in RESOURCE_ARCHS:
+        for kernel in HOT_KERNELS + ("logsumexp_kernel", "plane_offsets_kernel",
+                                     "moment_finalize_kernel", "base_stats_final_kernel"):
+            assert (kernel, f"sm_{arch}") in seen, f"{kernel} missing for sm_{arch}\n{table}"
+        if any(r["signature"].startswith("_Z") for r in rows):
+            continue  # no demangler: the template arguments cannot be read
+        # 4 logits types x 3 label types x (base stats, full grad, 3 pool kinds of pooled maps)
+        for x in _LOGITS:
+            acc = "double" if x == "double" else "float"
+            for label in _LABEL_TYPES:
+                for name, extra in [("base_stats_kernel", ""), ("full_grad_kernel", "")] + [
+                        ("pooled_maps_kernel", f",{kind}") for kind in (0, 1, 2)]:
+                    sig = f"{name}<{x},{acc},{label}{extra}>".replace(" ", "")
+                    assert (sig, f"sm_{arch}") in signatures, f"{sig} sm_{arch} missing\n{table}"
+    spilling = [r for r in rows if r["kernel"] in HOT_KERNELS
+                and (r["spill_stores"] or r["spill_loads"]) and r["kernel"] not in SPILL_EXEMPT]
+    assert not spilling, "hot kernels spill registers:\n" + resource_table(spilling)
+
+
+def test_parse_ptxas_report():
+    """The parser on a fixed excerpt of a ptxas -v report (its format, as of CUDA 12-13)."""
+    name = "_ZN3rmi4cuda18pooled_grad_kernelIfEEvPKT_S4_PKdS6_NS_7ProblemENS0_8DivisorsEPS2_"
+    text = f"""ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '{name}' for 'sm_90'
+ptxas info    : Function properties for {name}
+    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 48 registers, used 0 barriers, 560 bytes cmem[0]
+"""
+    row, = parse_ptxas(text)
+    assert row["kernel"] == "pooled_grad_kernel" and row["arch"] == "sm_90"
+    assert (row["registers"], row["spill_stores"], row["spill_loads"], row["stack"]) == (
+        48, 8, 4, 16)
 
 
 @needs_nvcc
@@ -326,6 +440,72 @@ def test_emulated_first_term_counts(emulated):
         torch.testing.assert_close(cov, want[4], rtol=1e-12, atol=1e-15)
 
 
+@needs_nvcc
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("stride,pool_size", [(2, None), (3, 5), (2, 3), (4, 2)])
+def test_emulated_max_pool_ties(emulated, mode, stride, pool_size):
+    """Max pooling with many exact ties in a window (integer logits in [-2, 2], so equal P at
+    valid pixels, and 40% ignored pixels): the gradient goes to the first maximum in row-major
+    order, the one the pooled-maps pass records, as max_pool2d picks it; overlapping windows
+    (pool_size > stride) and windows clipped at the border included."""
+    x, labels = make_inputs((2, 3, 23, 26), 11 + stride, mode=mode, ignore_frac=0.4)
+    x = x.detach().round().clamp(-2, 2)
+    check_against_reference(emulated, x, labels, mode=mode, pool="max", stride=stride,
+                            pool_size=pool_size)
+
+
+@needs_nvcc
+def test_emulated_fast_divmod(emulated):
+    """FastDivmod (the kernels' index division) against plain division: edge and random
+    divisors in [1, 2^63) and dividends in [0, 2^63)."""
+    out = subprocess.run([str(emulated.exe), "--selftest"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " 0 failures" in out.stdout
+
+
+def _launch_plan(exe, shape, radius, stride, pool, pool_size=None):
+    args = [*shape, radius, stride, _POOLS[pool], stride if pool_size is None else pool_size]
+    out = subprocess.run([str(exe), "--plan", *map(str, args)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {}
+    for line in out.stdout.splitlines():
+        name, *values = line.split()
+        rows[name] = values if name == "decode" else [int(v) for v in values]
+    return rows
+
+
+@needs_nvcc
+@pytest.mark.parametrize("shape,radius,stride,pool", [
+    ((16, 150, 1024, 1024), 3, 4, "avg"),   # 2.5e9 elements (the ADE20K-like case)
+    ((16, 150, 1024, 1024), 3, 1, "avg"),   # 2.5e9 pooled elements too
+    ((16, 150, 1024, 1024), 10, 2, "max"),  # d = 100: 20300 moment entries per plane
+    ((8, 19, 4096, 4096), 3, 2, "interp"),  # 2.5e9 elements, 1 plane of 16.7M pixels
+    ((70000, 3, 8, 8), 2, 1, "avg"),        # 210000 planes > 65535
+    ((1 << 20, 4096, 4, 4), 1, 1, "avg"),   # 2^32 planes, 2^36 elements: grid-x caps
+    ((1, 1, 3, 3_000_000_000), 1, 1, "max"),  # one row past 2^31
+])
+def test_launch_plan_past_2_31(emulated, shape, radius, stride, pool):
+    """Every launch of a call, at sizes past 2^31 elements and 65535 planes (nothing is
+    allocated): grid.x <= 2^31 - 1, grid.y and grid.z <= 65535, the moment chunks cover the
+    window rows, and the FastDivmod decoding of every flat index space matches division."""
+    plan = _launch_plan(emulated.exe, shape, radius, stride, pool)
+    assert plan["decode"] == ["ok"]
+    for name, values in plan.items():
+        if name in ("decode", "moments"):
+            continue
+        gx, gy, gz, elements = values
+        assert 1 <= gx <= 2**31 - 1 and 1 <= gy <= 65535 and 1 <= gz <= 65535, (name, values)
+        assert elements >= 1
+    entries, chunks, rows_per_chunk, window_rows = plan["moments"]
+    gx, gy, gz, planes = plan["moment_partials"]
+    assert gy == chunks and gz * 256 >= entries and chunks * rows_per_chunk >= window_rows
+    assert (chunks - 1) * rows_per_chunk < window_rows  # no empty chunk
+    # Blocks loop over planes past grid.x: every plane is reached.
+    assert gx == min(planes, 2**30) and plan["plane_offsets"][0] == gx
+    n, c, h, w = shape
+    assert planes == n * c and plan["full_grad"][3] == n * c * h * w
+
+
 # ---- with a GPU: the compiled kernels ---------------------------------------------------------
 
 
@@ -381,6 +561,63 @@ def test_cuda_layouts(dtype, label_dtype, layout):
                          layout)
     check_against_reference("cuda", x, labels, pool="max", stride=2)
     check_against_reference("cuda", x, labels, pool="avg", stride=1, mode="sigmoid")
+
+
+@needs_cuda
+@pytest.mark.parametrize("label_dtype", [torch.int8, torch.int16])
+@pytest.mark.parametrize("pool,stride", [("max", 2), ("avg", 1)])
+def test_cuda_small_label_dtypes(label_dtype, pool, stride):
+    """int8 and int16 labels (read through an int32 copy) match the reference like the others."""
+    x, labels = _cuda_inputs((2, 3, 40, 46), 9, label_dtype=label_dtype)
+    check_against_reference("cuda", x, labels, pool=pool, stride=stride)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("stride,pool_size", [(2, None), (3, 5), (4, 2)])
+def test_cuda_max_pool_ties(mode, stride, pool_size):
+    """The recorded arg-max (first maximum in row-major order) under many exact ties."""
+    x, labels = _cuda_inputs((2, 3, 37, 41), 11 + stride, mode=mode, ignore_frac=0.4)
+    x = x.round().clamp(-2, 2)
+    check_against_reference("cuda", x, labels, mode=mode, pool="max", stride=stride,
+                            pool_size=pool_size)
+
+
+@needs_cuda
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_cuda_past_2_31_elements(pool):
+    """Logits of 2.1e9 elements and 524296 planes (> 2^31, > 65535), made by expanding a small
+    problem along N with stride 0 (the kernels read through strides, so only the gradient and
+    the pooled maps are allocated, ~10 GB): every image's statistics and gradient equal the
+    small problem's, the last image's included (its offsets are past 2^31)."""
+    free, total = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip(f"needs 24 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    x1, labels1 = _cuda_inputs((1, 8, 64, 64), 3, dtype=torch.float32)
+    n = 2**31 // (8 * 64 * 64) + 1
+    x, labels = x1.expand(n, -1, -1, -1), labels1.expand(n, -1, -1)
+    assert x.numel() > 2**31 and n * 8 > 65535
+    cfg = make_config(stride=4, pool=pool)
+    small = torch.ops.rmi_ext.forward_stats(*_op_args(x1, labels1, cfg))
+    big = torch.ops.rmi_ext.forward_stats(*_op_args(x, labels, cfg))
+    assert rel_err(big[0], small[0] * n) <= 1e-9 and big[1].item() == small[1].item() * n
+    assert big[2].item() == 0
+    for i in (0, n // 2, n - 1):
+        assert rel_err(big[3][i], small[3][0]) <= 1e-10, i
+        assert rel_err(big[4][i], small[4][0]) <= 1e-10, i
+    del big
+    d = cfg.dim
+    gen = torch.Generator().manual_seed(1)
+    coef1 = torch.randn(1, 8, 2, d, d, generator=gen, dtype=torch.float64).cuda()
+    shift1 = torch.randn(1, 8, d, generator=gen, dtype=torch.float64).cuda()
+    base_scale = torch.tensor(0.37, dtype=torch.float64, device="cuda")
+    tail = _op_args(x1, labels1, cfg)[2:]
+    want = torch.ops.rmi_ext.backward_grad(x1, labels1, base_scale, coef1, shift1, *tail)
+    grad = torch.ops.rmi_ext.backward_grad(x, labels, base_scale, coef1.expand(n, -1, -1, -1, -1),
+                                           shift1.expand(n, -1, -1), *tail)
+    assert grad.shape == x.shape and grad.is_contiguous()
+    for i in (0, n // 2, n - 1):
+        assert rel_err(grad[i], want[0]) <= 1e-6, i
 
 
 @needs_cuda
@@ -450,8 +687,8 @@ def test_cuda_argument_errors():
     cfg = make_config(stride=2)
     with pytest.raises(RuntimeError, match="labels must be on the logits' device"):
         torch.ops.rmi_ext.forward_stats(*_op_args(x, labels.cpu(), cfg))
-    with pytest.raises(RuntimeError, match="labels must be uint8, int32 or int64"):
-        torch.ops.rmi_ext.forward_stats(*_op_args(x, labels.short(), cfg))
+    with pytest.raises(RuntimeError, match="labels must be uint8, int8, int16, int32 or int64"):
+        torch.ops.rmi_ext.forward_stats(*_op_args(x, labels.float(), cfg))
     with pytest.raises(RuntimeError, match="smaller than the region radius"):
         torch.ops.rmi_ext.forward_stats(*_op_args(x, labels, make_config(stride=16)))
     with pytest.raises(RuntimeError, match="pool must be"):

@@ -23,15 +23,14 @@ namespace {
 
 using at::Tensor;
 
-// Checks shared by both ops (rmi_ops.h) plus the device; returns the problem.
+// Checks shared by both ops (rmi_ops.h) plus the device; returns the problem. Sizes past 2^31
+// elements (or planes) need no check: indices are int64 and every grid dimension is capped
+// by plan_launches() (rmi_kernels.cuh), with the kernels looping past the caps.
 Problem check_cuda_inputs(const char* op, const Tensor& logits, const Tensor& labels,
                           int64_t radius, int64_t stride, c10::string_view pool,
                           int64_t pool_size, int64_t ignore_index, c10::string_view mode) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got ", logits.device());
-  const Problem p = check_inputs(op, logits, labels, radius, stride, pool, pool_size,
-                                 ignore_index, mode);
-  TORCH_CHECK(p.N * p.C <= INT32_MAX, op, ": N * C must be below 2^31, got ", p.N * p.C);
-  return p;
+  return check_inputs(op, logits, labels, radius, stride, pool, pool_size, ignore_index, mode);
 }
 
 // The kernels are built for uint8, int32 and int64 labels; int8 and int16 labels are read
@@ -52,15 +51,23 @@ void dispatch_labels(const Tensor& labels, F&& f) {
   }
 }
 
-// Stage (a), pooled maps Y and P [N, C, h, w] in the compute type acc_t.
+// Whether the backward records the max-pooling arg-max (an int32 per pooled element).
+bool records_argmax(const Problem& g) { return g.pool == kMaxPool && g.factor > 1; }
+
+// Stage (a), pooled maps Y and P [N, C, h, w] in the compute type acc_t; with argmax defined
+// (int32 [N, C, h, w]) also where each max-pooling window has its maximum.
 template <typename scalar_t, typename acc_t, typename label_t>
 void launch_pooled_maps(const Tensor& logits, const Tensor& labels, const Problem& g,
-                        const Tensor& y, const Tensor& p, cudaStream_t stream) {
-  pooled_maps_kernel<scalar_t, acc_t, label_t>
-      <<<grid_blocks(g.N * g.C * g.h * g.w), kThreads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), g,
-          y.mutable_data_ptr<acc_t>(), p.mutable_data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                        const Divisors& dv, const LaunchPlan& plan, const Tensor& y,
+                        const Tensor& p, const Tensor& argmax, cudaStream_t stream) {
+  dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
+    pooled_maps_kernel<scalar_t, acc_t, label_t, decltype(kind)::value>
+        <<<plan.pooled_blocks, kThreads, 0, stream>>>(
+            logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), g, dv,
+            y.mutable_data_ptr<acc_t>(), p.mutable_data_ptr<acc_t>(),
+            argmax.defined() ? argmax.mutable_data_ptr<int32_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels_in,
@@ -72,51 +79,51 @@ ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels
                                       pool, pool_size, ignore_index, mode);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t planes = g.N * g.C, d = radius * radius;
+  const int64_t planes = g.N * g.C, d = g.d;
+  const Divisors dv = make_divisors(g);
+  const LaunchPlan plan = plan_launches(g);
   const auto f64 = logits.options().dtype(at::kDouble);
   const auto i64 = logits.options().dtype(at::kLong);
   Tensor base_sum = at::empty({}, f64), base_count = at::empty({}, f64);
   Tensor nonfinite = at::empty({}, i64);
   Tensor means = at::empty({g.N, g.C, 2, d}, f64), cov = at::empty({g.N, g.C, 3, d, d}, f64);
 
-  const unsigned int parts = reduce_blocks(g.N * g.H * g.W);
+  const unsigned int parts = plan.stats_blocks;
   Tensor part_sums = at::empty({2, parts}, f64), part_nonfinite = at::empty({parts}, i64);
-  const MomentPlan plan = plan_moments(planes, g.h - radius + 1, d);
   Tensor offsets = at::empty({planes, 2}, f64);
-  Tensor partials = at::empty({planes, plan.chunks, plan.entries}, f64);
-  const dim3 moment_grid(static_cast<unsigned int>(planes), static_cast<unsigned int>(plan.chunks),
-                         static_cast<unsigned int>(ceil_div(plan.entries, kThreads)));
+  Tensor partials = at::empty({planes, plan.moments.chunks, plan.moments.entries}, f64);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "rmi_forward_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Tensor y = at::empty({planes, g.h, g.w}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    Tensor p = at::empty_like(y);
+    const auto acc = logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    Tensor y = at::empty({planes, g.h, g.w}, acc), p = at::empty_like(y);
     dispatch_labels(labels, [&](auto label_tag) {
       using label_t = decltype(label_tag);
       base_stats_kernel<scalar_t, acc_t, label_t><<<parts, kThreads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), g,
+          logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), g, dv,
           part_sums[0].mutable_data_ptr<double>(), part_sums[1].mutable_data_ptr<double>(),
           part_nonfinite.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_pooled_maps<scalar_t, acc_t, label_t>(logits, labels, g, y, p, stream);
+      launch_pooled_maps<scalar_t, acc_t, label_t>(logits, labels, g, dv, plan, y, p, Tensor(),
+                                                   stream);
     });
     base_stats_final_kernel<<<1, kThreads, 0, stream>>>(
         part_sums[0].const_data_ptr<double>(), part_sums[1].const_data_ptr<double>(),
         part_nonfinite.const_data_ptr<int64_t>(), parts, base_sum.mutable_data_ptr<double>(),
         base_count.mutable_data_ptr<double>(), nonfinite.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    plane_offsets_kernel<acc_t><<<static_cast<unsigned int>(planes), kThreads, 0, stream>>>(
-        y.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), g.h * g.w,
+    plane_offsets_kernel<acc_t><<<plan.plane_blocks, kThreads, 0, stream>>>(
+        y.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), planes, g.h * g.w,
         offsets.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    moment_partials_kernel<acc_t><<<moment_grid, kThreads, 0, stream>>>(
+    moment_partials_kernel<acc_t><<<plan.moment_grid, kThreads, 0, stream>>>(
         y.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), offsets.const_data_ptr<double>(),
-        g, plan, partials.mutable_data_ptr<double>());
+        g, plan.moments, partials.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  moment_finalize_kernel<<<grid_blocks(planes * d * d), kThreads, 0, stream>>>(
-      partials.const_data_ptr<double>(), offsets.const_data_ptr<double>(), g, plan,
+  moment_finalize_kernel<<<plan.finalize_blocks, kThreads, 0, stream>>>(
+      partials.const_data_ptr<double>(), offsets.const_data_ptr<double>(), g, plan.moments,
       means.mutable_data_ptr<double>(), cov.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {base_sum, base_count, nonfinite, means, cov};
@@ -130,9 +137,18 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
   const Problem g = check_cuda_inputs("rmi_ext::backward_grad", logits, labels, radius, stride,
                                       pool, pool_size, ignore_index, mode);
   check_backward_inputs(g, logits, base_scale, coef, shift);
+  if (records_argmax(g)) {
+    // The arg-max is an int32 position in the window clipped to the map (max_window_arg).
+    const int64_t rows = g.kernel < g.H ? g.kernel : g.H, cols = g.kernel < g.W ? g.kernel : g.W;
+    TORCH_CHECK(rows * cols <= INT32_MAX, "rmi_ext::backward_grad: max pooling windows of ",
+                rows, "x", cols, " pixels (pool_size ", g.kernel, ", input ", g.H, "x", g.W,
+                ") are not supported: a window must hold fewer than 2^31 pixels");
+  }
   const int64_t planes = g.N * g.C;
   const c10::cuda::CUDAGuard device_guard(logits.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Divisors dv = make_divisors(g);
+  const LaunchPlan plan = plan_launches(g);
   // Small float64 tensors (N*C*d*d): made contiguous, unlike the logits and labels.
   const Tensor coef_c = coef.contiguous(), shift_c = shift.contiguous();
   // The logits' memory format (empty_like preserves a dense layout, e.g. channels_last); the
@@ -143,6 +159,11 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
   for (int i = 0; i < 4; ++i) os.s[i] = grad.stride(i);
   os.channels_last = grad.stride(1) == 1 && g.C > 1 &&
                      grad.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // Max pooling: where each window has its maximum, recorded by the pooled-maps pass, so the
+  // full-resolution pass does not rescan the windows.
+  const Tensor argmax = records_argmax(g)
+                            ? at::empty({planes, g.h, g.w}, logits.options().dtype(at::kInt))
+                            : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "rmi_backward_grad_cuda", [&] {
@@ -153,23 +174,24 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
     // Channel logsumexp for the CE gradient (softmax mode only).
     Tensor lse = g.mode == kSoftmaxMode ? at::empty({g.N, g.H, g.W}, acc) : at::Tensor();
     if (lse.defined()) {
-      logsumexp_kernel<scalar_t, acc_t><<<grid_blocks(g.N * g.H * g.W), kThreads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), g, lse.mutable_data_ptr<acc_t>());
+      logsumexp_kernel<scalar_t, acc_t><<<plan.pixel_blocks, kThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), g, dv, lse.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     dispatch_labels(labels, [&](auto label_tag) {
       using label_t = decltype(label_tag);
-      launch_pooled_maps<scalar_t, acc_t, label_t>(logits, labels, g, y, p, stream);
-      pooled_grad_kernel<acc_t><<<grid_blocks(planes * g.h * g.w), kThreads, 0, stream>>>(
+      launch_pooled_maps<scalar_t, acc_t, label_t>(logits, labels, g, dv, plan, y, p, argmax,
+                                                   stream);
+      pooled_grad_kernel<acc_t><<<plan.pooled_blocks, kThreads, 0, stream>>>(
           y.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), coef_c.const_data_ptr<double>(),
-          shift_c.const_data_ptr<double>(), g, grad_pooled.mutable_data_ptr<acc_t>());
+          shift_c.const_data_ptr<double>(), g, dv, grad_pooled.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      full_grad_kernel<scalar_t, acc_t, label_t>
-          <<<grid_blocks(planes * g.H * g.W), kThreads, 0, stream>>>(
-              logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), g,
-              grad_pooled.const_data_ptr<acc_t>(),
-              lse.defined() ? lse.const_data_ptr<acc_t>() : nullptr,
-              base_scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>(), os);
+      full_grad_kernel<scalar_t, acc_t, label_t><<<plan.full_blocks, kThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), g, dv,
+          grad_pooled.const_data_ptr<acc_t>(),
+          argmax.defined() ? argmax.const_data_ptr<int32_t>() : nullptr,
+          lse.defined() ? lse.const_data_ptr<acc_t>() : nullptr,
+          base_scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>(), os);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -14,12 +14,16 @@
 // Types: scalar_t is the logits' type (float, double, or a 16-bit float: __half/__nv_bfloat16
 // here, at::Half/at::BFloat16 from the glue), acc_t the compute type (double for double
 // logits, float otherwise, as torch_backend.compute_dtype), label_t uint8_t/int32_t/int64_t.
-// Sums over many elements (first term, moments) are float64. Indices are int64_t throughout.
+// Sums over many elements (first term, moments) are float64. Indices are int64_t throughout
+// (tensors past 2^31 elements are fine); flat indices are decoded with FastDivmod, not with
+// 64-bit divisions. Every grid dimension comes from plan_launches(), which keeps them within
+// the CUDA limits at any size (kernels loop where a size could exceed them).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "rmi_math.h"
 #include "rmi_problem.h"
@@ -30,7 +34,8 @@ namespace cuda {
 constexpr int kThreads = 256;               // every launch uses blocks of kThreads threads
 constexpr int64_t kMaxReduceBlocks = 1024;  // blocks of the first-term reduction (fixed, so the
                                             // summation order and the result are deterministic)
-constexpr int64_t kMaxGridBlocks = int64_t(1) << 30;  // cap of a grid-stride grid
+constexpr int64_t kMaxGridBlocks = int64_t(1) << 30;  // cap of a grid-stride grid (gridDim.x)
+constexpr int64_t kMaxGridYZ = 65535;                 // CUDA's limit of gridDim.y and gridDim.z
 
 RMI_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -46,6 +51,87 @@ inline unsigned int reduce_blocks(int64_t n) {
   int64_t blocks = ceil_div(n, kThreads);
   blocks = blocks < 1 ? 1 : (blocks > kMaxReduceBlocks ? kMaxReduceBlocks : blocks);
   return static_cast<unsigned int>(blocks);
+}
+
+// ---- index arithmetic ------------------------------------------------------------------------
+//
+// The kernels decode flat element indices into (n, c, y, x) by sizes fixed at launch. The GPU
+// has no 64-bit integer divide: `/` and `%` on int64 are a subroutine of several dozen
+// instructions, three to five of them per element in the element-wise kernels. FastDivmod
+// divides by a multiply-high, an add and a shift instead: Granlund and Montgomery's round-up
+// method ("Division by invariant integers using multiplication", PLDI 1994, theorem 4.2 with
+// N = 64; PyTorch's IntDivider does the same in 32 bits), with shift = ceil(log2 d) and
+// magic = floor(2^64 (2^shift - d) / d) + 1: n / d = (mulhi(n, magic) + n) >> shift, exact for
+// every d in [1, 2^63) and n in [0, 2^63) (mulhi(n, magic) <= n, so the sum does not wrap).
+// check/emulate.cu --selftest tests it on edge values and at random against plain division.
+
+// High 64 bits of the 128-bit product a * b, from 32-bit halves (no overflow: the middle sum
+// is at most (2^32 - 1)^2 + 2 (2^32 - 1) < 2^64).
+RMI_HD uint64_t mulhi_u64_parts(uint64_t a, uint64_t b) {
+  const uint64_t a_lo = a & 0xffffffffu, a_hi = a >> 32;
+  const uint64_t b_lo = b & 0xffffffffu, b_hi = b >> 32;
+  const uint64_t lo_lo = a_lo * b_lo, hi_lo = a_hi * b_lo;
+  const uint64_t lo_hi = a_lo * b_hi, hi_hi = a_hi * b_hi;
+  const uint64_t middle = (lo_lo >> 32) + (hi_lo & 0xffffffffu) + lo_hi;
+  return hi_hi + (hi_lo >> 32) + (middle >> 32);
+}
+
+RMI_HD uint64_t mulhi_u64(uint64_t a, uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(a, b);
+#elif defined(__SIZEOF_INT128__)
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+#else
+  return mulhi_u64_parts(a, b);
+#endif
+}
+
+struct FastDivmod {
+  int64_t divisor;  // d >= 1
+  uint64_t magic;
+  int shift;
+
+  // n / d for 0 <= n < 2^63.
+  RMI_HD int64_t div(int64_t n) const {
+    const uint64_t u = static_cast<uint64_t>(n);
+    return static_cast<int64_t>((mulhi_u64(u, magic) + u) >> shift);
+  }
+  // n / d, and n % d into *rem.
+  RMI_HD int64_t divmod(int64_t n, int64_t* rem) const {
+    const int64_t q = div(n);
+    *rem = n - q * divisor;
+    return q;
+  }
+};
+
+// Host side: the magic number of divisor d (1 <= d < 2^63) by long division, so no 128-bit
+// type is needed.
+inline FastDivmod make_fast_divmod(int64_t divisor) {
+  const uint64_t d = static_cast<uint64_t>(divisor);
+  int shift = 0;
+  while (shift < 63 && (uint64_t(1) << shift) < d) ++shift;
+  uint64_t rem = (uint64_t(1) << shift) - d, quot = 0;  // rem < d < 2^63: rem << 1 fits
+  for (int bit = 0; bit < 64; ++bit) {                  // quot = floor(rem 2^64 / d)
+    rem <<= 1;
+    quot <<= 1;
+    if (rem >= d) {
+      rem -= d;
+      quot |= 1;
+    }
+  }
+  return {divisor, quot + 1, shift};
+}
+
+// The divisors of the kernels' index decoding, built once per call (make_divisors).
+struct Divisors {
+  FastDivmod W, H, C;  // full-resolution width, height, channels
+  FastDivmod w, h;     // pooled width and height
+  FastDivmod factor;   // the downsampling factor (pool stride)
+};
+
+inline Divisors make_divisors(const Problem& g) {
+  return {make_fast_divmod(g.W), make_fast_divmod(g.H), make_fast_divmod(g.C),
+          make_fast_divmod(g.w), make_fast_divmod(g.h), make_fast_divmod(g.factor)};
 }
 
 // Strides of the gradient output (the logits' memory format, see rmi_cuda.cu).
@@ -89,13 +175,22 @@ struct PY {
   acc_t y;
 };
 
+// The same from row pointers: x_row = the logits of plane (n, c) at row y, l_row = the labels
+// of image n at row y (the pooling loops walk rows with them).
+template <typename acc_t, typename scalar_t, typename label_t>
+RMI_HD PY<acc_t> row_pixel_py(const scalar_t* x_row, const label_t* l_row, const Problem& g,
+                              int64_t c, int64_t x) {
+  const int64_t label = static_cast<int64_t>(l_row[x * g.ls[2]]);
+  const bool valid = is_valid_label(label, g.C, g.ignore_index);
+  const acc_t sig = sigmoid_parts(static_cast<acc_t>(x_row[x * g.xs[3]])).sig;
+  return {rmi_prob(sig, valid, g.mode), (valid && label == c) ? acc_t(1) : acc_t(0)};
+}
+
 template <typename acc_t, typename scalar_t, typename label_t>
 RMI_HD PY<acc_t> pixel_py(const scalar_t* logits, const label_t* labels, const Problem& g,
                           int64_t n, int64_t c, int64_t y, int64_t x) {
-  int64_t label = label_at(labels, g, n, y, x);
-  bool valid = is_valid_label(label, g.C, g.ignore_index);
-  acc_t sig = sigmoid_parts(logit_at<acc_t>(logits, g, n, c, y, x)).sig;
-  return {rmi_prob(sig, valid, g.mode), (valid && label == c) ? acc_t(1) : acc_t(0)};
+  return row_pixel_py<acc_t>(logits + n * g.xs[0] + c * g.xs[1] + y * g.xs[2],
+                             labels + n * g.ls[0] + y * g.ls[1], g, c, x);
 }
 
 // ---- stage (a): first term and pooled maps ---------------------------------------------------
@@ -110,9 +205,9 @@ struct BaseStats {
 
 template <typename acc_t, typename scalar_t, typename label_t>
 RMI_HD BaseStats base_stats_at(int64_t q, const scalar_t* logits, const label_t* labels,
-                               const Problem& g) {
-  int64_t x = q % g.W, t = q / g.W;
-  int64_t y = t % g.H, n = t / g.H;
+                               const Problem& g, const Divisors& dv) {
+  int64_t x, y;
+  const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
   int64_t label = label_at(labels, g, n, y, x);
   bool valid = is_valid_label(label, g.C, g.ignore_index);
   BaseStats s = {0.0, valid ? 1.0 : 0.0, 0};
@@ -128,19 +223,35 @@ RMI_HD BaseStats base_stats_at(int64_t q, const scalar_t* logits, const label_t*
   return s;
 }
 
-// Pooled Y and P at element q of [N, C, h, w] (torch_backend._pool): identity for factor 1;
-// avg_pool2d(k, s, k // 2, count_include_pad) (the window never reaches past the padding in
-// floor mode, so the divisor is always k * k); max_pool2d (first maximum in row-major window
-// order; Y is the maximum of a 0/1 map); interp: nearest Y, bilinear align_corners=True P.
-template <typename acc_t, typename scalar_t, typename label_t>
+// The pooled maps are computed by one instantiation per pool kind (a compile-time `kind`):
+// with the three kinds in one kernel, ptxas spilled (it hoists each kind's loop invariants out
+// of the grid-stride loop). Factor 1 (the identity) runs in any kind; pooled_kind() picks one.
+inline int pooled_kind(const Problem& g) { return g.factor == 1 ? int(kAvgPool) : g.pool; }
+
+// Calls f(std::integral_constant<int, kind>{}) for a pool kind (host side).
+template <typename F>
+void dispatch_pool_kind(int kind, F&& f) {
+  switch (kind) {
+    case kMaxPool: return f(std::integral_constant<int, kMaxPool>{});
+    case kInterp: return f(std::integral_constant<int, kInterp>{});
+    default: return f(std::integral_constant<int, kAvgPool>{});
+  }
+}
+
+// Pooled Y and P at element q of [N, C, h, w] (torch_backend._pool), for kind ==
+// pooled_kind(g): identity for factor 1; avg_pool2d(k, s, k // 2, count_include_pad) (the
+// window never reaches past the padding in floor mode, so the divisor is always k * k);
+// max_pool2d (first maximum in row-major window order; Y is the maximum of a 0/1 map; *arg is
+// where the maximum of P is, as the row-major position in the window clipped to the map, see
+// max_window_arg); interp: nearest Y, bilinear align_corners=True P. *arg is only written for
+// max pooling with factor > 1.
+template <int kind, typename acc_t, typename scalar_t, typename label_t>
 RMI_HD PY<acc_t> pooled_py_at(int64_t q, const scalar_t* logits, const label_t* labels,
-                              const Problem& g) {
-  int64_t ox = q % g.w, t = q / g.w;
-  int64_t oy = t % g.h;
-  t /= g.h;
-  int64_t c = t % g.C, n = t / g.C;
+                              const Problem& g, const Divisors& dv, int32_t* arg) {
+  int64_t ox, oy, c;
+  const int64_t n = dv.C.divmod(dv.h.divmod(dv.w.divmod(q, &ox), &oy), &c);
   if (g.factor == 1) return pixel_py<acc_t>(logits, labels, g, n, c, oy, ox);
-  if (g.pool == kInterp) {
+  if (kind == kInterp) {
     LinearTap<acc_t> ty = linear_tap<acc_t>(oy, g.H, g.h);
     LinearTap<acc_t> tx = linear_tap<acc_t>(ox, g.W, g.w);
     acc_t p00 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i0, tx.i0).p;
@@ -155,33 +266,49 @@ RMI_HD PY<acc_t> pooled_py_at(int64_t q, const scalar_t* logits, const label_t* 
   int64_t y0, y1, x0, x1;
   pool_window(oy, g.H, g.kernel, g.factor, &y0, &y1);
   pool_window(ox, g.W, g.kernel, g.factor, &x0, &x1);
-  if (g.pool == kAvgPool) {
+  const scalar_t* x_plane = logits + n * g.xs[0] + c * g.xs[1];
+  const label_t* l_image = labels + n * g.ls[0];
+  if (kind == kAvgPool) {
     PY<acc_t> sum = {acc_t(0), acc_t(0)};
-    for (int64_t y = y0; y < y1; ++y)
+    for (int64_t y = y0; y < y1; ++y) {
+      const scalar_t* x_row = x_plane + y * g.xs[2];
+      const label_t* l_row = l_image + y * g.ls[1];
       for (int64_t x = x0; x < x1; ++x) {
-        PY<acc_t> v = pixel_py<acc_t>(logits, labels, g, n, c, y, x);
+        const PY<acc_t> v = row_pixel_py<acc_t>(x_row, l_row, g, c, x);
         sum.p += v.p;
         sum.y += v.y;
       }
+    }
     acc_t area = static_cast<acc_t>(g.kernel * g.kernel);
     return {sum.p / area, sum.y / area};
   }
-  PY<acc_t> top = pixel_py<acc_t>(logits, labels, g, n, c, y0, x0);  // windows are never empty
-  for (int64_t y = y0; y < y1; ++y)
-    for (int64_t x = x0; x < x1; ++x) {
-      PY<acc_t> v = pixel_py<acc_t>(logits, labels, g, n, c, y, x);
-      if (v.p > top.p) top.p = v.p;
+  // Max: P's first maximum in row-major order (windows are never empty: pixel 0 sets it).
+  PY<acc_t> top = {acc_t(0), acc_t(0)};
+  int32_t at = 0, best = 0;  // row-major position in the clipped window, of P's maximum
+  for (int64_t y = y0; y < y1; ++y) {
+    const scalar_t* x_row = x_plane + y * g.xs[2];
+    const label_t* l_row = l_image + y * g.ls[1];
+    for (int64_t x = x0; x < x1; ++x, ++at) {
+      const PY<acc_t> v = row_pixel_py<acc_t>(x_row, l_row, g, c, x);
+      if (at == 0 || v.p > top.p) top.p = v.p, best = at;
       if (v.y > top.y) top.y = v.y;
     }
+  }
+  *arg = best;
   return top;
 }
 
-template <typename acc_t, typename scalar_t, typename label_t>
+// Stores the pooled maps at q, and the max-pooling arg-max when arg_out is not null (the
+// backward's pass; arg_out [N, C, h, w] must be null unless pool is max with factor > 1).
+template <int kind, typename acc_t, typename scalar_t, typename label_t>
 RMI_HD void pooled_store(int64_t q, const scalar_t* logits, const label_t* labels,
-                         const Problem& g, acc_t* y_out, acc_t* p_out) {
-  PY<acc_t> v = pooled_py_at<acc_t>(q, logits, labels, g);
+                         const Problem& g, const Divisors& dv, acc_t* y_out, acc_t* p_out,
+                         int32_t* arg_out) {
+  int32_t arg = 0;
+  PY<acc_t> v = pooled_py_at<kind, acc_t>(q, logits, labels, g, dv, &arg);
   y_out[q] = v.y;
   p_out[q] = v.p;
+  if (arg_out != nullptr) arg_out[q] = arg;
 }
 
 // ---- stage (b): moment sums ------------------------------------------------------------------
@@ -229,7 +356,7 @@ RMI_HD MomentEntry moment_entry(int64_t e, int64_t d) {
 }
 
 struct MomentPlan {
-  int64_t entries;         // moment_entry_count(d)
+  int64_t entries;         // moment_entry_count(d), at most 20300 (d <= 100)
   int64_t chunks;          // chunks of window rows (grid.y, <= 65535)
   int64_t rows_per_chunk;  // window rows per chunk
 };
@@ -238,11 +365,41 @@ struct MomentPlan {
 inline MomentPlan plan_moments(int64_t planes, int64_t window_rows, int64_t d) {
   MomentPlan plan;
   plan.entries = moment_entry_count(d);
-  int64_t chunks = ceil_div(int64_t(1) << 18, planes * plan.entries);
-  int64_t most = window_rows < 65535 ? window_rows : 65535;
+  const int64_t target = int64_t(1) << 18;
+  int64_t chunks = planes >= target ? 1 : ceil_div(target, planes * plan.entries);
+  int64_t most = window_rows < kMaxGridYZ ? window_rows : kMaxGridYZ;
   chunks = chunks < 1 ? 1 : (chunks > most ? most : chunks);
   plan.rows_per_chunk = ceil_div(window_rows, chunks);
   plan.chunks = ceil_div(window_rows, plan.rows_per_chunk);
+  return plan;
+}
+
+// The grid of every launch of one call (blocks of kThreads threads), within CUDA's limits at
+// any size: gridDim.x <= 2^30 (grid-stride loops and the plane loops cover the rest),
+// gridDim.y = moment chunks <= 65535, gridDim.z = ceil(entries / kThreads) <= 80.
+struct LaunchPlan {
+  unsigned int stats_blocks;     // base_stats_kernel: reduce_blocks(N H W), also its partials
+  unsigned int pixel_blocks;     // logsumexp_kernel over [N, H, W]
+  unsigned int pooled_blocks;    // pooled_maps_kernel, pooled_grad_kernel over [N, C, h, w]
+  unsigned int full_blocks;      // full_grad_kernel over [N, C, H, W]
+  unsigned int plane_blocks;     // plane_offsets_kernel: a block per plane (then a loop)
+  unsigned int finalize_blocks;  // moment_finalize_kernel over [N, C, d, d]
+  MomentPlan moments;
+  dim3 moment_grid;  // moment_partials_kernel: (plane_blocks, chunks, entry blocks)
+};
+
+inline LaunchPlan plan_launches(const Problem& g) {
+  const int64_t planes = g.N * g.C;
+  LaunchPlan plan;
+  plan.stats_blocks = reduce_blocks(g.N * g.H * g.W);
+  plan.pixel_blocks = grid_blocks(g.N * g.H * g.W);
+  plan.pooled_blocks = grid_blocks(planes * g.h * g.w);
+  plan.full_blocks = grid_blocks(planes * g.H * g.W);
+  plan.plane_blocks = static_cast<unsigned int>(planes < kMaxGridBlocks ? planes : kMaxGridBlocks);
+  plan.finalize_blocks = grid_blocks(planes * g.d * g.d);
+  plan.moments = plan_moments(planes, g.h - g.radius + 1, g.d);
+  plan.moment_grid = dim3(plan.plane_blocks, static_cast<unsigned int>(plan.moments.chunks),
+                          static_cast<unsigned int>(ceil_div(plan.moments.entries, kThreads)));
   return plan;
 }
 
@@ -324,11 +481,11 @@ RMI_HD void moment_finalize_at(int64_t q, const double* partials, const double* 
 // (Cp, Cy), shift [planes, d].
 template <typename acc_t>
 RMI_HD double pooled_grad_at(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
-                             const double* shift, const Problem& g) {
+                             const double* shift, const Problem& g, const Divisors& dv) {
   const int64_t R = g.radius, d = R * R;
   const int64_t nh = g.h - R + 1, nw = g.w - R + 1;
-  const int64_t col = q % g.w, t = q / g.w;
-  const int64_t row = t % g.h, plane = t / g.h;
+  int64_t col, row;
+  const int64_t plane = dv.h.divmod(dv.w.divmod(q, &col), &row);
   const acc_t* plane_y = y + plane * g.h * g.w;
   const acc_t* plane_p = p + plane * g.h * g.w;
   const double* cp = coef + plane * 2 * d * d;
@@ -357,18 +514,19 @@ RMI_HD double pooled_grad_at(int64_t q, const acc_t* y, const acc_t* p, const do
 
 template <typename acc_t>
 RMI_HD void pooled_grad_store(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
-                              const double* shift, const Problem& g, acc_t* grad_pooled) {
-  grad_pooled[q] = static_cast<acc_t>(pooled_grad_at(q, y, p, coef, shift, g));
+                              const double* shift, const Problem& g, const Divisors& dv,
+                              acc_t* grad_pooled) {
+  grad_pooled[q] = static_cast<acc_t>(pooled_grad_at(q, y, p, coef, shift, g, dv));
 }
 
 // ---- stage (e): full-resolution gradient -----------------------------------------------------
 
 // Pooled outputs o whose pool window [o s - k/2, o s - k/2 + k) holds input index i: [*lo, *hi].
-RMI_HD void windows_holding(int64_t i, int64_t n_out, int64_t kernel, int64_t stride,
+RMI_HD void windows_holding(int64_t i, int64_t n_out, int64_t kernel, const FastDivmod& stride,
                             int64_t* lo, int64_t* hi) {
   const int64_t first = i + kernel / 2 - kernel + 1;  // o s >= first
-  *lo = first <= 0 ? 0 : ceil_div(first, stride);
-  const int64_t last = (i + kernel / 2) / stride;  // o s <= i + k/2
+  *lo = first <= 0 ? 0 : stride.div(first + stride.divisor - 1);
+  const int64_t last = stride.div(i + kernel / 2);  // o s <= i + k/2
   *hi = last < n_out - 1 ? last : n_out - 1;
 }
 
@@ -394,12 +552,19 @@ RMI_HD acc_t tap_weight(int64_t o, int64_t i, int64_t n_in, int64_t n_out) {
   return (tap.i0 == i ? tap.w0 : acc_t(0)) + (tap.i1 == i ? tap.w1 : acc_t(0));
 }
 
-// Adjoint of the downsampling of P at input pixel (y, x) of plane (n, c): the pooled gradient
-// gathered from every pooled output whose value depends on P[y, x].
-template <typename acc_t, typename scalar_t, typename label_t>
-RMI_HD acc_t pool_adjoint_at(const scalar_t* logits, const label_t* labels, const Problem& g,
-                             const acc_t* grad_plane, int64_t n, int64_t c, int64_t y,
-                             int64_t x) {
+// Row-major position of input pixel (y, x) in the window [y0, y1) x [x0, x1) (the pool window
+// clipped to the map): what pooled_py_at records as the max-pooling arg-max. It is below the
+// window's area, so an int32 holds it (rmi_cuda.cu checks the area).
+RMI_HD int64_t max_window_arg(int64_t y, int64_t x, int64_t y0, int64_t x0, int64_t x1) {
+  return (y - y0) * (x1 - x0) + (x - x0);
+}
+
+// Adjoint of the downsampling of P at input pixel (y, x) of one plane: the pooled gradient
+// gathered from every pooled output whose value depends on P[y, x]. grad_plane, arg_plane: the
+// plane's pooled gradient and (max pooling) arg-max [h, w].
+template <typename acc_t>
+RMI_HD acc_t pool_adjoint_at(const Problem& g, const Divisors& dv, const acc_t* grad_plane,
+                             const int32_t* arg_plane, int64_t y, int64_t x) {
   if (g.factor == 1) return grad_plane[y * g.w + x];
   int64_t oy0, oy1, ox0, ox1;
   acc_t sum = acc_t(0);
@@ -416,57 +581,54 @@ RMI_HD acc_t pool_adjoint_at(const scalar_t* logits, const label_t* labels, cons
     }
     return sum;
   }
-  windows_holding(y, g.h, g.kernel, g.factor, &oy0, &oy1);
-  windows_holding(x, g.w, g.kernel, g.factor, &ox0, &ox1);
-  for (int64_t oy = oy0; oy <= oy1; ++oy)
+  windows_holding(y, g.h, g.kernel, dv.factor, &oy0, &oy1);
+  windows_holding(x, g.w, g.kernel, dv.factor, &ox0, &ox1);
+  if (g.pool == kAvgPool) {
+    for (int64_t oy = oy0; oy <= oy1; ++oy)
+      for (int64_t ox = ox0; ox <= ox1; ++ox) sum += grad_plane[oy * g.w + ox];
+    return sum / static_cast<acc_t>(g.kernel * g.kernel);
+  }
+  // Max: the gradient goes to the window's first maximum of P in row-major order, recorded by
+  // pooled_py_at in the backward's pooled-maps pass.
+  for (int64_t oy = oy0; oy <= oy1; ++oy) {
+    int64_t y0, y1;
+    pool_window(oy, g.H, g.kernel, g.factor, &y0, &y1);
     for (int64_t ox = ox0; ox <= ox1; ++ox) {
-      if (g.pool == kAvgPool) {
-        sum += grad_plane[oy * g.w + ox];
-        continue;
-      }
-      // Max: the gradient goes to the window's first maximum of P in row-major order.
-      int64_t y0, y1, x0, x1;
-      pool_window(oy, g.H, g.kernel, g.factor, &y0, &y1);
+      int64_t x0, x1;
       pool_window(ox, g.W, g.kernel, g.factor, &x0, &x1);
-      int64_t best_y = y0, best_x = x0;
-      acc_t best = pixel_py<acc_t>(logits, labels, g, n, c, y0, x0).p;
-      for (int64_t wy = y0; wy < y1; ++wy)
-        for (int64_t wx = x0; wx < x1; ++wx) {
-          const acc_t v = pixel_py<acc_t>(logits, labels, g, n, c, wy, wx).p;
-          if (v > best) {
-            best = v;
-            best_y = wy;
-            best_x = wx;
-          }
-        }
-      if (best_y == y && best_x == x) sum += grad_plane[oy * g.w + ox];
+      if (arg_plane[oy * g.w + ox] == max_window_arg(y, x, y0, x0, x1))
+        sum += grad_plane[oy * g.w + ox];
     }
-  return g.pool == kAvgPool ? sum / static_cast<acc_t>(g.kernel * g.kernel) : sum;
+  }
+  return sum;
 }
 
 // Element q of the gradient [N, C, H, W] (visited in N, C, H, W order, or N, H, W, C for a
 // channels-last output): pooling adjoint times dP/dx, plus base_scale times the first term's
 // gradient (BCE: m (sig - y); CE: valid (softmax - onehot), with lse [N, H, W] the channel
-// logsumexp, unused in sigmoid mode). grad_pooled [N, C, h, w]; base_scale points to one double.
+// logsumexp, unused in sigmoid mode). grad_pooled [N, C, h, w]; argmax [N, C, h, w] from
+// pooled_store (max pooling with factor > 1; null otherwise); base_scale points to one double.
 template <typename acc_t, typename scalar_t, typename label_t>
 RMI_HD void full_grad_store(int64_t q, const scalar_t* logits, const label_t* labels,
-                            const Problem& g, const acc_t* grad_pooled, const acc_t* lse,
-                            const double* base_scale, scalar_t* out, const OutStrides& os) {
-  int64_t n, c = 0, y, x;  // q walks N, C, H, W, or N, H, W, C for a channels-last output
-  if (os.channels_last) c = q % g.C, q /= g.C;
-  x = q % g.W, q /= g.W;
-  y = q % g.H, q /= g.H;
-  if (!os.channels_last) c = q % g.C, q /= g.C;
-  n = q;
+                            const Problem& g, const Divisors& dv, const acc_t* grad_pooled,
+                            const int32_t* argmax, const acc_t* lse, const double* base_scale,
+                            scalar_t* out, const OutStrides& os) {
+  int64_t n, c, y, x;  // q walks N, C, H, W, or N, H, W, C for a channels-last output
+  if (os.channels_last)
+    n = dv.H.divmod(dv.W.divmod(dv.C.divmod(q, &c), &x), &y);
+  else
+    n = dv.C.divmod(dv.H.divmod(dv.W.divmod(q, &x), &y), &c);
   const int64_t label = label_at(labels, g, n, y, x);
   const bool valid = is_valid_label(label, g.C, g.ignore_index);
   const acc_t v = logit_at<acc_t>(logits, g, n, c, y, x);
   const acc_t sig = sigmoid_parts(v).sig;
   const acc_t slope = rmi_prob_slope(sig, valid, g.mode);
   acc_t grad_p = acc_t(0);
-  if (slope != acc_t(0))
-    grad_p = pool_adjoint_at<acc_t>(logits, labels, g, grad_pooled + (n * g.C + c) * g.h * g.w,
-                                    n, c, y, x);
+  if (slope != acc_t(0)) {
+    const int64_t plane = (n * g.C + c) * g.h * g.w;
+    grad_p = pool_adjoint_at<acc_t>(g, dv, grad_pooled + plane,
+                                    argmax != nullptr ? argmax + plane : nullptr, y, x);
+  }
   acc_t base = acc_t(0);
   if (valid) {
     const acc_t prob = g.mode == kSigmoidMode ? sig : exp(v - lse[(n * g.H + y) * g.W + x]);
@@ -502,13 +664,13 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
 // part_sum, part_count, part_nonfinite [gridDim.x]. Launch: reduce_blocks(N*H*W) x kThreads.
 template <typename scalar_t, typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kThreads)
-    base_stats_kernel(const scalar_t* logits, const label_t* labels, Problem g,
+    base_stats_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
                       double* part_sum, double* part_count, int64_t* part_nonfinite) {
   __shared__ double smem[kThreads];
   __shared__ int64_t smem_i[kThreads];
   BaseStats s = {0.0, 0.0, 0};
   RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
-    BaseStats v = base_stats_at<acc_t>(q, logits, labels, g);
+    BaseStats v = base_stats_at<acc_t>(q, logits, labels, g, dv);
     s.sum += v.sum;
     s.count += v.count;
     s.nonfinite += v.nonfinite;
@@ -547,61 +709,70 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Stage (a), pooled maps: y_out, p_out [N, C, h, w]. Launch: grid_blocks(N*C*h*w) x kThreads.
-template <typename scalar_t, typename acc_t, typename label_t>
+// Stage (a), pooled maps: y_out, p_out [N, C, h, w], and the max-pooling arg-max arg_out
+// [N, C, h, w] when it is not null (see pooled_store); kind = pooled_kind(g).
+// Launch: LaunchPlan::pooled_blocks x kThreads.
+template <typename scalar_t, typename acc_t, typename label_t, int kind>
 __global__ void __launch_bounds__(kThreads)
-    pooled_maps_kernel(const scalar_t* logits, const label_t* labels, Problem g, acc_t* y_out,
-                       acc_t* p_out) {
+    pooled_maps_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
+                       acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
   RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.h * g.w) {
-    pooled_store<acc_t>(q, logits, labels, g, y_out, p_out);
+    pooled_store<kind, acc_t>(q, logits, labels, g, dv, y_out, p_out, arg_out);
   }
 }
 
-// Stage (a), softmax mode: channel logsumexp lse [N, H, W]. Launch: grid_blocks(N*H*W).
+// Stage (a), softmax mode: channel logsumexp lse [N, H, W]. Launch: LaunchPlan::pixel_blocks.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    logsumexp_kernel(const scalar_t* logits, Problem g, acc_t* lse) {
+    logsumexp_kernel(const scalar_t* logits, Problem g, Divisors dv, acc_t* lse) {
   RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
-    const int64_t x = q % g.W, t = q / g.W;
-    lse[q] = logsumexp_at<acc_t>(logits, g, t / g.H, t % g.H, x);
+    int64_t x, y;
+    const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
+    lse[q] = logsumexp_at<acc_t>(logits, g, n, y, x);
   }
 }
 
 // Stage (b), level 0: offsets [planes, 2], the plane means of Y and P (any constant near the
-// values would do). Launch: planes x kThreads, one block per plane.
+// values would do). Launch: LaunchPlan::plane_blocks x kThreads, a block per plane (blocks
+// loop over planes past 2^30).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    plane_offsets_kernel(const acc_t* y, const acc_t* p, int64_t plane_size, double* offsets) {
+    plane_offsets_kernel(const acc_t* y, const acc_t* p, int64_t planes, int64_t plane_size,
+                         double* offsets) {
   __shared__ double smem[kThreads];
-  const int64_t plane = blockIdx.x, base = plane * plane_size;
-  double sum_y = 0.0, sum_p = 0.0;
-  for (int64_t i = threadIdx.x; i < plane_size; i += kThreads) {
-    sum_y += static_cast<double>(y[base + i]);
-    sum_p += static_cast<double>(p[base + i]);
-  }
-  sum_y = block_sum(sum_y, smem);
-  sum_p = block_sum(sum_p, smem);
-  if (threadIdx.x == 0) {
-    offsets[2 * plane] = sum_y / static_cast<double>(plane_size);
-    offsets[2 * plane + 1] = sum_p / static_cast<double>(plane_size);
+  for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {  // block-uniform
+    const int64_t base = plane * plane_size;
+    double sum_y = 0.0, sum_p = 0.0;
+    for (int64_t i = threadIdx.x; i < plane_size; i += kThreads) {
+      sum_y += static_cast<double>(y[base + i]);
+      sum_p += static_cast<double>(p[base + i]);
+    }
+    sum_y = block_sum(sum_y, smem);
+    sum_p = block_sum(sum_p, smem);
+    if (threadIdx.x == 0) {
+      offsets[2 * plane] = sum_y / static_cast<double>(plane_size);
+      offsets[2 * plane + 1] = sum_p / static_cast<double>(plane_size);
+    }
   }
 }
 
-// Stage (b), level 1: partials [planes, chunks, entries]. Launch: grid (planes, plan.chunks,
-// ceil(plan.entries / kThreads)) x kThreads; threads of a block share a plane and a chunk.
+// Stage (b), level 1: partials [planes, chunks, entries]. Launch: LaunchPlan::moment_grid
+// (plane blocks, plan.chunks, ceil(plan.entries / kThreads)) x kThreads; threads of a block
+// share a plane and a chunk; blocks loop over planes past 2^30.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     moment_partials_kernel(const acc_t* y, const acc_t* p, const double* offsets, Problem g,
                            MomentPlan plan, double* partials) {
-  const int64_t plane = blockIdx.x, chunk = blockIdx.y;
+  const int64_t chunk = blockIdx.y;
   const int64_t e = static_cast<int64_t>(blockIdx.z) * kThreads + threadIdx.x;
   if (e >= plan.entries) return;
-  partials[(plane * plan.chunks + chunk) * plan.entries + e] =
-      moment_partial_at(plane, chunk, e, y, p, offsets, g, plan);
+  for (int64_t plane = blockIdx.x; plane < g.N * g.C; plane += gridDim.x)
+    partials[(plane * plan.chunks + chunk) * plan.entries + e] =
+        moment_partial_at(plane, chunk, e, y, p, offsets, g, plan);
 }
 
 // Stage (b), level 2: means [planes, 2, d], cov [planes, 3, d, d].
-// Launch: grid_blocks(planes*d*d) x kThreads.
+// Launch: LaunchPlan::finalize_blocks x kThreads.
 __global__ void __launch_bounds__(kThreads)
     moment_finalize_kernel(const double* partials, const double* offsets, Problem g,
                            MomentPlan plan, double* means, double* cov) {
@@ -611,24 +782,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Stage (d): grad_pooled [N, C, h, w]. Launch: grid_blocks(N*C*h*w) x kThreads.
+// Stage (d): grad_pooled [N, C, h, w]. Launch: LaunchPlan::pooled_blocks x kThreads.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     pooled_grad_kernel(const acc_t* y, const acc_t* p, const double* coef, const double* shift,
-                       Problem g, acc_t* grad_pooled) {
+                       Problem g, Divisors dv, acc_t* grad_pooled) {
   RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.h * g.w) {
-    pooled_grad_store(q, y, p, coef, shift, g, grad_pooled);
+    pooled_grad_store(q, y, p, coef, shift, g, dv, grad_pooled);
   }
 }
 
-// Stage (e): grad_logits [N, C, H, W] through strides os. Launch: grid_blocks(N*C*H*W).
+// Stage (e): grad_logits [N, C, H, W] through strides os; argmax from pooled_maps_kernel (max
+// pooling with factor > 1, else null). Launch: LaunchPlan::full_blocks x kThreads.
 template <typename scalar_t, typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kThreads)
-    full_grad_kernel(const scalar_t* logits, const label_t* labels, Problem g,
-                     const acc_t* grad_pooled, const acc_t* lse, const double* base_scale,
-                     scalar_t* out, OutStrides os) {
+    full_grad_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
+                     const acc_t* grad_pooled, const int32_t* argmax, const acc_t* lse,
+                     const double* base_scale, scalar_t* out, OutStrides os) {
   RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.H * g.W) {
-    full_grad_store<acc_t>(q, logits, labels, g, grad_pooled, lse, base_scale, out, os);
+    full_grad_store<acc_t>(q, logits, labels, g, dv, grad_pooled, argmax, lse, base_scale, out,
+                           os);
   }
 }
 
