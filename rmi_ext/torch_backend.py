@@ -5,7 +5,7 @@ offset pairs on shifted slices of the pooled maps. Stage names match the other b
 
 (a) :func:`first_term_sums`, :func:`pooled_maps` (both: :func:`prepare_maps`)
 (b) :func:`moment_sums`  (c) :mod:`rmi_ext.linalg`  (d) :func:`pooled_grad_stencil`
-(e) :func:`rmi_full_res_grad`, :func:`base_grad`
+(e) :func:`full_res_grad`, :func:`base_grad`
 
 :func:`forward_stats` and :func:`backward_grad` run them on chunks of (n, c) planes
 (:data:`CHUNK_ELEMENTS`), so the extra memory stays near the gradient's own size.
@@ -219,7 +219,7 @@ def pooled_grad_stencil(y, p, coef, shift, radius: int) -> torch.Tensor:
     return grad
 
 
-def rmi_full_res_grad(grad_pooled, p_full, dpdx, cfg: RMIConfig) -> torch.Tensor:
+def full_res_grad(grad_pooled, p_full, dpdx, cfg: RMIConfig) -> torch.Tensor:
     """Stage (e), RMI part: pooling adjoint of ``grad_pooled [N, c, h, w]`` times ``dP/dx``
     (``P`` and ``dP/dx`` at full resolution, compute dtype)."""
     return _pool_adjoint(grad_pooled.to(p_full.dtype), p_full, cfg) * dpdx
@@ -260,6 +260,6 @@ def backward_grad(logits, labels, cfg: RMIConfig, base_scale, coef, shift):
             y, p, dpdx = _full_res_maps(logits[n0:n1, c0:c1], lab, cfg, c0, c)
             grad_pooled = pooled_grad_stencil(*_pool_maps(y, p, cfg), coef[n0:n1, c0:c1],
                                               shift[n0:n1, c0:c1], cfg.radius)
-            grad_i[:, c0:c1] += rmi_full_res_grad(grad_pooled, p, dpdx, cfg)
+            grad_i[:, c0:c1] += full_res_grad(grad_pooled, p, dpdx, cfg)
         grad[n0:n1] = grad_i
     return grad

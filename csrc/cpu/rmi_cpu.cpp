@@ -3,10 +3,11 @@
 // Work is split by (n, c) plane with at::parallel_for; each thread keeps plane-sized scratch
 // buffers, so the extra memory is about one plane per thread, at every DF (DF 1 included).
 //
-// forward_stats, per plane: (a) one pass over the logits: sigmoid, BCE partial sum, non-finite
-// count, then the pooled P and Y maps; (b) the moment sums on the pooled maps.
-// backward_grad, per plane: (a) again (recomputed, not stored), (d) the pooled-map stencil,
-// (e) the pooling adjoint and the full-resolution gradient.
+// Stage names as in every backend (docs/stages.md): forward_stats, per plane: (a)
+// first_term_plane (one pass over the logits: sigmoid, BCE partial sum, non-finite count) and
+// pooled_maps_plane (pooled P and Y); (b) moment_sums_plane. backward_grad, per plane: (a) again
+// (recomputed, not stored), (d) pooled_grad_stencil_plane, (e) pool_adjoint_plane and
+// full_res_grad_row.
 //
 // Both (b) and (d) use the "lag" form. For offsets o_i, o_j of a region the product sums
 // sum_k X[k + o_i] Z[k + o_j] only depend on the lag l = o_j - o_i and on which offsets o_i a
@@ -205,7 +206,7 @@ void sigmoid_rows(const Problem& p, const scalar_t* xp, const int32_t* cls, int3
 // Sigmoid of one plane into s.sig. With a non-null `nonfinite` (forward) also counts the
 // non-finite logits into it and returns the plane's BCE sum in sigmoid mode (0 otherwise).
 template <typename scalar_t, typename T>
-double sigmoid_plane(const Problem& p, const scalar_t* xp, const int32_t* cls, int64_t c,
+double first_term_plane(const Problem& p, const scalar_t* xp, const int32_t* cls, int64_t c,
                      PlaneScratch<T>& s, int64_t* nonfinite) {
   double bce = 0.0;
   int64_t bad = 0;
@@ -248,7 +249,7 @@ void prob_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, T* 
 
 // Pooled Y and P of one plane (from s.sig and the class map) into s.yp, s.pp.
 template <typename T>
-void pool_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>& s) {
+void pooled_maps_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>& s) {
   const T* sig = s.sig.data();
   auto prob = [&](int64_t u) { return rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode); };
   const int32_t cc = static_cast<int32_t>(c);
@@ -408,7 +409,7 @@ struct MomentGeometry {
 
 // means [2, d] (mu_y, mu_p) and cov [3, d, d] (Sy, Sp, B) of one plane from centred yp, pp.
 template <typename M>
-void moments_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
+void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, double* means, double* cov,
                    std::vector<double>& tables) {
   const int64_t cells = g.cells(), nsx = g.sx.count(), L = g.lags.count, w = p.w, h = p.h;
@@ -489,7 +490,7 @@ void moments_plane(const Problem& p, const MomentGeometry& g, const M* yc, const
 // dloss/dP on the pooled map: window k gets g_k = Cp p_k + Cy y_k + c, entry i lands on k + o_i.
 // In lag form, dP[u] = const(cell) + sum_l Kp_l(cell) P[u + l] + Ky_l(cell) Y[u + l].
 template <typename M>
-void stencil_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
+void pooled_grad_stencil_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, const double* cp, const double* cy,
                    const double* shift, M* out, std::vector<double>& tables) {
   const int64_t R = p.radius, d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
@@ -577,7 +578,7 @@ void pool_adjoint_plane(const Problem& p, PlaneScratch<T>& s) {
         out[ty.i1 * p.W + tx.i1] += ty.w1 * tx.w1 * gv;
         continue;
       }
-      out[s.argmax[oy * p.w + ox]] += static_cast<T>(gpool);  // max: where pool_plane found it
+      out[s.argmax[oy * p.w + ox]] += static_cast<T>(gpool);  // max: where pooled_maps_plane found it
     }
   }
 }
@@ -623,7 +624,7 @@ void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
 // grad_logits of one row: dP/dx times grow[] plus base_scale times the BCE or CE gradient.
 // lse is the row's logsumexp in softmax mode (nullptr in sigmoid mode).
 template <int kStep, typename scalar_t, typename T>
-void grad_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, const T* grow,
+void full_res_grad_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, const T* grow,
               const scalar_t* xr, const T* lse, T bscale, scalar_t* gr, int64_t gstep) {
   const int64_t xstep = kStep == 1 ? 1 : p.xs[3];
   gstep = kStep == 1 ? 1 : gstep;
@@ -680,10 +681,10 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
         const int32_t* cls = info.cls.data() + n * p.H * p.W;
-        plane_bce[plane] = sigmoid_plane(p, x + n * p.xs[0] + c * p.xs[1], cls, c, s, &plane_bad[plane]);
-        pool_plane(p, cls, c, s);
+        plane_bce[plane] = first_term_plane(p, x + n * p.xs[0] + c * p.xs[1], cls, c, s, &plane_bad[plane]);
+        pooled_maps_plane(p, cls, c, s);
         const double y_shift = centre(s.yp), p_shift = centre(s.pp);
-        moments_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift,
+        moment_sums_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift,
                       means_p + plane * 2 * p.d, cov_p + plane * 3 * p.d * p.d, tables);
       }
     });
@@ -728,11 +729,11 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
         const int64_t n = plane / p.C, c = plane % p.C;
         const int32_t* cls = info.cls.data() + n * p.H * p.W;
         const scalar_t* xp = x + n * p.xs[0] + c * p.xs[1];
-        sigmoid_plane(p, xp, cls, c, s, nullptr);
-        pool_plane(p, cls, c, s);
+        first_term_plane(p, xp, cls, c, s, nullptr);
+        pooled_maps_plane(p, cls, c, s);
         const double y_shift = centre(s.yp), p_shift = centre(s.pp);
         const double* cp = coef_p + plane * 2 * p.d * p.d;
-        stencil_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift, cp, cp + p.d * p.d,
+        pooled_grad_stencil_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift, cp, cp + p.d * p.d,
                       shift_p + plane * p.d, s.grad_pp.data(), tables);
         if (p.factor > 1 && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
         if (p.factor > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
@@ -743,9 +744,9 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
           const int64_t u = r * p.W;
           const T* lse_r = lse ? lse + u : nullptr;
           if (unit_stride)
-            grad_row<1>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.xs[2], lse_r, bscale, gp + r * gH, 1);
+            full_res_grad_row<1>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.xs[2], lse_r, bscale, gp + r * gH, 1);
           else
-            grad_row<0>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.xs[2], lse_r, bscale, gp + r * gH, gW);
+            full_res_grad_row<0>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.xs[2], lse_r, bscale, gp + r * gH, gW);
         }
       }
     });
