@@ -1,27 +1,21 @@
-"""Child process of the benchmark suite: peak extra memory of one forward+backward, as JSON.
+"""Child process of the memory probes: peak extra memory of loss forward+backward calls, as JSON.
 
-Run by ``rmi_bench.measure_peak_memory`` in a fresh interpreter per case, so that the peak
-resident memory belongs to that case alone; backends are measured one after the other, each
-from its own baseline (``rmi_bench.peak_extra_bytes_cpu``).
-Usage: ``python _memprobe.py '{"case": {...}, "backends": ["torch"], "device": "cpu"}'``.
+Run by ``rmi_bench.measure_peak_memory_of`` in a fresh interpreter (the benchmark suite: one per
+case; the training demo: one for its losses), so that the peak resident memory belongs to these
+calls alone; they run one after the other, each from its own baseline
+(``rmi_bench.peak_extra_bytes_cpu``), through ``rmi_bench.run_probes``.
+Usage: ``python _memprobe.py '{"probe": "rmi_bench:probe_case", "device": "cpu",
+"calls": {"torch": {"case": {...}, "backend": "torch"}}}'``; prints ``{key: result}``.
 """
 import json
 import sys
-import traceback
 
 import rmi_bench
 
 
 def main(argv):
     request = json.loads(argv[1])
-    case = rmi_bench.Case(**{**request["case"], "shape": tuple(request["case"]["shape"])})
-    results = {}
-    for backend in request["backends"]:
-        try:
-            results[backend] = rmi_bench.probe(case, backend, request["device"])
-        except Exception:  # report it against this backend, measure the others
-            results[backend] = {"error": traceback.format_exc()}
-    print(json.dumps(results))
+    print(json.dumps(rmi_bench.run_probes(request["probe"], request["calls"], request["device"])))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Cases, backends and measurements shared by the benchmark suite and its memory probe.
+"""Cases, backends and measurements shared by the benchmark suite, its memory probe and the
+training demo (``python/demo_measure.py`` measures its losses' peak memory with this module).
 
 A *case* is one input shape and loss configuration; a *backend* is one way to compute the loss:
 the unfold reference (eager, or under ``torch.compile``), every ``rmi_ext`` backend, and the
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,13 +100,19 @@ def why_unavailable(backend: str, case: Case, device: str, compile_all: bool = F
     return None
 
 
-def make_inputs(case: Case, device: str, seed: int = 0):
-    """``logits`` (requires grad) and ``labels``, every label valid, deterministic."""
+def random_inputs(shape, device: str, seed: int = 0):
+    """``logits`` float32 ``[N, C, H, W]`` (requires grad) and ``labels`` int64 ``[N, H, W]`` in
+    ``[0, C)`` (every label valid), drawn on the CPU from ``seed``, then moved: deterministic."""
     gen = torch.Generator().manual_seed(seed)
-    n, c, h, w = case.shape
-    logits = torch.randn(case.shape, generator=gen).to(device).requires_grad_()
+    n, c, h, w = shape
+    logits = torch.randn(tuple(shape), generator=gen).to(device).requires_grad_()
     labels = torch.randint(0, c, (n, h, w), generator=gen).to(device)
     return logits, labels
+
+
+def make_inputs(case: Case, device: str, seed: int = 0):
+    """``random_inputs`` of the case's shape."""
+    return random_inputs(case.shape, device, seed)
 
 
 def rmi_pytorch_module(case: Case, bce_weight: float = 0.5):
@@ -146,7 +155,7 @@ def make_loss_fn(backend: str, case: Case, labels: torch.Tensor):
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 # --- peak memory ------------------------------------------------------------------------------
@@ -177,16 +186,17 @@ def peak_extra_bytes_cpu(fwd_bwd) -> int:
     return (_proc_status_kib("VmHWM") - before) * 1024
 
 
-def peak_extra_bytes_cuda(fwd_bwd) -> int:
+def peak_extra_bytes_cuda(fwd_bwd, device=None) -> int:
     """Peak of ``torch.cuda.max_memory_allocated`` during ``fwd_bwd()`` above the allocation
-    before it, in bytes (exact tensor accounting, so it runs in-process)."""
+    before it, in bytes, on ``device`` (default: the current GPU); exact tensor accounting, so
+    it runs in-process."""
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     fwd_bwd()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def peak_extra_bytes_torch(fwd_bwd) -> int:
@@ -208,19 +218,69 @@ def peak_extra_bytes_torch(fwd_bwd) -> int:
     return peak
 
 
-def measure_peak_memory(case: Case, backends, device: str) -> dict:
-    """``{backend: {"peak_extra_bytes", "peak_extra_x_logits", ...} or {"error": ...}}``: the
-    peak extra memory of one forward+backward per backend. CPU: one fresh process for the case,
-    the backends measured one after the other (each from its own baseline); CUDA: in-process."""
+def probe_loss(loss_fn, logits: torch.Tensor, device: str) -> dict:
+    """Peak extra memory of one ``loss_fn(logits).backward()`` after one warm-up call (which
+    compiles and loads libraries): ``{"peak_extra_bytes", "peak_extra_x_logits",
+    "logits_bytes", "memory_method"}``. The peak includes the logits' gradient (1x the logits).
+    CPU: ``peak_extra_bytes_cpu``, meant for a fresh process (``measure_peak_memory_of``);
+    CUDA: ``peak_extra_bytes_cuda``."""
+
+    def fwd_bwd():
+        loss_fn(logits).backward()
+        sync(device)
+
+    fwd_bwd()
+    logits.grad = None
     if device.startswith("cuda"):
-        return {backend: probe(case, backend, device) for backend in backends}
+        extra = peak_extra_bytes_cuda(fwd_bwd, device)
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        extra, method = peak_extra_bytes_cpu(fwd_bwd), "VmHWM - VmRSS, a fresh process per case"
+    logits_bytes = logits.numel() * logits.element_size()
+    return dict(peak_extra_bytes=extra, peak_extra_x_logits=extra / logits_bytes,
+                logits_bytes=logits_bytes, memory_method=method)
+
+
+def probe(case: Case, backend: str, device: str) -> dict:
+    """``probe_loss`` of ``backend`` on ``case``'s inputs."""
+    logits, labels = make_inputs(case, device)
+    return probe_loss(make_loss_fn(backend, case, labels), logits, device)
+
+
+def probe_case(device: str, case: dict, backend: str) -> dict:
+    """``probe`` with the case as ``dataclasses.asdict`` gives it (how a child process gets it)."""
+    return probe(Case(**{**case, "shape": tuple(case["shape"])}), backend, device)
+
+
+def run_probes(probe_name: str, calls: dict, device: str) -> dict:
+    """``{key: fn(device=device, **kwargs)}`` for ``calls = {key: kwargs}``, one call after the
+    other, where ``probe_name = "module:fn"`` names a function such as ``probe_case``. A call
+    that raises gives ``{"error": traceback}``, and the calls after it still run."""
+    module, _, name = probe_name.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    results = {}
+    for key, kwargs in calls.items():
+        try:
+            results[key] = fn(device=device, **kwargs)
+        except Exception:  # report it against this key, measure the others
+            results[key] = {"error": traceback.format_exc()}
+    return results
+
+
+def measure_peak_memory_of(probe_name: str, calls: dict, device: str, import_dirs=()) -> dict:
+    """``run_probes(probe_name, calls, device)``: CUDA in this process; CPU in one fresh process
+    (``_memprobe.py``, a fixed malloc mmap threshold so that big frees go back to the OS) that
+    imports the same ``rmi_ext`` as this one, and modules from ``import_dirs`` too. Raises
+    ``RuntimeError`` if that process dies."""
+    if device.startswith("cuda"):
+        return run_probes(probe_name, calls, device)
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # fixed threshold: big frees go back to the OS
-    # The child imports the same rmi_ext as this process, wherever that came from.
     rmi_root = str(Path(rmi_ext.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [rmi_root, env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(HERE / "_memprobe.py"), json.dumps(
-        dict(case=asdict(case), backends=list(backends), device=device))]
+    paths = [rmi_root, *map(str, import_dirs), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    cmd = [sys.executable, str(HERE / "_memprobe.py"),
+           json.dumps(dict(probe=probe_name, calls=calls, device=device))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         how = (f"was killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
@@ -229,20 +289,9 @@ def measure_peak_memory(case: Case, backends, device: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def probe(case: Case, backend: str, device: str) -> dict:
-    """Build inputs, warm up once (compiles), then measure one forward+backward's peak."""
-    logits, labels = make_inputs(case, device)
-    fn = make_loss_fn(backend, case, labels)
-
-    def fwd_bwd():
-        fn(logits).backward()
-        sync(device)
-
-    fwd_bwd()
-    logits.grad = None
-    if device.startswith("cuda"):
-        extra, method = peak_extra_bytes_cuda(fwd_bwd), "torch.cuda.max_memory_allocated"
-    else:
-        extra, method = peak_extra_bytes_cpu(fwd_bwd), "VmHWM - VmRSS, a fresh process per case"
-    return dict(peak_extra_bytes=extra, peak_extra_x_logits=extra / case.logits_bytes,
-                logits_bytes=case.logits_bytes, memory_method=method)
+def measure_peak_memory(case: Case, backends, device: str) -> dict:
+    """``{backend: {"peak_extra_bytes", "peak_extra_x_logits", ...} or {"error": ...}}``: the
+    peak extra memory of one forward+backward per backend. CPU: one fresh process for the case,
+    the backends measured one after the other (each from its own baseline); CUDA: in-process."""
+    calls = {backend: dict(case=asdict(case), backend=backend) for backend in backends}
+    return measure_peak_memory_of("rmi_bench:probe_case", calls, device)

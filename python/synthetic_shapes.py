@@ -44,7 +44,8 @@ def _uniform(g, n, low, high):
 
 
 def _smooth_noise(g, n, size, cells):
-    """Low-frequency noise in [0, 1]: a coarse random grid upsampled bilinearly, ``[n, 1, S, S]``."""
+    """Low-frequency noise in [0, 1], float32 ``[n, 1, S, S]``: a coarse random grid upsampled
+    bilinearly."""
     coarse = torch.rand(n, 1, cells, cells, generator=g)
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear",
                                            align_corners=True)
@@ -67,8 +68,10 @@ def _shape_masks(g, n, size, yy, xx):
     aspect = _uniform(g, n, 0.45, 1.0)[:, None, None]
     box = (u.abs() <= r3) & (v.abs() <= r3 * aspect)
     # Triangle: three vertices at jittered angles on the circle of radius r, edge-function test.
-    base = angle[:, None] + torch.tensor([0.0, 2.1, 4.2]) + _uniform(g, 3 * n, -0.35, 0.35).view(n, 3)
-    vy, vx = cy[:, None] + radius[:, None] * torch.sin(base), cx[:, None] + radius[:, None] * torch.cos(base)
+    base = (angle[:, None] + torch.tensor([0.0, 2.1, 4.2])
+            + _uniform(g, 3 * n, -0.35, 0.35).view(n, 3))
+    vy = cy[:, None] + radius[:, None] * torch.sin(base)
+    vx = cx[:, None] + radius[:, None] * torch.cos(base)
     edges = []
     for i in range(3):
         j = (i + 1) % 3
@@ -112,8 +115,8 @@ def make_dataset(num_images: int, size: int = 64, *, seed: int = 0, min_shapes: 
         shade = 1.0 + 0.2 * (_smooth_noise(g, n, s, 4) - 0.5)
         paint = rgb[:, :, None, None] * shade
         images = torch.where(mask[:, None], paint, images)
-        labels = torch.where(mask, (1 + kind * len(COLOURS) + colour).to(torch.uint8)[:, None, None],
-                             labels)
+        cls = (1 + kind * len(COLOURS) + colour).to(torch.uint8)  # class_of, per image
+        labels = torch.where(mask, cls[:, None, None], labels)
 
     images = images + noise * torch.randn(images.shape, generator=g)
     b = IGNORE_BORDER

@@ -1,7 +1,9 @@
-"""The demo (python/train_demo.py) and its data set (python/synthetic_shapes.py).
+"""The demo (python/train_demo.py and the demo_*.py modules it wires) and its data set
+(python/synthetic_shapes.py).
 
-Unit checks of the data set and the metrics, then short end-to-end runs of the script in a
-subprocess (tiny data, 2 epochs) that check the files it writes and the numbers in them.
+Unit checks of the data set, the batches, the losses, the metrics and the memory probe, then
+short end-to-end runs of the script in a subprocess (tiny data, 2 epochs) that check the files
+it writes and the numbers in them.
 """
 import json
 import math
@@ -17,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "python"
 sys.path.insert(0, str(SCRIPTS))
 
+import demo_losses  # noqa: E402
+import demo_measure  # noqa: E402
+import demo_model  # noqa: E402
+import demo_train  # noqa: E402
 import rmi_ext  # noqa: E402
 import synthetic_shapes as shapes  # noqa: E402
 import train_demo  # noqa: E402
@@ -56,15 +62,53 @@ def test_class_ids_and_names():
     assert shapes.CLASS_NAMES[shapes.class_of(3, 2)] == "blue-ring"
 
 
+def test_epoch_batches_shuffle_and_flip_images_with_their_labels():
+    x, y = shapes.make_dataset(10, 16, seed=1)
+    batches = list(demo_train.epoch_batches(x, y, 4, torch.Generator().manual_seed(7)))
+    assert len(batches) == 2 and all(bx.shape == (4, 3, 16, 16) for bx, _ in batches)
+    seen, flipped = set(), 0
+    for bx, by in batches:
+        for image, label in zip(bx, by):
+            for i in range(len(x)):
+                if torch.equal(image, x[i]) and torch.equal(label, y[i]):
+                    seen.add(i)
+                elif torch.equal(image, x[i].flip(-1)) and torch.equal(label, y[i].flip(-1)):
+                    seen.add(i)
+                    flipped += 1
+    assert len(seen) == 8  # 8 distinct images, each flipped (or not) with its label
+    assert 0 < flipped < 8
+    again = list(demo_train.epoch_batches(x, y, 4, torch.Generator().manual_seed(7)))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+
+
+# ---- losses --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_base_loss_is_the_base_term_of_the_rmi_loss(mode):
+    # The baseline run trains with exactly the base term of the RMI run's loss.
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, shapes.NUM_CLASSES, 20, 24, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, shapes.NUM_CLASSES, (2, 20, 24), generator=gen)
+    labels[:, :2] = shapes.IGNORE_INDEX
+    base = demo_losses.make_criterion("base", mode)
+    rmi = demo_losses.make_criterion("rmi", mode, backend="torch", stride=2, weight_lambda=0.25)
+    base_loss, rmi_loss = base(logits, labels), rmi(logits, labels)
+    total, base_term, rmi_term = rmi.last_terms
+    torch.testing.assert_close(base_loss, base_term, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rmi_loss, 0.25 * base_term + 0.75 * rmi_term, rtol=1e-12, atol=0)
+    assert base.last_terms[2] is None and float(base.last_terms[0]) == float(base_loss)
+
+
 # ---- metrics -----------------------------------------------------------------------------------
 
 
 def test_iou_from_confusion_by_hand():
     target = torch.tensor([0, 0, 1, 1, 2, 255], dtype=torch.uint8)
     pred = torch.tensor([0, 1, 1, 1, 0, 2], dtype=torch.uint8)
-    conf = train_demo.confusion(pred, target, num_classes=3)
+    conf = demo_train.confusion(pred, target, num_classes=3)
     assert conf.sum() == 5  # the ignored pixel is not counted
-    iou, miou, acc = train_demo.iou_from_confusion(conf)
+    iou, miou, acc = demo_train.iou_from_confusion(conf)
     # class 0: tp 1, fp 1 (pixel 4), fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: 0/1.
     assert torch.allclose(iou, torch.tensor([1 / 3, 2 / 3, 0.0], dtype=torch.float64))
     assert miou == pytest.approx(1 / 3)
@@ -73,21 +117,38 @@ def test_iou_from_confusion_by_hand():
 
 def test_iou_skips_absent_classes():
     target = torch.tensor([0, 0, 1], dtype=torch.uint8)
-    conf = train_demo.confusion(target.clone(), target, num_classes=4)
-    iou, miou, _ = train_demo.iou_from_confusion(conf)
+    conf = demo_train.confusion(target.clone(), target, num_classes=4)
+    iou, miou, _ = demo_train.iou_from_confusion(conf)
     assert math.isnan(iou[2]) and math.isnan(iou[3])
     assert miou == 1.0
 
 
 def test_model_output_shape():
-    model = train_demo.SmallSegNet(width=4)
+    model = demo_model.SmallSegNet(width=4)
     out = model(torch.rand(2, 3, 24, 36))
     assert out.shape == (2, shapes.NUM_CLASSES, 24, 36)
 
 
+def test_memory_probe_reports_each_loss_and_a_failure_as_nan(capsys):
+    # The demo measures with the benchmark suite's probe (a fresh process on the CPU); a loss
+    # that cannot run is NaN with a printed reason, and does not hide the others.
+    shape = (2, shapes.NUM_CLASSES, 16, 16)
+    good = dict(mode="sigmoid", backend="torch", radius=3, stride=2, pool="avg",
+                weight_lambda=0.5)
+    criteria = {"base": ("base", good), "bad": ("rmi", {**good, "pool": "no-such-pool"}),
+                "rmi": ("rmi", good)}
+    peaks = demo_measure.peak_memory(criteria, shape, torch.device("cpu"))
+    logits_bytes = 4 * math.prod(shape)
+    assert math.isnan(peaks["bad"])
+    assert "memory measurement of bad failed" in capsys.readouterr().out
+    for name in ("base", "rmi"):  # at least the logits' gradient
+        assert math.isfinite(peaks[name]) and peaks[name] >= logits_bytes, (name, peaks)
+
+
 def test_bad_arguments_are_refused():
     for argv in (["--size", "30"], ["--rmi-start-epoch", "3", "--epochs", "3"],
-                 ["--n-train", "4", "--batch-size", "8"]):
+                 ["--n-train", "4", "--batch-size", "8"],
+                 ["--_measure-loss", "{}"]):  # no hidden self-re-run option any more
         with pytest.raises(SystemExit):
             train_demo.parse_args(argv)
 
@@ -135,8 +196,12 @@ def test_demo_runs_and_reports(tmp_path, extra, tag, df, base_label):
         assert run["step_s_median"] > 0
     meas = summary["loss_measurements"]
     assert meas["shape"] == [8, shapes.NUM_CLASSES, 32, 32]
+    assert meas["logits_bytes"] == 4 * math.prod(meas["shape"])
     for key in ("base", "rmi", "reference"):
-        assert math.isfinite(meas[key]["extra_bytes"]) and meas[key]["extra_bytes"] > 0
+        # The peak includes the logits' gradient, as large as the logits.
+        assert math.isfinite(meas[key]["extra_bytes"])
+        assert meas[key]["extra_bytes"] >= meas["logits_bytes"], (key, meas[key])
+        assert meas[key]["seconds"] > 0
     # The fused loss needs less memory than the unfold reference, by far at DF 1.
     assert meas["rmi"]["extra_bytes"] < meas["reference"]["extra_bytes"] / (8 if df == 1 else 2)
     md = (tmp_path / f"{tag}_results.md").read_text()
