@@ -81,13 +81,24 @@ RMI_HD void pool_window(int64_t o, int64_t n, int64_t kernel, int64_t stride, in
   *end = stop > n ? n : stop;
 }
 
-// Nearest source index of F.interpolate(mode="nearest") (float scale, as PyTorch computes it).
-RMI_HD int64_t nearest_source(int64_t o, int64_t n_in, int64_t n_out) {
+// Scale of F.interpolate(mode="nearest"): n_in / n_out in float, as PyTorch computes it.
+RMI_HD float nearest_scale(int64_t n_in, int64_t n_out) {
+  return static_cast<float>(n_in) / static_cast<float>(n_out);
+}
+
+// Nearest source index of F.interpolate(mode="nearest"), with scale = nearest_scale(n_in,
+// n_out) computed once per axis (the GPU kernels pass it; no division per element).
+RMI_HD int64_t nearest_source(int64_t o, int64_t n_in, int64_t n_out, float scale) {
   if (n_out == n_in) return o;
   if (n_out == 2 * n_in) return o >> 1;
-  float scale = static_cast<float>(n_in) / static_cast<float>(n_out);
   int64_t src = static_cast<int64_t>(floorf(static_cast<float>(o) * scale));
   return src < n_in - 1 ? src : n_in - 1;
+}
+
+// The same, computing the scale (float scale, as PyTorch computes it).
+RMI_HD int64_t nearest_source(int64_t o, int64_t n_in, int64_t n_out) {
+  if (n_out == n_in) return o;
+  return nearest_source(o, n_in, n_out, nearest_scale(n_in, n_out));
 }
 
 // Bilinear (align_corners=True) source indices and weights of output index o, in type T.
@@ -97,14 +108,27 @@ struct LinearTap {
   T w0, w1;
 };
 
+// Scale of the bilinear align_corners=True taps: (n_in - 1) / (n_out - 1) in type T.
 template <typename T>
-RMI_HD LinearTap<T> linear_tap(int64_t o, int64_t n_in, int64_t n_out) {
-  T scale = n_out > 1 ? static_cast<T>(n_in - 1) / static_cast<T>(n_out - 1) : T(0);
+RMI_HD T linear_scale(int64_t n_in, int64_t n_out) {
+  return n_out > 1 ? static_cast<T>(n_in - 1) / static_cast<T>(n_out - 1) : T(0);
+}
+
+// Taps of output index o with scale = linear_scale<T>(n_in, n_out) computed once per axis (the
+// GPU kernels pass it; no division per element). Call it with a T scale and int64_t sizes.
+template <typename T>
+RMI_HD LinearTap<T> linear_tap(int64_t o, int64_t n_in, T scale) {
   T src = scale * static_cast<T>(o);
   int64_t i0 = static_cast<int64_t>(src);
   T w1 = src - static_cast<T>(i0);
   w1 = w1 < T(0) ? T(0) : (w1 > T(1) ? T(1) : w1);
   return {i0, i0 + (i0 < n_in - 1 ? 1 : 0), T(1) - w1, w1};
+}
+
+// The same, computing the scale.
+template <typename T>
+RMI_HD LinearTap<T> linear_tap(int64_t o, int64_t n_in, int64_t n_out) {
+  return linear_tap<T>(o, n_in, linear_scale<T>(n_in, n_out));
 }
 
 }  // namespace rmi

@@ -8,21 +8,27 @@ Without a GPU (needs ``nvcc`` on PATH):
   sm_90, and ptxas' resource report (``-Xptxas -v``) must show no register spills in the hot
   kernels (``test_kernel_resources`` prints the registers / spills / stack table).
 * ``csrc/cuda/check/emulate.cu`` runs the kernels' per-element functions on the host, in the
-  kernels' plan; wrapped as a backend below, it is checked against the reference (loss and
-  gradient) exactly like the GPU kernels. Only the grid-stride loops, the block reductions and
-  the torch glue (``rmi_cuda.cu``) are left to the GPU tests. Its ``--selftest`` checks the
-  kernels' index division (FastDivmod) and its ``--plan`` the launch plan at sizes past 2^31
-  elements and 65535 planes (grid limits), without allocating anything.
+  kernels' plans (the moment kernel's shared-memory tiles, the backward's blocks of planes);
+  wrapped as a backend below, it is checked against the reference (loss and gradient) exactly
+  like the GPU kernels: DF 1 without any map (P and Y recomputed from the logits in the moment
+  tiles and in the fused stencil + gradient pass), DF > 1 in blocks of planes (forced small
+  with ``Emulated.max_block_planes``). Only the grid-stride loops, the block reductions, the
+  tiles' synchronisation and the torch glue (``rmi_cuda.cu``) are left to the GPU tests. Its
+  ``--selftest`` checks the kernels' index division (FastDivmod) and the precomputed interp
+  scales, and its ``--plan`` the launch plans at sizes past 2^31 elements and 65535 planes
+  (grid limits) and their memory (``test_memory_plan``), without allocating anything.
 * ``RMI_TEST_CUDA_GLUE=1`` also compiles ``rmi_cuda.cu`` against the installed torch's headers
   (about a minute of CPU; off by default).
 
 With a GPU and ``rmi_ext._C`` built with its CUDA kernels: ``backend="cuda"`` against
 ``backend="reference"`` for the loss and the gradient (tolerances as test_backends.py: float64
-1e-10, float32 1e-5 / 1e-4; gradients as ``max |diff| / max |grad|``).
+1e-10, float32 1e-5 / 1e-4; gradients as ``max |diff| / max |grad|``), and the peak extra memory
+of a forward+backward (``test_cuda_peak_memory``: at most 1.25x the logits' bytes).
 """
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import re
 import shutil
@@ -201,8 +207,8 @@ def test_kernels_compile_without_torch(builds):
 
 RESOURCE_ARCHS = ("80", "90")
 #: Kernels on the hot path (per pixel or per pooled pixel), which must not spill.
-HOT_KERNELS = ("base_stats_kernel", "pooled_maps_kernel", "moment_partials_kernel",
-               "pooled_grad_kernel", "full_grad_kernel")
+HOT_KERNELS = ("base_stats_kernel", "pooled_maps_kernel", "plane_offsets_kernel",
+               "moment_partials_kernel", "pooled_grad_kernel", "full_grad_kernel")
 #: No kernel is exempt today. A kernel that spills for a reason that cannot be fixed without
 #: measuring on a GPU goes here, as {"kernel_name": "why"}; it is then reported, not asserted.
 SPILL_EXEMPT: dict = {}
@@ -272,17 +278,21 @@ def test_kernel_resources(builds):
     seen = {(r["kernel"], r["arch"]) for r in rows}
     signatures = {(r["signature"].replace(" ", ""), r["arch"]) for r in rows}
     for arch in RESOURCE_ARCHS:
-        for kernel in HOT_KERNELS + ("logsumexp_kernel", "plane_offsets_kernel",
-                                     "moment_finalize_kernel", "base_stats_final_kernel"):
+        for kernel in HOT_KERNELS + ("logsumexp_kernel", "moment_finalize_kernel",
+                                     "base_stats_final_kernel"):
             assert (kernel, f"sm_{arch}") in seen, f"{kernel} missing for sm_{arch}\n{table}"
         if any(r["signature"].startswith("_Z") for r in rows):
             continue  # no demangler: the template arguments cannot be read
-        # 4 logits types x 3 label types x (base stats, full grad, 3 pool kinds of pooled maps)
+        # 4 logits types x 3 label types x (base stats, full grad fused and not, 3 pool kinds
+        # of pooled maps, plane offsets and moments)
         for x in _LOGITS:
             acc = "double" if x == "double" else "float"
             for label in _LABEL_TYPES:
-                for name, extra in [("base_stats_kernel", ""), ("full_grad_kernel", "")] + [
-                        ("pooled_maps_kernel", f",{kind}") for kind in (0, 1, 2)]:
+                for name, extra in [("base_stats_kernel", ""), ("full_grad_kernel", ",true"),
+                                    ("full_grad_kernel", ",false")] + [
+                        (kernel, f",{kind}") for kind in (0, 1, 2) for kernel in (
+                            "pooled_maps_kernel", "plane_offsets_kernel",
+                            "moment_partials_kernel")]:
                     sig = f"{name}<{x},{acc},{label}{extra}>".replace(" ", "")
                     assert (sig, f"sm_{arch}") in signatures, f"{sig} sm_{arch} missing\n{table}"
     spilling = [r for r in rows if r["kernel"] in HOT_KERNELS
@@ -341,6 +351,8 @@ class Emulated:
 
     def __init__(self, exe: Path):
         self.exe = exe
+        #: Backward: cap of the planes of a block of plan_backward (0: the plan's own choice).
+        self.max_block_planes = 0
 
     def _run(self, op, logits, labels, cfg, extra=(), channels_last_out=False):
         xn, xb = _storage_bytes(logits)
@@ -348,7 +360,7 @@ class Emulated:
         header = [op, _DTYPES[logits.dtype], _LABELS[labels.dtype], *logits.shape,
                   *logits.stride(), xn, *labels.stride(), ln, cfg.radius, cfg.stride,
                   _POOLS[cfg.pool], cfg.pool_size, cfg.ignore_index, _MODES[cfg.mode],
-                  int(channels_last_out)]
+                  int(channels_last_out), self.max_block_planes]
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "in", Path(tmp) / "out"
             src.write_bytes(struct.pack(f"<{len(header)}q", *header) + xb + lb
@@ -422,6 +434,59 @@ def test_emulated_kernels_layouts(emulated, label_dtype, layout):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_emulated_stride_1_on_the_fly(emulated, dtype, layout, mode):
+    """Factor 1 keeps no map: the moments stage P and Y of each tile from the logits, and the
+    fused full_grad pass recomputes the stencil's P and Y from the logits, in both visiting
+    orders (NCHW, and N, H, W, C for a channels-last gradient) and through any strides."""
+    x, labels = make_inputs((2, 3, 23, 27), 17, mode=mode, dtype=dtype)
+    if layout != "contiguous":
+        x, labels = relayout(x, labels, layout)
+    check_against_reference(emulated, x, labels, mode=mode, stride=1, radius=3)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("shape,radius,stride", [
+    ((1, 2, 12, 200), 3, 1),   # 4 column tiles (a tile is at most 64 map columns)
+    ((1, 2, 300, 8), 3, 1),    # 2 row tiles in one chunk (2048 / 8 = 256 map rows a tile)
+    ((1, 2, 40, 150), 7, 1),   # R 7: halo of 6 rows and columns around every tile
+    ((1, 2, 70, 263), 2, 2),   # pooled 36 x 132: column tiles of pooled maps
+])
+def test_emulated_moment_tiles(emulated, shape, radius, stride):
+    """Maps wider or taller than one shared-memory tile: the tiles of a chunk cover its windows
+    once (emulate.cu checks it) and their halos give the same moments as the reference."""
+    x, labels = make_inputs(shape, radius + shape[3])
+    check_against_reference(emulated, x, labels, stride=stride, radius=radius)
+
+
+@pytest.fixture
+def small_blocks(emulated):
+    """The emulated backward in blocks of at most ``emulated.max_block_planes`` planes."""
+    yield emulated
+    emulated.max_block_planes = 0
+
+
+@needs_nvcc
+@pytest.mark.parametrize("max_block_planes", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("pool,stride,layout", [
+    ("avg", 2, "contiguous"), ("max", 2, "channels_last"), ("interp", 3, "strided"),
+    ("max", 3, "contiguous"), ("avg", 4, "channels_last")])
+def test_emulated_backward_blocks(small_blocks, max_block_planes, pool, stride, layout):
+    """Factor > 1 runs the backward in blocks of planes with block-sized scratch maps: channel
+    ranges of one image (1, 2 planes with C = 3: the last range is shorter), whole images (3, 4
+    -> one image, 7 -> two), in both visiting orders; the emulator fills the scratch with NaN
+    before every block and checks that the blocks cover every plane once."""
+    small_blocks.max_block_planes = max_block_planes
+    mode = "softmax" if pool == "max" else "sigmoid"
+    x, labels = make_inputs((3, 3, 23, 26), 5 * stride + max_block_planes, mode=mode)
+    if layout != "contiguous":
+        x, labels = relayout(x, labels, layout)
+    check_against_reference(small_blocks, x, labels, pool=pool, stride=stride, mode=mode)
+
+
+@needs_nvcc
 def test_emulated_first_term_counts(emulated):
     """Non-finite logits are counted; all-ignored labels give zero first-term sums."""
     x, labels = make_inputs((2, 3, 13, 12), 0, requires_grad=False)
@@ -463,14 +528,15 @@ def test_emulated_fast_divmod(emulated):
     assert " 0 failures" in out.stdout
 
 
-def _launch_plan(exe, shape, radius, stride, pool, pool_size=None):
-    args = [*shape, radius, stride, _POOLS[pool], stride if pool_size is None else pool_size]
+def _launch_plan(exe, shape, radius, stride, pool, pool_size=None, logit_bytes=4):
+    args = [*shape, radius, stride, _POOLS[pool], stride if pool_size is None else pool_size,
+            logit_bytes]
     out = subprocess.run([str(exe), "--plan", *map(str, args)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = {}
     for line in out.stdout.splitlines():
         name, *values = line.split()
-        rows[name] = values if name == "decode" else [int(v) for v in values]
+        rows[name] = values if name in ("decode", "blocks") else [int(v) for v in values]
     return rows
 
 
@@ -483,27 +549,65 @@ def _launch_plan(exe, shape, radius, stride, pool, pool_size=None):
     ((70000, 3, 8, 8), 2, 1, "avg"),        # 210000 planes > 65535
     ((1 << 20, 4096, 4, 4), 1, 1, "avg"),   # 2^32 planes, 2^36 elements: grid-x caps
     ((1, 1, 3, 3_000_000_000), 1, 1, "max"),  # one row past 2^31
+    ((1, 2, 3, 3_000_000_000), 1, 2, "max"),  # a pooled row past 2^31, blocks of one plane
 ])
 def test_launch_plan_past_2_31(emulated, shape, radius, stride, pool):
     """Every launch of a call, at sizes past 2^31 elements and 65535 planes (nothing is
     allocated): grid.x <= 2^31 - 1, grid.y and grid.z <= 65535, the moment chunks cover the
-    window rows, and the FastDivmod decoding of every flat index space matches division."""
+    window rows, the moment tiles fit their shared memory, the backward's blocks of planes
+    cover every plane once, and the FastDivmod decoding of every flat index space (the blocks'
+    local ones included) matches division."""
     plan = _launch_plan(emulated.exe, shape, radius, stride, pool)
-    assert plan["decode"] == ["ok"]
+    assert plan["decode"] == ["ok"] and plan["blocks"] == ["ok"]
     for name, values in plan.items():
-        if name in ("decode", "moments"):
+        if name in ("decode", "blocks", "moments", "memory", "backward"):
             continue
         gx, gy, gz, elements = values
         assert 1 <= gx <= 2**31 - 1 and 1 <= gy <= 65535 and 1 <= gz <= 65535, (name, values)
         assert elements >= 1
-    entries, chunks, rows_per_chunk, window_rows = plan["moments"]
+    entries, chunks, rows_per_chunk, window_rows, tile_rows, tile_cols = plan["moments"]
     gx, gy, gz, planes = plan["moment_partials"]
     assert gy == chunks and gz * 256 >= entries and chunks * rows_per_chunk >= window_rows
     assert (chunks - 1) * rows_per_chunk < window_rows  # no empty chunk
+    assert radius <= tile_rows <= rows_per_chunk + radius - 1 and radius <= tile_cols <= 64
+    assert tile_rows * tile_cols <= 2048
     # Blocks loop over planes past grid.x: every plane is reached.
     assert gx == min(planes, 2**30) and plan["plane_offsets"][0] == gx
     n, c, h, w = shape
-    assert planes == n * c and plan["full_grad"][3] == n * c * h * w
+    images, channels, blocks, scratch_planes = plan["backward"]
+    assert planes == n * c and (channels == c or images == 1)
+    assert plan["full_grad"][3] == images * channels * h * w
+    if stride == 1:
+        assert (images, channels, blocks, scratch_planes) == (n, c, 1, 0)
+        assert "pooled_maps" not in plan
+
+
+def memory_per_logit(emulated, shape, radius, stride, pool, logit_bytes):
+    """``(forward, backward)`` extra bytes per logit of the kernels' plans (moment partials;
+    backward scratch, the gradient excluded) at ``shape``."""
+    partials, scratch, logits_bytes = _launch_plan(emulated.exe, shape, radius, stride, pool,
+                                                   logit_bytes=logit_bytes)["memory"]
+    numel = logits_bytes / logit_bytes
+    return partials / numel, scratch / numel
+
+
+@needs_nvcc
+@pytest.mark.parametrize("logit_bytes", [4, 2])
+@pytest.mark.parametrize("pool", ["avg", "max", "interp"])
+@pytest.mark.parametrize("stride", [1, 2, 3, 4, 8])
+def test_memory_plan(emulated, stride, pool, logit_bytes):
+    """The memory formula of the plans at the issue's shape [2, 21, 129, 129], R 3, and at a
+    large one: no pooled map in the forward (moment partials <= 1/4 byte per logit), none in
+    the backward at factor 1, and at factor > 1 scratch <= 1/16 of the logits' bytes; with the
+    gradient (1x) and the O(N C d^2) matrices that keeps the peak under 1.25x the logits."""
+    if stride == 1 and pool != "avg":
+        pytest.skip("without downsampling the pool is unused")
+    for shape in ((2, 21, 129, 129), (16, 150, 513, 513)):
+        fwd, bwd = memory_per_logit(emulated, shape, 3, stride, pool, logit_bytes)
+        assert fwd <= 0.25, (shape, fwd)
+        if stride == 1:
+            assert bwd == 0
+        assert bwd <= logit_bytes / 16, (shape, bwd)
 
 
 # ---- with a GPU: the compiled kernels ---------------------------------------------------------
@@ -588,7 +692,7 @@ def test_cuda_max_pool_ties(mode, stride, pool_size):
 def test_cuda_past_2_31_elements(pool):
     """Logits of 2.1e9 elements and 524296 planes (> 2^31, > 65535), made by expanding a small
     problem along N with stride 0 (the kernels read through strides, so only the gradient and
-    the pooled maps are allocated, ~10 GB): every image's statistics and gradient equal the
+    bounded scratch are allocated, ~10 GB): every image's statistics and gradient equal the
     small problem's, the last image's included (its offsets are past 2^31)."""
     free, total = torch.cuda.mem_get_info()
     if free < 24 * 2**30:
@@ -618,6 +722,41 @@ def test_cuda_past_2_31_elements(pool):
     assert grad.shape == x.shape and grad.is_contiguous()
     for i in (0, n // 2, n - 1):
         assert rel_err(grad[i], want[0]) <= 1e-6, i
+
+
+def peak_extra_bytes_cuda(fwd_bwd) -> int:
+    """Peak of ``torch.cuda.max_memory_allocated`` during ``fwd_bwd()`` above the allocation
+    before it (as benchmarks/rmi_bench.py measures it)."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stride,pool", [(1, "avg"), (4, "avg"), (2, "avg"), (4, "max"),
+                                         (3, "interp")])
+def test_cuda_peak_memory(dtype, stride, pool):
+    """Issue 13: the peak extra memory of a forward+backward at [2, 21, 129, 129], R 3, is at
+    most 1.25x the logits' bytes (the gradient itself, 1x, included): no full-resolution pooled
+    map at DF 1, block-sized scratch at DF > 1 (see rmi_kernels.cuh, "Memory")."""
+    x, labels = _cuda_inputs((2, 21, 129, 129), 13, dtype=dtype)
+    x.requires_grad_(True)
+
+    def fwd_bwd():
+        rmi_ext.rmi_loss(x, labels, backend="cuda", radius=3, stride=stride, pool=pool).backward()
+
+    fwd_bwd()  # warm-up: first-call allocations (cuBLAS/cuSOLVER workspaces, ...)
+    x.grad = None
+    extra = peak_extra_bytes_cuda(fwd_bwd)
+    logits_bytes = x.numel() * x.element_size()
+    assert x.grad is not None and x.grad.dtype == dtype
+    assert extra <= 1.25 * logits_bytes, (
+        f"peak extra {extra} bytes = {extra / logits_bytes:.3f}x the logits ({logits_bytes})")
 
 
 @needs_cuda

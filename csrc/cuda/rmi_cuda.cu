@@ -54,22 +54,6 @@ void dispatch_labels(const Tensor& labels, F&& f) {
 // Whether the backward records the max-pooling arg-max (an int32 per pooled element).
 bool records_argmax(const Problem& g) { return g.pool == kMaxPool && g.factor > 1; }
 
-// Stage (a), pooled maps Y and P [N, C, h, w] in the compute type acc_t; with argmax defined
-// (int32 [N, C, h, w]) also where each max-pooling window has its maximum.
-template <typename scalar_t, typename acc_t, typename label_t>
-void launch_pooled_maps(const Tensor& logits, const Tensor& labels, const Problem& g,
-                        const Divisors& dv, const LaunchPlan& plan, const Tensor& y,
-                        const Tensor& p, const Tensor& argmax, cudaStream_t stream) {
-  dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
-    pooled_maps_kernel<scalar_t, acc_t, label_t, decltype(kind)::value>
-        <<<plan.pooled_blocks, kThreads, 0, stream>>>(
-            logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), g, dv,
-            y.mutable_data_ptr<acc_t>(), p.mutable_data_ptr<acc_t>(),
-            argmax.defined() ? argmax.mutable_data_ptr<int32_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
 ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels_in,
                                       int64_t radius, int64_t stride, c10::string_view pool,
                                       int64_t pool_size, int64_t ignore_index,
@@ -91,37 +75,40 @@ ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels
   const unsigned int parts = plan.stats_blocks;
   Tensor part_sums = at::empty({2, parts}, f64), part_nonfinite = at::empty({parts}, i64);
   Tensor offsets = at::empty({planes, 2}, f64);
+  // Bounded by plan_moments (1/4 byte per logit); no pooled map is stored: the offsets and the
+  // moment kernels compute the pooled Y and P from the logits and labels.
   Tensor partials = at::empty({planes, plan.moments.chunks, plan.moments.entries}, f64);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "rmi_forward_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc = logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    Tensor y = at::empty({planes, g.h, g.w}, acc), p = at::empty_like(y);
     dispatch_labels(labels, [&](auto label_tag) {
       using label_t = decltype(label_tag);
+      const scalar_t* x = logits.const_data_ptr<scalar_t>();
+      const label_t* l = labels.const_data_ptr<label_t>();
       base_stats_kernel<scalar_t, acc_t, label_t><<<parts, kThreads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), g, dv,
-          part_sums[0].mutable_data_ptr<double>(), part_sums[1].mutable_data_ptr<double>(),
-          part_nonfinite.mutable_data_ptr<int64_t>());
+          x, l, g, dv, part_sums[0].mutable_data_ptr<double>(),
+          part_sums[1].mutable_data_ptr<double>(), part_nonfinite.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_pooled_maps<scalar_t, acc_t, label_t>(logits, labels, g, dv, plan, y, p, Tensor(),
-                                                   stream);
+      dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
+        constexpr int k = decltype(kind)::value;
+        plane_offsets_kernel<scalar_t, acc_t, label_t, k>
+            <<<plan.plane_blocks, kThreads, 0, stream>>>(x, l, g, dv,
+                                                          offsets.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        moment_partials_kernel<scalar_t, acc_t, label_t, k>
+            <<<plan.moment_grid, kThreads, 0, stream>>>(
+                x, l, offsets.const_data_ptr<double>(), g, dv, plan.moments,
+                partials.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
-    base_stats_final_kernel<<<1, kThreads, 0, stream>>>(
-        part_sums[0].const_data_ptr<double>(), part_sums[1].const_data_ptr<double>(),
-        part_nonfinite.const_data_ptr<int64_t>(), parts, base_sum.mutable_data_ptr<double>(),
-        base_count.mutable_data_ptr<double>(), nonfinite.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    plane_offsets_kernel<acc_t><<<plan.plane_blocks, kThreads, 0, stream>>>(
-        y.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), planes, g.h * g.w,
-        offsets.mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    moment_partials_kernel<acc_t><<<plan.moment_grid, kThreads, 0, stream>>>(
-        y.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), offsets.const_data_ptr<double>(),
-        g, plan.moments, partials.mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  base_stats_final_kernel<<<1, kThreads, 0, stream>>>(
+      part_sums[0].const_data_ptr<double>(), part_sums[1].const_data_ptr<double>(),
+      part_nonfinite.const_data_ptr<int64_t>(), parts, base_sum.mutable_data_ptr<double>(),
+      base_count.mutable_data_ptr<double>(), nonfinite.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   moment_finalize_kernel<<<plan.finalize_blocks, kThreads, 0, stream>>>(
       partials.const_data_ptr<double>(), offsets.const_data_ptr<double>(), g, plan.moments,
       means.mutable_data_ptr<double>(), cov.mutable_data_ptr<double>());
@@ -144,7 +131,6 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
                 rows, "x", cols, " pixels (pool_size ", g.kernel, ", input ", g.H, "x", g.W,
                 ") are not supported: a window must hold fewer than 2^31 pixels");
   }
-  const int64_t planes = g.N * g.C;
   const c10::cuda::CUDAGuard device_guard(logits.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Divisors dv = make_divisors(g);
@@ -159,18 +145,15 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
   for (int i = 0; i < 4; ++i) os.s[i] = grad.stride(i);
   os.channels_last = grad.stride(1) == 1 && g.C > 1 &&
                      grad.is_contiguous(at::MemoryFormat::ChannelsLast);
-  // Max pooling: where each window has its maximum, recorded by the pooled-maps pass, so the
-  // full-resolution pass does not rescan the windows.
-  const Tensor argmax = records_argmax(g)
-                            ? at::empty({planes, g.h, g.w}, logits.options().dtype(at::kInt))
-                            : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "rmi_backward_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    Tensor y = at::empty({planes, g.h, g.w}, acc), p = at::empty_like(y);
-    Tensor grad_pooled = at::empty_like(y);
+    // Factor 1: one fused pass over every plane, no scratch. Factor > 1: blocks of planes whose
+    // pooled maps (y, p, grad_pooled, max-pooling arg-max) fit in 1/16 of the logits' bytes.
+    const BackwardPlan bp = plan_backward(g, logits.element_size(), sizeof(acc_t),
+                                          records_argmax(g));
     // Channel logsumexp for the CE gradient (softmax mode only).
     Tensor lse = g.mode == kSoftmaxMode ? at::empty({g.N, g.H, g.W}, acc) : at::Tensor();
     if (lse.defined()) {
@@ -178,21 +161,48 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
           logits.const_data_ptr<scalar_t>(), g, dv, lse.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    const acc_t* lse_ptr = lse.defined() ? lse.const_data_ptr<acc_t>() : nullptr;
     dispatch_labels(labels, [&](auto label_tag) {
       using label_t = decltype(label_tag);
-      launch_pooled_maps<scalar_t, acc_t, label_t>(logits, labels, g, dv, plan, y, p, argmax,
-                                                   stream);
-      pooled_grad_kernel<acc_t><<<plan.pooled_blocks, kThreads, 0, stream>>>(
-          y.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), coef_c.const_data_ptr<double>(),
-          shift_c.const_data_ptr<double>(), g, dv, grad_pooled.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      full_grad_kernel<scalar_t, acc_t, label_t><<<plan.full_blocks, kThreads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(), g, dv,
-          grad_pooled.const_data_ptr<acc_t>(),
-          argmax.defined() ? argmax.const_data_ptr<int32_t>() : nullptr,
-          lse.defined() ? lse.const_data_ptr<acc_t>() : nullptr,
-          base_scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>(), os);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const scalar_t* x = logits.const_data_ptr<scalar_t>();
+      const label_t* l = labels.const_data_ptr<label_t>();
+      const double* cf = coef_c.const_data_ptr<double>();
+      const double* sh = shift_c.const_data_ptr<double>();
+      if (g.factor == 1) {
+        full_grad_kernel<scalar_t, acc_t, label_t, true><<<bp.full_blocks, kThreads, 0, stream>>>(
+            x, l, g, dv, block_of(g, bp, 0), cf, sh, nullptr, nullptr, lse_ptr,
+            base_scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>(), os);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      // Scratch of one block, reused by every block (kernels run in stream order).
+      Tensor y = at::empty({bp.scratch_planes, g.h, g.w}, acc), p = at::empty_like(y);
+      Tensor grad_pooled = at::empty_like(y);
+      // Max pooling: where each window has its maximum, recorded by the pooled-maps pass, so
+      // the full-resolution pass does not rescan the windows.
+      Tensor argmax = records_argmax(g) ? at::empty({bp.scratch_planes, g.h, g.w},
+                                                    logits.options().dtype(at::kInt))
+                                        : Tensor();
+      int32_t* arg = argmax.defined() ? argmax.mutable_data_ptr<int32_t>() : nullptr;
+      for (int64_t k = 0; k < bp.blocks; ++k) {
+        const PlaneBlock blk = block_of(g, bp, k);
+        dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
+          pooled_maps_kernel<scalar_t, acc_t, label_t, decltype(kind)::value>
+              <<<bp.pooled_blocks, kThreads, 0, stream>>>(x, l, g, dv, blk,
+                                                          y.mutable_data_ptr<acc_t>(),
+                                                          p.mutable_data_ptr<acc_t>(), arg);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        pooled_grad_kernel<acc_t><<<bp.pooled_blocks, kThreads, 0, stream>>>(
+            y.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), cf, sh, g, dv, blk,
+            grad_pooled.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        full_grad_kernel<scalar_t, acc_t, label_t, false>
+            <<<bp.full_blocks, kThreads, 0, stream>>>(
+                x, l, g, dv, blk, cf, sh, grad_pooled.const_data_ptr<acc_t>(), arg, lse_ptr,
+                base_scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>(), os);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   });
   return grad;

@@ -8,16 +8,30 @@
 //
 // Every kernel is a grid-stride loop (or a block reduction) around a __host__ __device__
 // per-element function, the `*_at` functions below. csrc/cuda/check/emulate.cu runs those same
-// functions on the host, so the math and the indexing are tested without a GPU
-// (tests/test_cuda.py); only the loops, the block reductions and the launches are GPU-only.
+// functions on the host, in the kernels' plans (moment tiles, blocks of planes), so the math
+// and the indexing are tested without a GPU (tests/test_cuda.py); only the loops, the block
+// reductions, the shared-memory staging's synchronisation and the launches are GPU-only.
 //
 // Types: scalar_t is the logits' type (float, double, or a 16-bit float: __half/__nv_bfloat16
 // here, at::Half/at::BFloat16 from the glue), acc_t the compute type (double for double
 // logits, float otherwise, as torch_backend.compute_dtype), label_t uint8_t/int32_t/int64_t.
 // Sums over many elements (first term, moments) are float64. Indices are int64_t throughout
 // (tensors past 2^31 elements are fine); flat indices are decoded with FastDivmod, not with
-// 64-bit divisions. Every grid dimension comes from plan_launches(), which keeps them within
-// the CUDA limits at any size (kernels loop where a size could exceed them).
+// 64-bit divisions. Every grid dimension comes from plan_launches() / plan_backward(), which
+// keep them within the CUDA limits at any size (kernels loop where a size could exceed them).
+//
+// Memory, in bytes per logit (b = the logits' element size), besides the O(N C d^2) float64
+// matrices, the int32 copy of int8/int16 labels (4/C) and, in softmax mode, the backward's
+// logsumexp map (4/C, or 8/C for float64):
+//   forward, every factor: no pooled map is stored (the moment kernel computes the pooled Y and
+//     P of each tile from the logits into shared memory); the moment partials take at most
+//     1/4 byte, or one N C x entries float64 array when that is more (plan_moments);
+//   backward, factor 1: only the gradient (b); the fused full_grad pass recomputes P and Y of
+//     the stencil's neighbours from the logits;
+//   backward, factor s > 1: the gradient (b) plus the pooled maps y, p, grad_pooled (and the
+//     max-pooling arg-max) of one block of planes at a time: at most b / 16 (plan_backward),
+//     unless a single plane needs more (h w (3 sizeof(acc_t) + 4) bytes, about 12/s^2 or
+//     16/s^2 per logit of the plane).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,6 +46,13 @@ namespace rmi {
 namespace cuda {
 
 constexpr int kThreads = 256;               // every launch uses blocks of kThreads threads
+// Resident blocks per SM that ptxas must allow (__launch_bounds__ minBlocksPerMultiprocessor)
+// for the heaviest kernels: without the hint ptxas's own occupancy target spilled them
+// (moment_partials_kernel needs about 110 registers, 2 blocks allow 128; the fused
+// full_grad_kernel and the max-pooling plane_offsets_kernel about 70-80, 3 blocks allow 85).
+// tests/test_cuda.py asserts no spills.
+constexpr int kMomentMinBlocks = 2;
+constexpr int kPixelMinBlocks = 3;
 constexpr int64_t kMaxReduceBlocks = 1024;  // blocks of the first-term reduction (fixed, so the
                                             // summation order and the result are deterministic)
 constexpr int64_t kMaxGridBlocks = int64_t(1) << 30;  // cap of a grid-stride grid (gridDim.x)
@@ -122,16 +143,58 @@ inline FastDivmod make_fast_divmod(int64_t divisor) {
   return {divisor, quot + 1, shift};
 }
 
-// The divisors of the kernels' index decoding, built once per call (make_divisors).
+// Per-axis scales of the interp pooling (nearest_scale, linear_scale in float and double),
+// computed once per call on the host (IEEE division, as the per-element division gave).
+struct AxisScales {
+  float nearest;
+  float linear_f;
+  double linear_d;
+  template <typename T>
+  RMI_HD T linear() const {
+    return std::is_same<T, double>::value ? static_cast<T>(linear_d) : static_cast<T>(linear_f);
+  }
+};
+
+inline AxisScales make_axis_scales(int64_t n_in, int64_t n_out) {
+  return {nearest_scale(n_in, n_out), linear_scale<float>(n_in, n_out),
+          linear_scale<double>(n_in, n_out)};
+}
+
+// The divisors of the kernels' index decoding and the interp scales, built once per call
+// (make_divisors).
 struct Divisors {
   FastDivmod W, H, C;  // full-resolution width, height, channels
   FastDivmod w, h;     // pooled width and height
   FastDivmod factor;   // the downsampling factor (pool stride)
+  AxisScales sh, sw;   // interp scales of the rows (H -> h) and the columns (W -> w)
 };
 
 inline Divisors make_divisors(const Problem& g) {
-  return {make_fast_divmod(g.W), make_fast_divmod(g.H), make_fast_divmod(g.C),
-          make_fast_divmod(g.w), make_fast_divmod(g.h), make_fast_divmod(g.factor)};
+  return {make_fast_divmod(g.W),      make_fast_divmod(g.H),
+          make_fast_divmod(g.C),      make_fast_divmod(g.w),
+          make_fast_divmod(g.h),      make_fast_divmod(g.factor),
+          make_axis_scales(g.H, g.h), make_axis_scales(g.W, g.w)};
+}
+
+// A block of (n, c) planes that a backward launch covers: images [n0, n0 + images) x channels
+// [c0, c0 + channels), with channels == C (whole images) or images == 1 (a channel range of one
+// image). Elements of the block are indexed locally, [images, channels, ...] (or [images, H, W,
+// channels] for a channels-last output); scratch maps hold the block's planes only.
+struct PlaneBlock {
+  int64_t n0, c0;
+  int64_t images, channels;
+  FastDivmod channel_div;  // divisor `channels`
+};
+
+inline PlaneBlock make_plane_block(int64_t n0, int64_t c0, int64_t images, int64_t channels) {
+  return {n0, c0, images, channels, make_fast_divmod(channels)};
+}
+
+// Image and channel of local plane lp of a block.
+RMI_HD void block_plane(const PlaneBlock& b, int64_t lp, int64_t* n, int64_t* c) {
+  int64_t dc;
+  *n = b.n0 + b.channel_div.divmod(lp, &dc);
+  *c = b.c0 + dc;
 }
 
 // Strides of the gradient output (the logits' memory format, see rmi_cuda.cu).
@@ -238,29 +301,30 @@ void dispatch_pool_kind(int kind, F&& f) {
   }
 }
 
-// Pooled Y and P at element q of [N, C, h, w] (torch_backend._pool), for kind ==
-// pooled_kind(g): identity for factor 1; avg_pool2d(k, s, k // 2, count_include_pad) (the
-// window never reaches past the padding in floor mode, so the divisor is always k * k);
-// max_pool2d (first maximum in row-major window order; Y is the maximum of a 0/1 map; *arg is
-// where the maximum of P is, as the row-major position in the window clipped to the map, see
-// max_window_arg); interp: nearest Y, bilinear align_corners=True P. *arg is only written for
-// max pooling with factor > 1.
+// Pooled Y and P of plane (n, c) at pooled pixel (oy, ox) (torch_backend._pool), computed from
+// the logits and labels, for kind == pooled_kind(g): identity for factor 1;
+// avg_pool2d(k, s, k // 2, count_include_pad) (the window never reaches past the padding in
+// floor mode, so the divisor is always k * k); max_pool2d (first maximum in row-major window
+// order; Y is the maximum of a 0/1 map; *arg is where the maximum of P is, as the row-major
+// position in the window clipped to the map, see max_window_arg); interp: nearest Y, bilinear
+// align_corners=True P (scales precomputed in dv). *arg is only written for max pooling with
+// factor > 1.
 template <int kind, typename acc_t, typename scalar_t, typename label_t>
-RMI_HD PY<acc_t> pooled_py_at(int64_t q, const scalar_t* logits, const label_t* labels,
-                              const Problem& g, const Divisors& dv, int32_t* arg) {
-  int64_t ox, oy, c;
-  const int64_t n = dv.C.divmod(dv.h.divmod(dv.w.divmod(q, &ox), &oy), &c);
+RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const label_t* labels, const Problem& g,
+                           const Divisors& dv, int64_t n, int64_t c, int64_t oy, int64_t ox,
+                           int32_t* arg) {
   if (g.factor == 1) return pixel_py<acc_t>(logits, labels, g, n, c, oy, ox);
   if (kind == kInterp) {
-    LinearTap<acc_t> ty = linear_tap<acc_t>(oy, g.H, g.h);
-    LinearTap<acc_t> tx = linear_tap<acc_t>(ox, g.W, g.w);
+    LinearTap<acc_t> ty = linear_tap<acc_t>(oy, g.H, dv.sh.linear<acc_t>());
+    LinearTap<acc_t> tx = linear_tap<acc_t>(ox, g.W, dv.sw.linear<acc_t>());
     acc_t p00 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i0, tx.i0).p;
     acc_t p01 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i0, tx.i1).p;
     acc_t p10 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i1, tx.i0).p;
     acc_t p11 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i1, tx.i1).p;
     acc_t p = ty.w0 * (tx.w0 * p00 + tx.w1 * p01) + ty.w1 * (tx.w0 * p10 + tx.w1 * p11);
-    acc_t y = pixel_py<acc_t>(logits, labels, g, n, c, nearest_source(oy, g.H, g.h),
-                              nearest_source(ox, g.W, g.w)).y;
+    const int64_t sy = nearest_source(oy, g.H, g.h, dv.sh.nearest);
+    const int64_t sx = nearest_source(ox, g.W, g.w, dv.sw.nearest);
+    acc_t y = pixel_py<acc_t>(logits, labels, g, n, c, sy, sx).y;
     return {p, y};
   }
   int64_t y0, y1, x0, x1;
@@ -298,14 +362,17 @@ RMI_HD PY<acc_t> pooled_py_at(int64_t q, const scalar_t* logits, const label_t* 
   return top;
 }
 
-// Stores the pooled maps at q, and the max-pooling arg-max when arg_out is not null (the
-// backward's pass; arg_out [N, C, h, w] must be null unless pool is max with factor > 1).
+// Backward, factor > 1: stores the pooled maps of a block of planes at local element q of
+// [block planes, h, w] (y_out, p_out hold the block only), and the max-pooling arg-max when
+// arg_out is not null (arg_out must be null unless pool is max with factor > 1).
 template <int kind, typename acc_t, typename scalar_t, typename label_t>
 RMI_HD void pooled_store(int64_t q, const scalar_t* logits, const label_t* labels,
-                         const Problem& g, const Divisors& dv, acc_t* y_out, acc_t* p_out,
-                         int32_t* arg_out) {
+                         const Problem& g, const Divisors& dv, const PlaneBlock& blk,
+                         acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
+  int64_t ox, oy, n, c;
+  block_plane(blk, dv.h.divmod(dv.w.divmod(q, &ox), &oy), &n, &c);
   int32_t arg = 0;
-  PY<acc_t> v = pooled_py_at<kind, acc_t>(q, logits, labels, g, dv, &arg);
+  PY<acc_t> v = pooled_py<kind, acc_t>(logits, labels, g, dv, n, c, oy, ox, &arg);
   y_out[q] = v.y;
   p_out[q] = v.p;
   if (arg_out != nullptr) arg_out[q] = arg;
@@ -319,7 +386,14 @@ RMI_HD void pooled_store(int64_t q, const scalar_t* logits, const label_t* label
 // mean; covariances do not change and the raw sums do not cancel). Layout of the entries:
 //   [0, d) sum y_i | [d, 2d) sum p_i | S packed (i <= j) sums y_i y_j | S sums p_i p_j |
 //   d*d sums y_i p_j (row-major),  with S = d (d + 1) / 2.
-// The windows' rows are split in chunks; one thread sums one entry over one chunk.
+// No pooled map is stored: the windows' rows are split in chunks, a block of threads takes one
+// plane and one chunk, and walks the chunk by tiles of windows; for each tile it computes the
+// shifted pooled Y and P of the tile (plus its R - 1 halo) from the logits and labels into
+// shared memory (pooled_py: at factor 1 a sigmoid per pixel), then each thread adds one
+// entry's products over the tile's windows from there. The partials are bounded (plan_moments).
+
+constexpr int kTileElems = 2048;   // staged map pixels per tile and map (2 x 16 KiB of doubles)
+constexpr int kTileMaxCols = 64;   // widest staged tile
 
 RMI_HD int64_t moment_entry_count(int64_t d) { return 2 * d + d * (d + 1) + d * d; }
 
@@ -359,77 +433,121 @@ struct MomentPlan {
   int64_t entries;         // moment_entry_count(d), at most 20300 (d <= 100)
   int64_t chunks;          // chunks of window rows (grid.y, <= 65535)
   int64_t rows_per_chunk;  // window rows per chunk
+  int64_t tile_rows;       // staged tile: rows x cols map pixels (pitch tile_cols), at most
+  int64_t tile_cols;       // kTileElems; a tile holds (rows - R + 1) x (cols - R + 1) windows
 };
 
-// Enough chunks for about 2^18 threads in flight, never more chunks than window rows.
-inline MomentPlan plan_moments(int64_t planes, int64_t window_rows, int64_t d) {
+// Enough chunks for about 2^18 threads in flight, never more chunks than window rows, and
+// partials (planes x chunks x entries doubles) of at most max(max_partials, planes x entries):
+// the caller passes N C H W / 32, 1/4 byte per logit. Tiles: balanced column tiles at most
+// kTileMaxCols wide, as many rows as fit in kTileElems (at most a chunk's).
+inline MomentPlan plan_moments(int64_t planes, int64_t window_rows, int64_t window_cols,
+                               int64_t radius, int64_t max_partials) {
   MomentPlan plan;
-  plan.entries = moment_entry_count(d);
-  const int64_t target = int64_t(1) << 18;
-  int64_t chunks = planes >= target ? 1 : ceil_div(target, planes * plan.entries);
+  plan.entries = moment_entry_count(radius * radius);
+  const int64_t target = int64_t(1) << 18, per_chunk = planes * plan.entries;
+  int64_t chunks = planes >= target ? 1 : ceil_div(target, per_chunk);
+  const int64_t room = max_partials / per_chunk;
+  chunks = chunks > room ? room : chunks;
   int64_t most = window_rows < kMaxGridYZ ? window_rows : kMaxGridYZ;
   chunks = chunks < 1 ? 1 : (chunks > most ? most : chunks);
   plan.rows_per_chunk = ceil_div(window_rows, chunks);
   plan.chunks = ceil_div(window_rows, plan.rows_per_chunk);
+  const int64_t col_tiles = ceil_div(window_cols, kTileMaxCols - radius + 1);
+  plan.tile_cols = ceil_div(window_cols, col_tiles) + radius - 1;
+  const int64_t rows = kTileElems / plan.tile_cols;  // >= 32 >= R
+  plan.tile_rows = rows < plan.rows_per_chunk + radius - 1 ? rows
+                                                           : plan.rows_per_chunk + radius - 1;
   return plan;
 }
 
-// The grid of every launch of one call (blocks of kThreads threads), within CUDA's limits at
-// any size: gridDim.x <= 2^30 (grid-stride loops and the plane loops cover the rest),
-// gridDim.y = moment chunks <= 65535, gridDim.z = ceil(entries / kThreads) <= 80.
-struct LaunchPlan {
-  unsigned int stats_blocks;     // base_stats_kernel: reduce_blocks(N H W), also its partials
-  unsigned int pixel_blocks;     // logsumexp_kernel over [N, H, W]
-  unsigned int pooled_blocks;    // pooled_maps_kernel, pooled_grad_kernel over [N, C, h, w]
-  unsigned int full_blocks;      // full_grad_kernel over [N, C, H, W]
-  unsigned int plane_blocks;     // plane_offsets_kernel: a block per plane (then a loop)
-  unsigned int finalize_blocks;  // moment_finalize_kernel over [N, C, d, d]
-  MomentPlan moments;
-  dim3 moment_grid;  // moment_partials_kernel: (plane_blocks, chunks, entry blocks)
+// The windows [a0, a1) x [b0, b1) of one tile; it stages map rows [a0, a1 + R - 1) and columns
+// [b0, b1 + R - 1).
+struct MomentTile {
+  int64_t a0, a1, b0, b1;
 };
 
-inline LaunchPlan plan_launches(const Problem& g) {
-  const int64_t planes = g.N * g.C;
-  LaunchPlan plan;
-  plan.stats_blocks = reduce_blocks(g.N * g.H * g.W);
-  plan.pixel_blocks = grid_blocks(g.N * g.H * g.W);
-  plan.pooled_blocks = grid_blocks(planes * g.h * g.w);
-  plan.full_blocks = grid_blocks(planes * g.H * g.W);
-  plan.plane_blocks = static_cast<unsigned int>(planes < kMaxGridBlocks ? planes : kMaxGridBlocks);
-  plan.finalize_blocks = grid_blocks(planes * g.d * g.d);
-  plan.moments = plan_moments(planes, g.h - g.radius + 1, g.d);
-  plan.moment_grid = dim3(plan.plane_blocks, static_cast<unsigned int>(plan.moments.chunks),
-                          static_cast<unsigned int>(ceil_div(plan.moments.entries, kThreads)));
-  return plan;
+// The tiles of one chunk of window rows [a_begin, a_end): row_tiles x col_tiles, walked
+// row-major (tile t = moment_tile(ct, t, ...)), each tile_rows - R + 1 window rows and
+// tile_cols - R + 1 window columns (fewer at the ends).
+struct ChunkTiles {
+  int64_t a_begin, a_end, nw;
+  int64_t col_tiles, count;
+};
+
+RMI_HD ChunkTiles chunk_tiles(const Problem& g, const MomentPlan& plan, int64_t chunk) {
+  const int64_t R = g.radius, nh = g.h - R + 1, nw = g.w - R + 1;
+  const int64_t a_begin = chunk * plan.rows_per_chunk;
+  const int64_t a_end = a_begin + plan.rows_per_chunk < nh ? a_begin + plan.rows_per_chunk : nh;
+  const int64_t col_tiles = ceil_div(nw, plan.tile_cols - R + 1);
+  return {a_begin, a_end, nw, col_tiles,
+          ceil_div(a_end - a_begin, plan.tile_rows - R + 1) * col_tiles};
 }
 
-// Sum of entry e over the windows of one chunk of rows of one plane. y, p: pooled maps
-// [planes, h, w]; offsets [planes, 2] (the constants subtracted from Y and P).
-template <typename acc_t>
-RMI_HD double moment_partial_at(int64_t plane, int64_t chunk, int64_t e, const acc_t* y,
-                                const acc_t* p, const double* offsets, const Problem& g,
-                                const MomentPlan& plan) {
-  const int64_t R = g.radius, d = R * R;
-  const int64_t nh = g.h - R + 1, nw = g.w - R + 1;
-  const int64_t a0 = chunk * plan.rows_per_chunk;
-  const int64_t a1 = a0 + plan.rows_per_chunk < nh ? a0 + plan.rows_per_chunk : nh;
-  MomentEntry m = moment_entry(e, d);
-  const acc_t* plane_y = y + plane * g.h * g.w;
-  const acc_t* plane_p = p + plane * g.h * g.w;
-  const acc_t* fa = (m.first == 0 ? plane_y : plane_p) + (m.i / R) * g.w + (m.i % R);
-  const double oa = offsets[2 * plane + m.first];
-  double acc = 0.0;
-  if (m.second < 0) {
-    for (int64_t a = a0; a < a1; ++a)
-      for (int64_t b = 0; b < nw; ++b) acc += static_cast<double>(fa[a * g.w + b]) - oa;
+RMI_HD MomentTile moment_tile(const ChunkTiles& ct, int64_t t, const MomentPlan& plan,
+                              int64_t R) {
+  const int64_t tr = t / ct.col_tiles, tc = t - tr * ct.col_tiles;
+  const int64_t a0 = ct.a_begin + tr * (plan.tile_rows - R + 1), b0 = tc * (plan.tile_cols - R + 1);
+  const int64_t a1 = a0 + plan.tile_rows - R + 1, b1 = b0 + plan.tile_cols - R + 1;
+  return {a0, a1 < ct.a_end ? a1 : ct.a_end, b0, b1 < ct.nw ? b1 : ct.nw};
+}
+
+// Staged pixels of a tile: tile_rows_of x tile_cols_of, at most the plan's tile_rows x
+// tile_cols (<= kTileElems).
+RMI_HD int tile_rows_of(const MomentTile& t, int64_t R) {
+  return static_cast<int>(t.a1 - t.a0 + R - 1);
+}
+RMI_HD int tile_cols_of(const MomentTile& t, int64_t R) {
+  return static_cast<int>(t.b1 - t.b0 + R - 1);
+}
+
+// Stages pixel idx (< tile_rows_of x tile_cols_of) of a tile of plane (n, c): with at =
+// r * plan.tile_cols + col, tile[at] and tile[kTileElems + at] = the pooled Y and P at map pixel
+// (a0 + r, b0 + col) minus the plane's offsets (oy, op), in double. tile [2 * kTileElems].
+template <int kind, typename acc_t, typename scalar_t, typename label_t>
+RMI_HD void moment_stage_at(int idx, const MomentTile& t, int64_t n, int64_t c, double oy,
+                            double op, const scalar_t* logits, const label_t* labels,
+                            const Problem& g, const Divisors& dv, const MomentPlan& plan,
+                            double* tile) {
+  const int cols = tile_cols_of(t, g.radius);
+  const int r = idx / cols, col = idx - r * cols;
+  int32_t arg = 0;
+  const PY<acc_t> v =
+      pooled_py<kind, acc_t>(logits, labels, g, dv, n, c, t.a0 + r, t.b0 + col, &arg);
+  const int at = r * static_cast<int>(plan.tile_cols) + col;
+  tile[at] = static_cast<double>(v.y) - oy;
+  tile[kTileElems + at] = static_cast<double>(v.p) - op;
+}
+
+// Where entry m reads a staged tile: its factors start at tile + a and tile + b (window (0, 0)),
+// b unused for a first-order sum.
+struct EntryTaps {
+  int a, b;
+  bool product;
+};
+
+RMI_HD EntryTaps entry_taps(const MomentEntry& m, const MomentPlan& plan, int64_t R) {
+  const int pitch = static_cast<int>(plan.tile_cols), r = static_cast<int>(R);
+  const int i = static_cast<int>(m.i), j = static_cast<int>(m.j);
+  const int a = m.first * kTileElems + (i / r) * pitch + (i % r);
+  const int b = m.second < 0 ? 0 : m.second * kTileElems + (j / r) * pitch + (j % r);
+  return {a, b, m.second >= 0};
+}
+
+// Adds an entry over the windows of a staged tile to acc (windows row-major).
+RMI_HD double moment_tile_accumulate(double acc, const EntryTaps& e, const MomentTile& t,
+                                     const double* tile, const MomentPlan& plan) {
+  const int pitch = static_cast<int>(plan.tile_cols);
+  const int rows = static_cast<int>(t.a1 - t.a0), cols = static_cast<int>(t.b1 - t.b0);
+  const double* fa = tile + e.a;
+  if (!e.product) {
+    for (int a = 0; a < rows; ++a)
+      for (int b = 0; b < cols; ++b) acc += fa[a * pitch + b];
     return acc;
   }
-  const acc_t* fb = (m.second == 0 ? plane_y : plane_p) + (m.j / R) * g.w + (m.j % R);
-  const double ob = offsets[2 * plane + m.second];
-  for (int64_t a = a0; a < a1; ++a)
-    for (int64_t b = 0; b < nw; ++b)
-      acc += (static_cast<double>(fa[a * g.w + b]) - oa) *
-             (static_cast<double>(fb[a * g.w + b]) - ob);
+  const double* fb = tile + e.b;
+  for (int a = 0; a < rows; ++a)
+    for (int b = 0; b < cols; ++b) acc += fa[a * pitch + b] * fb[a * pitch + b];
   return acc;
 }
 
@@ -475,48 +593,92 @@ RMI_HD void moment_finalize_at(int64_t q, const double* partials, const double* 
 }
 
 // ---- stage (d): pooled-map stencil gradient --------------------------------------------------
+//
+// dloss/dP at pixel (row, col) of a pooled map [h, w], float64: window k gets
+// g_k = Cp p_k + Cy y_k + c, and entry i of g_k lands on pixel k + o_i. Gathered by lag
+// l = o_j - o_i: for each neighbour u + l (read once), the coefficients Cp[i, j], Cy[i, j] of the
+// pairs with that lag whose window u - o_i is valid are summed, then multiplied by P and Y
+// there. The maps come from a source: stored pooled maps (MapSource, factor > 1) or the logits
+// and labels (PixelSource, factor 1: no map at all).
 
-// dloss/dP at element q of the pooled maps [planes, h, w], float64: window k gets
-// g_k = Cp p_k + Cy y_k + c, entry i of g_k lands on pixel k + o_i. coef [planes, 2, d, d]
-// (Cp, Cy), shift [planes, d].
 template <typename acc_t>
-RMI_HD double pooled_grad_at(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
-                             const double* shift, const Problem& g, const Divisors& dv) {
-  const int64_t R = g.radius, d = R * R;
-  const int64_t nh = g.h - R + 1, nw = g.w - R + 1;
-  int64_t col, row;
-  const int64_t plane = dv.h.divmod(dv.w.divmod(q, &col), &row);
-  const acc_t* plane_y = y + plane * g.h * g.w;
-  const acc_t* plane_p = p + plane * g.h * g.w;
-  const double* cp = coef + plane * 2 * d * d;
-  const double* cy = cp + d * d;
-  const double* c0 = shift + plane * d;
+struct MapSource {  // stored pooled maps of one plane [h, w]
+  const acc_t* y;
+  const acc_t* p;
+  int64_t w;
+  RMI_HD PY<acc_t> operator()(int64_t row, int64_t col) const {
+    const int64_t at = row * w + col;
+    return {p[at], y[at]};
+  }
+};
+
+template <typename acc_t, typename scalar_t, typename label_t>
+struct PixelSource {  // factor 1: P and Y of plane (n, c) from the logits and labels
+  const scalar_t* x_plane;  // logits of the plane
+  const label_t* l_image;   // labels of the image
+  const Problem* g;
+  int64_t c;
+  RMI_HD PY<acc_t> operator()(int64_t row, int64_t col) const {
+    return row_pixel_py<acc_t>(x_plane + row * g->xs[2], l_image + row * g->ls[1], *g, c, col);
+  }
+};
+
+// coef_plane: the plane's [2, d, d] (Cp, Cy); shift_plane: its [d]. Offsets and lags are
+// int (R <= 10); only the pixel's position is int64.
+template <typename Source>
+RMI_HD double stencil_at(int64_t row, int64_t col, const Problem& g, const double* coef_plane,
+                         const double* shift_plane, const Source& src) {
+  const int R = static_cast<int>(g.radius), d = R * R;
+  const double* cp = coef_plane;
+  const double* cy = coef_plane + d * d;
+  // Offsets (iy, ix) of this pixel in the valid windows (row - iy, col - ix), 0 <= row - iy <=
+  // h - R: inclusive ranges.
+  const int64_t below = g.h - 1 - row, right = g.w - 1 - col;  // pixels after this one
+  const int iy_lo = below < R - 1 ? R - 1 - static_cast<int>(below) : 0;
+  const int iy_hi = row < R - 1 ? static_cast<int>(row) : R - 1;
+  const int ix_lo = right < R - 1 ? R - 1 - static_cast<int>(right) : 0;
+  const int ix_hi = col < R - 1 ? static_cast<int>(col) : R - 1;
   double grad = 0.0;
-  for (int64_t dy = 0; dy < R; ++dy) {
-    const int64_t a = row - dy;  // window (a, b) holds this pixel at offset i = (dy, dx)
-    if (a < 0 || a >= nh) continue;
-    for (int64_t dx = 0; dx < R; ++dx) {
-      const int64_t b = col - dx;
-      if (b < 0 || b >= nw) continue;
-      const int64_t i = dy * R + dx;
-      double gi = c0[i];
-      for (int64_t ey = 0; ey < R; ++ey)
-        for (int64_t ex = 0; ex < R; ++ex) {
-          const int64_t j = ey * R + ex, at = (a + ey) * g.w + (b + ex);
-          gi += cp[i * d + j] * static_cast<double>(plane_p[at]) +
-                cy[i * d + j] * static_cast<double>(plane_y[at]);
+  for (int iy = iy_lo; iy <= iy_hi; ++iy)
+    for (int ix = ix_lo; ix <= ix_hi; ++ix) grad += shift_plane[iy * R + ix];
+  for (int ly = 1 - R; ly < R; ++ly) {
+    // j = i + l must be an offset too: 0 <= iy + ly < R.
+    const int y_lo = iy_lo > -ly ? iy_lo : -ly;
+    const int y_hi = iy_hi < R - 1 - ly ? iy_hi : R - 1 - ly;
+    if (y_lo > y_hi) continue;
+    for (int lx = 1 - R; lx < R; ++lx) {
+      const int x_lo = ix_lo > -lx ? ix_lo : -lx;
+      const int x_hi = ix_hi < R - 1 - lx ? ix_hi : R - 1 - lx;
+      if (x_lo > x_hi) continue;
+      const int lag = ly * R + lx;
+      double sum_p = 0.0, sum_y = 0.0;
+      for (int iy = y_lo; iy <= y_hi; ++iy)
+        for (int ix = x_lo; ix <= x_hi; ++ix) {
+          const int ij = (iy * R + ix) * (d + 1) + lag;  // i * d + j, j = i + lag
+          sum_p += cp[ij];
+          sum_y += cy[ij];
         }
-      grad += gi;
+      const auto v = src(row + ly, col + lx);
+      grad += sum_p * static_cast<double>(v.p) + sum_y * static_cast<double>(v.y);
     }
   }
   return grad;
 }
 
+// Backward, factor > 1: the stencil at local element q of a block's pooled maps [block planes,
+// h, w] (y, p and grad_pooled hold the block only). coef [N, C, 2, d, d], shift [N, C, d].
 template <typename acc_t>
 RMI_HD void pooled_grad_store(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
                               const double* shift, const Problem& g, const Divisors& dv,
-                              acc_t* grad_pooled) {
-  grad_pooled[q] = static_cast<acc_t>(pooled_grad_at(q, y, p, coef, shift, g, dv));
+                              const PlaneBlock& blk, acc_t* grad_pooled) {
+  const int64_t d = g.radius * g.radius;
+  int64_t col, row, n, c;
+  const int64_t lp = dv.h.divmod(dv.w.divmod(q, &col), &row);
+  block_plane(blk, lp, &n, &c);
+  const int64_t plane = n * g.C + c, size = g.h * g.w;
+  const MapSource<acc_t> src = {y + lp * size, p + lp * size, g.w};
+  grad_pooled[q] = static_cast<acc_t>(
+      stencil_at(row, col, g, coef + plane * 2 * d * d, shift + plane * d, src));
 }
 
 // ---- stage (e): full-resolution gradient -----------------------------------------------------
@@ -545,37 +707,38 @@ RMI_HD void taps_holding(int64_t i, int64_t n_in, int64_t n_out, int64_t* lo, in
   *hi = last < n_out - 1 ? last : n_out - 1;
 }
 
-// Weight of input index i in the bilinear taps of output o (both taps may be i at the border).
+// Weight of input index i in the bilinear taps of output o (both taps may be i at the border);
+// scale = linear_scale<acc_t>(n_in, n_out).
 template <typename acc_t>
-RMI_HD acc_t tap_weight(int64_t o, int64_t i, int64_t n_in, int64_t n_out) {
-  LinearTap<acc_t> tap = linear_tap<acc_t>(o, n_in, n_out);
+RMI_HD acc_t tap_weight(int64_t o, int64_t i, int64_t n_in, acc_t scale) {
+  LinearTap<acc_t> tap = linear_tap<acc_t>(o, n_in, scale);
   return (tap.i0 == i ? tap.w0 : acc_t(0)) + (tap.i1 == i ? tap.w1 : acc_t(0));
 }
 
 // Row-major position of input pixel (y, x) in the window [y0, y1) x [x0, x1) (the pool window
-// clipped to the map): what pooled_py_at records as the max-pooling arg-max. It is below the
+// clipped to the map): what pooled_py records as the max-pooling arg-max. It is below the
 // window's area, so an int32 holds it (rmi_cuda.cu checks the area).
 RMI_HD int64_t max_window_arg(int64_t y, int64_t x, int64_t y0, int64_t x0, int64_t x1) {
   return (y - y0) * (x1 - x0) + (x - x0);
 }
 
-// Adjoint of the downsampling of P at input pixel (y, x) of one plane: the pooled gradient
-// gathered from every pooled output whose value depends on P[y, x]. grad_plane, arg_plane: the
-// plane's pooled gradient and (max pooling) arg-max [h, w].
+// Adjoint of the downsampling (factor > 1) of P at input pixel (y, x) of one plane: the pooled
+// gradient gathered from every pooled output whose value depends on P[y, x]. grad_plane,
+// arg_plane: the plane's pooled gradient and (max pooling) arg-max [h, w].
 template <typename acc_t>
 RMI_HD acc_t pool_adjoint_at(const Problem& g, const Divisors& dv, const acc_t* grad_plane,
                              const int32_t* arg_plane, int64_t y, int64_t x) {
-  if (g.factor == 1) return grad_plane[y * g.w + x];
   int64_t oy0, oy1, ox0, ox1;
   acc_t sum = acc_t(0);
   if (g.pool == kInterp) {
+    const acc_t scale_y = dv.sh.linear<acc_t>(), scale_x = dv.sw.linear<acc_t>();
     taps_holding(y, g.H, g.h, &oy0, &oy1);
     taps_holding(x, g.W, g.w, &ox0, &ox1);
     for (int64_t oy = oy0; oy <= oy1; ++oy) {
-      const acc_t wy = tap_weight<acc_t>(oy, y, g.H, g.h);
+      const acc_t wy = tap_weight<acc_t>(oy, y, g.H, scale_y);
       if (wy == acc_t(0)) continue;
       for (int64_t ox = ox0; ox <= ox1; ++ox) {
-        const acc_t wx = tap_weight<acc_t>(ox, x, g.W, g.w);
+        const acc_t wx = tap_weight<acc_t>(ox, x, g.W, scale_x);
         if (wx != acc_t(0)) sum += wy * wx * grad_plane[oy * g.w + ox];
       }
     }
@@ -589,7 +752,7 @@ RMI_HD acc_t pool_adjoint_at(const Problem& g, const Divisors& dv, const acc_t* 
     return sum / static_cast<acc_t>(g.kernel * g.kernel);
   }
   // Max: the gradient goes to the window's first maximum of P in row-major order, recorded by
-  // pooled_py_at in the backward's pooled-maps pass.
+  // pooled_py in the backward's pooled-maps pass.
   for (int64_t oy = oy0; oy <= oy1; ++oy) {
     int64_t y0, y1;
     pool_window(oy, g.H, g.kernel, g.factor, &y0, &y1);
@@ -603,21 +766,28 @@ RMI_HD acc_t pool_adjoint_at(const Problem& g, const Divisors& dv, const acc_t* 
   return sum;
 }
 
-// Element q of the gradient [N, C, H, W] (visited in N, C, H, W order, or N, H, W, C for a
-// channels-last output): pooling adjoint times dP/dx, plus base_scale times the first term's
-// gradient (BCE: m (sig - y); CE: valid (softmax - onehot), with lse [N, H, W] the channel
-// logsumexp, unused in sigmoid mode). grad_pooled [N, C, h, w]; argmax [N, C, h, w] from
-// pooled_store (max pooling with factor > 1; null otherwise); base_scale points to one double.
-template <typename acc_t, typename scalar_t, typename label_t>
+// Local element q of the gradient of a block of planes (visited in [images, channels, H, W]
+// order, or [images, H, W, channels] for a channels-last output): dloss/dP times dP/dx, plus
+// base_scale times the first term's gradient (BCE: m (sig - y); CE: valid (softmax - onehot),
+// with lse [N, H, W] the channel logsumexp, unused in sigmoid mode). dloss/dP:
+//   fused (factor 1, the block is every plane): the stencil at the pixel, with P and Y
+//     recomputed from the logits and labels (stencil_at with a PixelSource); coef, shift as in
+//     pooled_grad_store; grad_pooled and argmax unused.
+//   else: the pooling adjoint of grad_pooled [block planes, h, w] (pooled_grad_store), with
+//     argmax [block planes, h, w] from pooled_store (max pooling; null otherwise).
+// base_scale points to one double; out is the whole gradient, written through os.
+template <bool fused, typename acc_t, typename scalar_t, typename label_t>
 RMI_HD void full_grad_store(int64_t q, const scalar_t* logits, const label_t* labels,
-                            const Problem& g, const Divisors& dv, const acc_t* grad_pooled,
+                            const Problem& g, const Divisors& dv, const PlaneBlock& blk,
+                            const double* coef, const double* shift, const acc_t* grad_pooled,
                             const int32_t* argmax, const acc_t* lse, const double* base_scale,
                             scalar_t* out, const OutStrides& os) {
-  int64_t n, c, y, x;  // q walks N, C, H, W, or N, H, W, C for a channels-last output
+  int64_t dn, dc, y, x;
   if (os.channels_last)
-    n = dv.H.divmod(dv.W.divmod(dv.C.divmod(q, &c), &x), &y);
+    dn = dv.H.divmod(dv.W.divmod(blk.channel_div.divmod(q, &dc), &x), &y);
   else
-    n = dv.C.divmod(dv.H.divmod(dv.W.divmod(q, &x), &y), &c);
+    dn = blk.channel_div.divmod(dv.H.divmod(dv.W.divmod(q, &x), &y), &dc);
+  const int64_t n = blk.n0 + dn, c = blk.c0 + dc;
   const int64_t label = label_at(labels, g, n, y, x);
   const bool valid = is_valid_label(label, g.C, g.ignore_index);
   const acc_t v = logit_at<acc_t>(logits, g, n, c, y, x);
@@ -625,9 +795,17 @@ RMI_HD void full_grad_store(int64_t q, const scalar_t* logits, const label_t* la
   const acc_t slope = rmi_prob_slope(sig, valid, g.mode);
   acc_t grad_p = acc_t(0);
   if (slope != acc_t(0)) {
-    const int64_t plane = (n * g.C + c) * g.h * g.w;
-    grad_p = pool_adjoint_at<acc_t>(g, dv, grad_pooled + plane,
-                                    argmax != nullptr ? argmax + plane : nullptr, y, x);
+    if (fused) {
+      const int64_t plane = n * g.C + c, d = g.radius * g.radius;
+      const PixelSource<acc_t, scalar_t, label_t> src = {logits + n * g.xs[0] + c * g.xs[1],
+                                                         labels + n * g.ls[0], &g, c};
+      grad_p = static_cast<acc_t>(
+          stencil_at(y, x, g, coef + plane * 2 * d * d, shift + plane * d, src));
+    } else {
+      const int64_t at = (dn * blk.channels + dc) * g.h * g.w;
+      grad_p = pool_adjoint_at<acc_t>(g, dv, grad_pooled + at,
+                                      argmax != nullptr ? argmax + at : nullptr, y, x);
+    }
   }
   acc_t base = acc_t(0);
   if (valid) {
@@ -636,6 +814,95 @@ RMI_HD void full_grad_store(int64_t q, const scalar_t* logits, const label_t* la
   }
   const acc_t value = grad_p * slope + static_cast<acc_t>(*base_scale) * base;
   out[n * os.s[0] + c * os.s[1] + y * os.s[2] + x * os.s[3]] = static_cast<scalar_t>(value);
+}
+
+// ---- launch plans ----------------------------------------------------------------------------
+
+// The grid of every launch of one call (blocks of kThreads threads), within CUDA's limits at
+// any size: gridDim.x <= 2^30 (grid-stride loops and the plane loops cover the rest),
+// gridDim.y = moment chunks <= 65535, gridDim.z = ceil(entries / kThreads) <= 80.
+struct LaunchPlan {
+  unsigned int stats_blocks;     // base_stats_kernel: reduce_blocks(N H W), also its partials
+  unsigned int pixel_blocks;     // logsumexp_kernel over [N, H, W]
+  unsigned int plane_blocks;     // plane_offsets_kernel: a block per plane (then a loop)
+  unsigned int finalize_blocks;  // moment_finalize_kernel over [N, C, d, d]
+  MomentPlan moments;
+  dim3 moment_grid;  // moment_partials_kernel: (plane_blocks, chunks, entry blocks)
+};
+
+inline LaunchPlan plan_launches(const Problem& g) {
+  const int64_t planes = g.N * g.C;
+  LaunchPlan plan;
+  plan.stats_blocks = reduce_blocks(g.N * g.H * g.W);
+  plan.pixel_blocks = grid_blocks(g.N * g.H * g.W);
+  plan.plane_blocks = static_cast<unsigned int>(planes < kMaxGridBlocks ? planes : kMaxGridBlocks);
+  plan.finalize_blocks = grid_blocks(planes * g.d * g.d);
+  plan.moments = plan_moments(planes, g.h - g.radius + 1, g.w - g.radius + 1, g.radius,
+                              planes * g.H * g.W / 32);
+  plan.moment_grid = dim3(plan.plane_blocks, static_cast<unsigned int>(plan.moments.chunks),
+                          static_cast<unsigned int>(ceil_div(plan.moments.entries, kThreads)));
+  return plan;
+}
+
+// Bytes of backward scratch a call may hold besides the gradient: 1/16 of the logits' bytes.
+constexpr int64_t kScratchFraction = 16;
+
+// The backward in blocks of planes. Factor 1: one block of every plane, the fused full_grad
+// pass, no scratch. Factor > 1: per block, pooled_maps_kernel (y, p and the max-pooling
+// arg-max), pooled_grad_kernel (grad_pooled), full_grad_kernel; the scratch of a block,
+// scratch_planes x h x w x (3 acc_t + 4 bytes for an arg-max), fits in
+// N C H W x logit_bytes / kScratchFraction, or holds one plane when a plane alone is bigger.
+struct BackwardPlan {
+  int64_t images, channels;  // planes of a block: images x channels (channels == C or images == 1)
+  int64_t blocks;            // blocks of planes, walked in order (block_of)
+  int64_t blocks_per_image;  // channel blocks per image (1 for whole-image blocks)
+  int64_t scratch_planes;    // planes of the scratch maps (0: none)
+  int64_t scratch_bytes;     // their bytes
+  unsigned int pooled_blocks;  // pooled_maps_kernel, pooled_grad_kernel over [block planes, h, w]
+  unsigned int full_blocks;    // full_grad_kernel over [block planes, H, W]
+};
+
+// max_block_planes > 0 caps the planes of a block (the tests use it to force small blocks).
+inline BackwardPlan plan_backward(const Problem& g, int64_t logit_bytes, int64_t acc_bytes,
+                                  bool argmax, int64_t max_block_planes = 0) {
+  BackwardPlan plan;
+  const int64_t planes = g.N * g.C;
+  int64_t per_block = planes;
+  if (g.factor > 1) {
+    const int64_t plane_bytes = g.h * g.w * (3 * acc_bytes + (argmax ? 4 : 0));
+    const int64_t budget = planes * g.H * g.W * logit_bytes / kScratchFraction;
+    per_block = budget / plane_bytes;
+  }
+  if (max_block_planes > 0 && per_block > max_block_planes) per_block = max_block_planes;
+  per_block = per_block < 1 ? 1 : (per_block > planes ? planes : per_block);
+  if (per_block >= g.C) {
+    plan.images = per_block / g.C;
+    plan.channels = g.C;
+    plan.blocks_per_image = 1;
+    plan.blocks = ceil_div(g.N, plan.images);
+  } else {
+    plan.images = 1;
+    plan.channels = per_block;
+    plan.blocks_per_image = ceil_div(g.C, per_block);
+    plan.blocks = g.N * plan.blocks_per_image;
+  }
+  const int64_t block_planes = plan.images * plan.channels;
+  plan.scratch_planes = g.factor > 1 ? block_planes : 0;
+  plan.scratch_bytes = plan.scratch_planes * g.h * g.w * (3 * acc_bytes + (argmax ? 4 : 0));
+  plan.pooled_blocks = grid_blocks(block_planes * g.h * g.w);
+  plan.full_blocks = grid_blocks(block_planes * g.H * g.W);
+  return plan;
+}
+
+// Block k of a backward plan (k < plan.blocks); the last ones may be smaller.
+inline PlaneBlock block_of(const Problem& g, const BackwardPlan& plan, int64_t k) {
+  if (plan.blocks_per_image == 1) {
+    const int64_t n0 = k * plan.images, left = g.N - n0;
+    return make_plane_block(n0, 0, left < plan.images ? left : plan.images, g.C);
+  }
+  const int64_t n0 = k / plan.blocks_per_image;
+  const int64_t c0 = (k % plan.blocks_per_image) * plan.channels, left = g.C - c0;
+  return make_plane_block(n0, c0, 1, left < plan.channels ? left : plan.channels);
 }
 
 // ---- kernels ---------------------------------------------------------------------------------
@@ -709,15 +976,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Stage (a), pooled maps: y_out, p_out [N, C, h, w], and the max-pooling arg-max arg_out
-// [N, C, h, w] when it is not null (see pooled_store); kind = pooled_kind(g).
-// Launch: LaunchPlan::pooled_blocks x kThreads.
+// Backward (factor > 1), pooled maps of a block of planes: y_out, p_out [block planes, h, w],
+// and the max-pooling arg-max arg_out (same shape) when it is not null (see pooled_store);
+// kind = pooled_kind(g). Launch: BackwardPlan::pooled_blocks x kThreads.
 template <typename scalar_t, typename acc_t, typename label_t, int kind>
 __global__ void __launch_bounds__(kThreads)
     pooled_maps_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
-                       acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
-  RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.h * g.w) {
-    pooled_store<kind, acc_t>(q, logits, labels, g, dv, y_out, p_out, arg_out);
+                       PlaneBlock blk, acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
+  RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.h * g.w) {
+    pooled_store<kind, acc_t>(q, logits, labels, g, dv, blk, y_out, p_out, arg_out);
   }
 }
 
@@ -732,20 +999,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Stage (b), level 0: offsets [planes, 2], the plane means of Y and P (any constant near the
-// values would do). Launch: LaunchPlan::plane_blocks x kThreads, a block per plane (blocks
-// loop over planes past 2^30).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    plane_offsets_kernel(const acc_t* y, const acc_t* p, int64_t planes, int64_t plane_size,
+// Stage (b), level 0: offsets [planes, 2], the means of the pooled Y and P of each plane (any
+// constant near the values would do), computed from the logits and labels (pooled_py);
+// kind = pooled_kind(g). Launch: LaunchPlan::plane_blocks x kThreads, a block per plane
+// (blocks loop over planes past 2^30).
+template <typename scalar_t, typename acc_t, typename label_t, int kind>
+__global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
+    plane_offsets_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
                          double* offsets) {
   __shared__ double smem[kThreads];
+  const int64_t planes = g.N * g.C, plane_size = g.h * g.w;
   for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {  // block-uniform
-    const int64_t base = plane * plane_size;
+    int64_t c;
+    const int64_t n = dv.C.divmod(plane, &c);
     double sum_y = 0.0, sum_p = 0.0;
     for (int64_t i = threadIdx.x; i < plane_size; i += kThreads) {
-      sum_y += static_cast<double>(y[base + i]);
-      sum_p += static_cast<double>(p[base + i]);
+      int64_t ox;
+      const int64_t oy = dv.w.divmod(i, &ox);
+      int32_t arg = 0;
+      const PY<acc_t> v = pooled_py<kind, acc_t>(logits, labels, g, dv, n, c, oy, ox, &arg);
+      sum_y += static_cast<double>(v.y);
+      sum_p += static_cast<double>(v.p);
     }
     sum_y = block_sum(sum_y, smem);
     sum_p = block_sum(sum_p, smem);
@@ -756,19 +1030,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Stage (b), level 1: partials [planes, chunks, entries]. Launch: LaunchPlan::moment_grid
-// (plane blocks, plan.chunks, ceil(plan.entries / kThreads)) x kThreads; threads of a block
-// share a plane and a chunk; blocks loop over planes past 2^30.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    moment_partials_kernel(const acc_t* y, const acc_t* p, const double* offsets, Problem g,
-                           MomentPlan plan, double* partials) {
+// Stage (b), level 1: partials [planes, chunks, entries], from the logits and labels through
+// staged tiles (see moment_stage_at, moment_tile_accumulate); kind = pooled_kind(g).
+// Launch: LaunchPlan::moment_grid (plane blocks, plan.chunks, ceil(plan.entries / kThreads))
+// x kThreads; threads of a block share a plane and a chunk (and stage its tiles together);
+// blocks loop over planes past 2^30.
+template <typename scalar_t, typename acc_t, typename label_t, int kind>
+__global__ void __launch_bounds__(kThreads, kMomentMinBlocks)
+    moment_partials_kernel(const scalar_t* logits, const label_t* labels,
+                           const double* offsets, Problem g, Divisors dv, MomentPlan plan,
+                           double* partials) {
+  __shared__ double tile[2 * kTileElems];  // staged Y, then P
   const int64_t chunk = blockIdx.y;
   const int64_t e = static_cast<int64_t>(blockIdx.z) * kThreads + threadIdx.x;
-  if (e >= plan.entries) return;
-  for (int64_t plane = blockIdx.x; plane < g.N * g.C; plane += gridDim.x)
-    partials[(plane * plan.chunks + chunk) * plan.entries + e] =
-        moment_partial_at(plane, chunk, e, y, p, offsets, g, plan);
+  const bool active = e < plan.entries;  // every thread stages; active ones sum an entry
+  const EntryTaps taps = entry_taps(moment_entry(active ? e : 0, g.radius * g.radius), plan,
+                                    g.radius);
+  const ChunkTiles ct = chunk_tiles(g, plan, chunk);
+  for (int64_t plane = blockIdx.x; plane < g.N * g.C; plane += gridDim.x) {  // block-uniform
+    int64_t c;
+    const int64_t n = dv.C.divmod(plane, &c);
+    const double oy = offsets[2 * plane], op = offsets[2 * plane + 1];
+    double acc = 0.0;
+    for (int64_t t = 0; t < ct.count; ++t) {
+      const MomentTile tl = moment_tile(ct, t, plan, g.radius);
+      const int pixels = tile_rows_of(tl, g.radius) * tile_cols_of(tl, g.radius);
+      for (int idx = threadIdx.x; idx < pixels; idx += kThreads)
+        moment_stage_at<kind, acc_t>(idx, tl, n, c, oy, op, logits, labels, g, dv, plan, tile);
+      __syncthreads();
+      if (active) acc = moment_tile_accumulate(acc, taps, tl, tile, plan);
+      __syncthreads();  // the next tile overwrites the staged one
+    }
+    if (active) partials[(plane * plan.chunks + chunk) * plan.entries + e] = acc;
+  }
 }
 
 // Stage (b), level 2: means [planes, 2, d], cov [planes, 3, d, d].
@@ -782,26 +1076,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Stage (d): grad_pooled [N, C, h, w]. Launch: LaunchPlan::pooled_blocks x kThreads.
+// Stage (d), factor > 1: grad_pooled [block planes, h, w] from the block's maps y, p.
+// Launch: BackwardPlan::pooled_blocks x kThreads.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     pooled_grad_kernel(const acc_t* y, const acc_t* p, const double* coef, const double* shift,
-                       Problem g, Divisors dv, acc_t* grad_pooled) {
-  RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.h * g.w) {
-    pooled_grad_store(q, y, p, coef, shift, g, dv, grad_pooled);
+                       Problem g, Divisors dv, PlaneBlock blk, acc_t* grad_pooled) {
+  RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.h * g.w) {
+    pooled_grad_store(q, y, p, coef, shift, g, dv, blk, grad_pooled);
   }
 }
 
-// Stage (e): grad_logits [N, C, H, W] through strides os; argmax from pooled_maps_kernel (max
-// pooling with factor > 1, else null). Launch: LaunchPlan::full_blocks x kThreads.
-template <typename scalar_t, typename acc_t, typename label_t>
-__global__ void __launch_bounds__(kThreads)
+// Stage (e) (with stage (d) when fused, factor 1): the gradient of a block of planes through
+// strides os (see full_grad_store). Launch: BackwardPlan::full_blocks x kThreads.
+template <typename scalar_t, typename acc_t, typename label_t, bool fused>
+__global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
     full_grad_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
+                     PlaneBlock blk, const double* coef, const double* shift,
                      const acc_t* grad_pooled, const int32_t* argmax, const acc_t* lse,
                      const double* base_scale, scalar_t* out, OutStrides os) {
-  RMI_GRID_STRIDE_LOOP(q, g.N * g.C * g.H * g.W) {
-    full_grad_store<acc_t>(q, logits, labels, g, dv, grad_pooled, argmax, lse, base_scale, out,
-                           os);
+  RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.H * g.W) {
+    full_grad_store<fused, acc_t>(q, logits, labels, g, dv, blk, coef, shift, grad_pooled,
+                                  argmax, lse, base_scale, out, os);
   }
 }
 

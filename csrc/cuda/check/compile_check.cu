@@ -18,23 +18,37 @@ namespace cuda {
 namespace {
 
 // Taking a function's address instantiates it.
-template <typename scalar_t, typename acc_t, typename label_t>
-void instantiate_with_labels() {
+template <typename scalar_t, typename acc_t, typename label_t, int kind>
+void instantiate_pool_kind() {
   const void* kernels[] = {
-      reinterpret_cast<const void*>(&base_stats_kernel<scalar_t, acc_t, label_t>),
-      reinterpret_cast<const void*>(&pooled_maps_kernel<scalar_t, acc_t, label_t, kAvgPool>),
-      reinterpret_cast<const void*>(&pooled_maps_kernel<scalar_t, acc_t, label_t, kMaxPool>),
-      reinterpret_cast<const void*>(&pooled_maps_kernel<scalar_t, acc_t, label_t, kInterp>),
-      reinterpret_cast<const void*>(&full_grad_kernel<scalar_t, acc_t, label_t>),
+      reinterpret_cast<const void*>(&pooled_maps_kernel<scalar_t, acc_t, label_t, kind>),
+      reinterpret_cast<const void*>(&plane_offsets_kernel<scalar_t, acc_t, label_t, kind>),
+      reinterpret_cast<const void*>(&moment_partials_kernel<scalar_t, acc_t, label_t, kind>),
   };
   (void)kernels;
   // Host side of the per-element functions (what check/emulate.cu runs).
+  auto store = &pooled_store<kind, acc_t, scalar_t, label_t>;
+  auto py = &pooled_py<kind, acc_t, scalar_t, label_t>;
+  auto stage = &moment_stage_at<kind, acc_t, scalar_t, label_t>;
+  (void)store, (void)py, (void)stage;
+}
+
+template <typename scalar_t, typename acc_t, typename label_t>
+void instantiate_with_labels() {
+  instantiate_pool_kind<scalar_t, acc_t, label_t, kAvgPool>();
+  instantiate_pool_kind<scalar_t, acc_t, label_t, kMaxPool>();
+  instantiate_pool_kind<scalar_t, acc_t, label_t, kInterp>();
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(&base_stats_kernel<scalar_t, acc_t, label_t>),
+      reinterpret_cast<const void*>(&full_grad_kernel<scalar_t, acc_t, label_t, true>),
+      reinterpret_cast<const void*>(&full_grad_kernel<scalar_t, acc_t, label_t, false>),
+  };
+  (void)kernels;
   auto stats = &base_stats_at<acc_t, scalar_t, label_t>;
-  auto avg = &pooled_store<kAvgPool, acc_t, scalar_t, label_t>;
-  auto max = &pooled_store<kMaxPool, acc_t, scalar_t, label_t>;
-  auto interp = &pooled_store<kInterp, acc_t, scalar_t, label_t>;
-  auto grad = &full_grad_store<acc_t, scalar_t, label_t>;
-  (void)stats, (void)avg, (void)max, (void)interp, (void)grad;
+  auto fused = &full_grad_store<true, acc_t, scalar_t, label_t>;
+  auto grad = &full_grad_store<false, acc_t, scalar_t, label_t>;
+  auto pixels = &stencil_at<PixelSource<acc_t, scalar_t, label_t>>;
+  (void)stats, (void)fused, (void)grad, (void)pixels;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -44,18 +58,17 @@ void instantiate() {
   instantiate_with_labels<scalar_t, acc_t, int64_t>();
   const void* kernels[] = {
       reinterpret_cast<const void*>(&logsumexp_kernel<scalar_t, acc_t>),
-      reinterpret_cast<const void*>(&plane_offsets_kernel<acc_t>),
-      reinterpret_cast<const void*>(&moment_partials_kernel<acc_t>),
       reinterpret_cast<const void*>(&pooled_grad_kernel<acc_t>),
       reinterpret_cast<const void*>(&base_stats_final_kernel),
       reinterpret_cast<const void*>(&moment_finalize_kernel),
   };
   (void)kernels;
   auto lse = &logsumexp_at<acc_t, scalar_t>;
-  auto partial = &moment_partial_at<acc_t>;
+  auto accumulate = &moment_tile_accumulate;
   auto stencil = &pooled_grad_store<acc_t>;
+  auto maps = &stencil_at<MapSource<acc_t>>;
   auto adjoint = &pool_adjoint_at<acc_t>;
-  (void)lse, (void)partial, (void)stencil, (void)adjoint;
+  (void)lse, (void)accumulate, (void)stencil, (void)maps, (void)adjoint;
 }
 
 }  // namespace
@@ -67,7 +80,9 @@ LaunchPlan check_host_helpers() {
   Problem g = make_problem(sizes, x_strides, l_strides, 3, 4, kAvgPool, 4, 255, kSigmoidMode);
   LaunchPlan plan = plan_launches(g);
   const Divisors dv = make_divisors(g);
-  plan.moments.chunks += dv.W.div(grid_blocks(g.N * g.C * g.h * g.w));
+  const BackwardPlan bp = plan_backward(g, 2, 4, true);
+  const PlaneBlock blk = block_of(g, bp, bp.blocks - 1);
+  plan.moments.chunks += dv.W.div(bp.pooled_blocks) + blk.channel_div.div(bp.full_blocks);
   return plan;
 }
 

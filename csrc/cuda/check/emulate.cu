@@ -1,8 +1,9 @@
 // Host emulation of the CUDA kernels of csrc/cuda/rmi_kernels.cuh: runs the same per-element
-// functions (`*_at`, `*_store`) on the CPU, in the kernels' plan (same Problem, MomentPlan,
-// chunks and finalize), so tests/test_cuda.py can check their math and indexing against the
-// reference without a GPU. What it cannot check: the grid-stride loops, the block
-// reductions and the launches (rmi_cuda.cu).
+// functions (`*_at`, `*_store`) on the CPU, in the kernels' plans (same Problem, MomentPlan
+// chunks and tiles, finalize, BackwardPlan blocks of planes), so tests/test_cuda.py can check
+// their math and indexing against the reference without a GPU. What it cannot check: the
+// grid-stride loops, the block reductions, the synchronisation of the shared-memory tiles and
+// the launches (rmi_cuda.cu).
 //
 // Build: nvcc -std=c++17 -I csrc csrc/cuda/check/emulate.cu -o emulate
 // Usage:
@@ -10,15 +11,19 @@
 //     storage and, for the backward, base_scale (1 double), coef [N, C, 2, d, d] and shift
 //     [N, C, d] (doubles). OUT (doubles): forward: base_sum, base_count, nonfinite, means
 //     [N, C, 2, d], cov [N, C, 3, d, d]; backward: grad_logits [N, C, H, W] (logical order).
-//   emulate --plan N C H W RADIUS STRIDE POOL POOL_SIZE   (POOL: 0 avg, 1 max, 2 interp)
-//     prints plan_launches() of that problem (no data: any size), one launch a line,
-//     "name grid.x grid.y grid.z elements", then "moments entries chunks rows_per_chunk
-//     window_rows" and "decode ok|FAIL" (FastDivmod decoding of the last and of sampled
-//     elements of every flat index space against plain division).
+//   emulate --plan N C H W RADIUS STRIDE POOL POOL_SIZE [LOGIT_BYTES]   (POOL: 0 avg, 1 max,
+//     2 interp; LOGIT_BYTES default 4) prints the launch plans of that problem (no data: any
+//     size), one launch a line, "name grid.x grid.y grid.z elements", then "moments entries
+//     chunks rows_per_chunk window_rows tile_rows tile_cols", "memory partials_bytes
+//     scratch_bytes logits_bytes", "backward images channels blocks scratch_planes", and
+//     "decode ok|FAIL" (FastDivmod decoding of the last and of sampled elements of every flat
+//     index space against plain division, blocks' local spaces included).
 //   emulate --selftest   FastDivmod against plain 64-bit division on edge and random values.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -45,6 +50,7 @@ enum Field {
   kLStorage = kLStride0 + 3,
   kRadius, kStride, kPool, kPoolSize, kIgnoreIndex, kMode,
   kChannelsLastOut,  // gradient written channels-last (NHWC strides, NHWC visiting order)
+  kMaxBlockPlanes,   // backward: cap of the planes of a block (0: plan_backward's choice)
   kHeaderWords
 };
 
@@ -75,6 +81,7 @@ double to_double(__nv_bfloat16 v) { return static_cast<double>(static_cast<float
 template <typename scalar_t, typename acc_t, typename label_t>
 std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const label_t* labels) {
   const int64_t planes = g.N * g.C, plane_size = g.h * g.w, d = g.radius * g.radius;
+  const int64_t R = g.radius, nw = g.w - R + 1;
   const Divisors dv = make_divisors(g);
   const LaunchPlan launch = plan_launches(g);
   // (a) first term: base_stats_kernel + base_stats_final_kernel
@@ -85,31 +92,61 @@ std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const lab
     total.count += s.count;
     total.nonfinite += s.nonfinite;
   }
-  // (a) pooled maps: pooled_maps_kernel
-  std::vector<acc_t> y(planes * plane_size), p(planes * plane_size);
-  dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
-    for (int64_t q = 0; q < planes * plane_size; ++q)
-      pooled_store<decltype(kind)::value, acc_t>(q, x, labels, g, dv, y.data(), p.data(),
-                                                 nullptr);
-  });
-  // (b) plane_offsets_kernel, moment_partials_kernel, moment_finalize_kernel
-  std::vector<double> offsets(2 * planes);
-  for (int64_t plane = 0; plane < planes; ++plane) {
-    double sy = 0.0, sp = 0.0;
-    for (int64_t i = 0; i < plane_size; ++i) {
-      sy += static_cast<double>(y[plane * plane_size + i]);
-      sp += static_cast<double>(p[plane * plane_size + i]);
-    }
-    offsets[2 * plane] = sy / plane_size;
-    offsets[2 * plane + 1] = sp / plane_size;
-  }
   const MomentPlan& plan = launch.moments;
+  std::vector<double> offsets(2 * planes);
   std::vector<double> partials(planes * plan.chunks * plan.entries);
-  for (int64_t plane = 0; plane < planes; ++plane)
-    for (int64_t chunk = 0; chunk < plan.chunks; ++chunk)
-      for (int64_t e = 0; e < plan.entries; ++e)
-        partials[(plane * plan.chunks + chunk) * plan.entries + e] =
-            moment_partial_at(plane, chunk, e, y.data(), p.data(), offsets.data(), g, plan);
+  dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
+    constexpr int k = decltype(kind)::value;
+    // (b) plane_offsets_kernel: pooled means from the logits
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      int64_t c;
+      const int64_t n = dv.C.divmod(plane, &c);
+      double sy = 0.0, sp = 0.0;
+      for (int64_t i = 0; i < plane_size; ++i) {
+        int64_t ox;
+        const int64_t oy = dv.w.divmod(i, &ox);
+        int32_t arg = 0;
+        const PY<acc_t> v = pooled_py<k, acc_t>(x, labels, g, dv, n, c, oy, ox, &arg);
+        sy += static_cast<double>(v.y);
+        sp += static_cast<double>(v.p);
+      }
+      offsets[2 * plane] = sy / plane_size;
+      offsets[2 * plane + 1] = sp / plane_size;
+    }
+    // (b) moment_partials_kernel: every (plane, chunk) walks its tiles in the kernel's order;
+    // a tile is staged (all its pixels, NaN elsewhere: a read of an unstaged pixel shows), then
+    // every entry adds its products over the tile's windows.
+    std::vector<double> tile(2 * kTileElems), acc(plan.entries);
+    std::vector<EntryTaps> taps(plan.entries);
+    for (int64_t e = 0; e < plan.entries; ++e) taps[e] = entry_taps(moment_entry(e, d), plan, R);
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      int64_t c;
+      const int64_t n = dv.C.divmod(plane, &c);
+      for (int64_t chunk = 0; chunk < plan.chunks; ++chunk) {
+        const ChunkTiles ct = chunk_tiles(g, plan, chunk);
+        std::fill(acc.begin(), acc.end(), 0.0);
+        int64_t windows = 0;
+        for (int64_t t = 0; t < ct.count; ++t) {
+          const MomentTile tl = moment_tile(ct, t, plan, R);
+          const int rows = tile_rows_of(tl, R), cols = tile_cols_of(tl, R);
+          if (tl.a0 >= tl.a1 || tl.b0 >= tl.b1 || rows > plan.tile_rows ||
+              cols > plan.tile_cols || plan.tile_rows * plan.tile_cols > kTileElems)
+            fail("tile outside the plan's");
+          windows += (tl.a1 - tl.a0) * (tl.b1 - tl.b0);
+          std::fill(tile.begin(), tile.end(), std::nan(""));
+          for (int idx = 0; idx < rows * cols; ++idx)
+            moment_stage_at<k, acc_t>(idx, tl, n, c, offsets[2 * plane], offsets[2 * plane + 1],
+                                      x, labels, g, dv, plan, tile.data());
+          for (int64_t e = 0; e < plan.entries; ++e)
+            acc[e] = moment_tile_accumulate(acc[e], taps[e], tl, tile.data(), plan);
+        }
+        if (windows != (ct.a_end - ct.a_begin) * nw) fail("tiles do not cover the chunk");
+        std::copy(acc.begin(), acc.end(),
+                  partials.begin() + (plane * plan.chunks + chunk) * plan.entries);
+      }
+    }
+  });
+  // (b) moment_finalize_kernel
   std::vector<double> means(planes * 2 * d), cov(planes * 3 * d * d);
   for (int64_t q = 0; q < planes * d * d; ++q)
     moment_finalize_at(q, partials.data(), offsets.data(), g, plan, means.data(), cov.data());
@@ -127,19 +164,6 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
   const std::vector<double> coef = read_array<double>(in, planes * 2 * d * d);
   const std::vector<double> shift = read_array<double>(in, planes * d);
   const Divisors dv = make_divisors(g);
-  // (a) pooled maps again, with the max-pooling arg-max as rmi_cuda.cu records it (max pooling
-  // with factor > 1), (d) stencil: pooled_maps_kernel, pooled_grad_kernel
-  std::vector<acc_t> y(planes * plane_size), p(planes * plane_size), grad_pooled(y.size());
-  const bool records_argmax = g.pool == rmi::kMaxPool && g.factor > 1;
-  std::vector<int32_t> argmax(records_argmax ? planes * plane_size : 0, -1);
-  dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
-    for (int64_t q = 0; q < planes * plane_size; ++q)
-      pooled_store<decltype(kind)::value, acc_t>(q, x, labels, g, dv, y.data(), p.data(),
-                                                 records_argmax ? argmax.data() : nullptr);
-  });
-  for (int64_t q = 0; q < planes * plane_size; ++q)
-    pooled_grad_store(q, y.data(), p.data(), coef.data(), shift.data(), g, dv,
-                      grad_pooled.data());
   // softmax mode: logsumexp_kernel (its index decoding)
   std::vector<acc_t> lse;
   if (g.mode == rmi::kSoftmaxMode) {
@@ -150,7 +174,7 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
       lse[q] = logsumexp_at<acc_t>(x, g, n, yy, xx);
     }
   }
-  // (e) full_grad_kernel, output strides as rmi_cuda.cu gets them from empty_like
+  // Output strides as rmi_cuda.cu gets them from empty_like.
   OutStrides os;
   os.channels_last = hd[kChannelsLastOut] != 0;
   if (os.channels_last) {
@@ -159,11 +183,55 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
     os.s[0] = g.C * g.H * g.W, os.s[1] = g.H * g.W, os.s[2] = g.W, os.s[3] = 1;
   }
   const int64_t numel = g.N * g.C * g.H * g.W;
-  std::vector<scalar_t> grad(numel);
-  for (int64_t q = 0; q < numel; ++q)
-    full_grad_store<acc_t>(q, x, labels, g, dv, grad_pooled.data(),
-                           records_argmax ? argmax.data() : nullptr,
-                           lse.empty() ? nullptr : lse.data(), base_scale.data(), grad.data(), os);
+  // Unwritten elements stay NaN: a block that misses an element shows.
+  std::vector<scalar_t> grad(numel, static_cast<scalar_t>(std::nanf("")));
+  const bool records_argmax = g.pool == rmi::kMaxPool && g.factor > 1;
+  const BackwardPlan bp = plan_backward(g, sizeof(scalar_t), sizeof(acc_t), records_argmax,
+                                        hd[kMaxBlockPlanes]);
+  const acc_t* lse_ptr = lse.empty() ? nullptr : lse.data();
+  if (g.factor == 1) {
+    // full_grad_kernel<..., fused = true> over one block of every plane
+    if (bp.blocks != 1 || bp.scratch_planes != 0) fail("factor 1 must run as one fused block");
+    const PlaneBlock blk = block_of(g, bp, 0);
+    for (int64_t q = 0; q < blk.images * blk.channels * g.H * g.W; ++q)
+      full_grad_store<true, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
+                                   static_cast<const acc_t*>(nullptr), nullptr, lse_ptr,
+                                   base_scale.data(), grad.data(), os);
+  } else {
+    // Per block of planes: pooled_maps_kernel (with the max-pooling arg-max as rmi_cuda.cu
+    // records it), pooled_grad_kernel, full_grad_kernel<..., fused = false>, on scratch of
+    // bp.scratch_planes planes reused by every block (filled with NaN / -1 before each block,
+    // so a read of another block's or an unwritten element shows).
+    const int64_t scratch = bp.scratch_planes * plane_size;
+    std::vector<acc_t> y(scratch), p(scratch), grad_pooled(scratch);
+    std::vector<int32_t> argmax(records_argmax ? scratch : 0);
+    int64_t covered = 0;
+    for (int64_t k = 0; k < bp.blocks; ++k) {
+      const PlaneBlock blk = block_of(g, bp, k);
+      const int64_t block_planes = blk.images * blk.channels;
+      if (block_planes > bp.scratch_planes) fail("block larger than its scratch");
+      covered += block_planes;
+      const acc_t nan = static_cast<acc_t>(std::nan(""));
+      std::fill(y.begin(), y.end(), nan);
+      std::fill(p.begin(), p.end(), nan);
+      std::fill(grad_pooled.begin(), grad_pooled.end(), nan);
+      std::fill(argmax.begin(), argmax.end(), -1);
+      int32_t* arg = records_argmax ? argmax.data() : nullptr;
+      dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
+        for (int64_t q = 0; q < block_planes * plane_size; ++q)
+          pooled_store<decltype(kind)::value, acc_t>(q, x, labels, g, dv, blk, y.data(),
+                                                     p.data(), arg);
+      });
+      for (int64_t q = 0; q < block_planes * plane_size; ++q)
+        pooled_grad_store(q, y.data(), p.data(), coef.data(), shift.data(), g, dv, blk,
+                          grad_pooled.data());
+      for (int64_t q = 0; q < block_planes * g.H * g.W; ++q)
+        full_grad_store<false, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
+                                      grad_pooled.data(), arg, lse_ptr, base_scale.data(),
+                                      grad.data(), os);
+    }
+    if (covered != planes) fail("the blocks do not cover every plane once");
+  }
   std::vector<double> out(numel);  // logical [N, C, H, W] order
   for (int64_t n = 0, q = 0; n < g.N; ++n)
     for (int64_t c = 0; c < g.C; ++c)
@@ -212,6 +280,60 @@ void check_divmod(const FastDivmod& f, int64_t n) {
   }
 }
 
+// The interp taps with the scales the kernels precompute (make_divisors: AxisScales) against
+// the per-element formulas they replaced (a division per call), bit for bit.
+int64_t old_nearest_source(int64_t o, int64_t n_in, int64_t n_out) {
+  if (n_out == n_in) return o;
+  if (n_out == 2 * n_in) return o >> 1;
+  float scale = static_cast<float>(n_in) / static_cast<float>(n_out);
+  int64_t src = static_cast<int64_t>(floorf(static_cast<float>(o) * scale));
+  return src < n_in - 1 ? src : n_in - 1;
+}
+
+template <typename T>
+rmi::LinearTap<T> old_linear_tap(int64_t o, int64_t n_in, int64_t n_out) {
+  T scale = n_out > 1 ? static_cast<T>(n_in - 1) / static_cast<T>(n_out - 1) : T(0);
+  T src = scale * static_cast<T>(o);
+  int64_t i0 = static_cast<int64_t>(src);
+  T w1 = src - static_cast<T>(i0);
+  w1 = w1 < T(0) ? T(0) : (w1 > T(1) ? T(1) : w1);
+  return {i0, i0 + (i0 < n_in - 1 ? 1 : 0), T(1) - w1, w1};
+}
+
+template <typename T>
+bool same_tap(const rmi::LinearTap<T>& a, const rmi::LinearTap<T>& b) {
+  return a.i0 == b.i0 && a.i1 == b.i1 && std::memcmp(&a.w0, &b.w0, sizeof(T)) == 0 &&
+         std::memcmp(&a.w1, &b.w1, sizeof(T)) == 0;
+}
+
+int64_t check_interp_scales() {
+  int64_t checks = 0;
+  std::vector<std::pair<int64_t, int64_t>> sizes;  // (n_in, n_out)
+  for (int64_t n_in = 1; n_in <= 80; ++n_in)
+    for (int64_t s = 1; s <= 8; ++s) sizes.push_back({n_in, n_in / s > 0 ? n_in / s : 1});
+  for (int64_t n_in : {513, 1000, 1023, 4097, 100003})
+    for (int64_t s = 1; s <= 16; ++s) sizes.push_back({n_in, n_in / s});
+  for (const auto& nn : sizes) {
+    const int64_t n_in = nn.first, n_out = nn.second;
+    const rmi::cuda::AxisScales sc = make_axis_scales(n_in, n_out);
+    for (int64_t o = 0; o < n_out; ++o, ++checks) {
+      const bool ok =
+          rmi::nearest_source(o, n_in, n_out, sc.nearest) == old_nearest_source(o, n_in, n_out) &&
+          rmi::nearest_source(o, n_in, n_out) == old_nearest_source(o, n_in, n_out) &&
+          same_tap(rmi::linear_tap<float>(o, n_in, sc.linear<float>()),
+                   old_linear_tap<float>(o, n_in, n_out)) &&
+          same_tap(rmi::linear_tap<double>(o, n_in, sc.linear<double>()),
+                   old_linear_tap<double>(o, n_in, n_out)) &&
+          same_tap(rmi::linear_tap<float>(o, n_in, n_out), old_linear_tap<float>(o, n_in, n_out));
+      if (!ok && ++selftest_failures <= 10)
+        std::printf("interp taps differ: o %lld, n_in %lld, n_out %lld\n",
+                    static_cast<long long>(o), static_cast<long long>(n_in),
+                    static_cast<long long>(n_out));
+    }
+  }
+  return checks;
+}
+
 int selftest() {
   const int64_t max = INT64_MAX;
   std::mt19937_64 rng(20240607);
@@ -251,6 +373,7 @@ int selftest() {
       std::printf("mulhi_u64_parts(%llu, %llu) is wrong\n", static_cast<unsigned long long>(a),
                   static_cast<unsigned long long>(b));
   }
+  checks += check_interp_scales();
   std::printf("selftest: %lld divisions, %lld failures\n", static_cast<long long>(checks),
               static_cast<long long>(selftest_failures));
   return selftest_failures == 0 ? 0 : 1;
@@ -260,7 +383,7 @@ int selftest() {
 
 // Decodes flat index q of sizes [s0, s1, s2, s3] (last fastest) with the divisors f1..f3 of
 // s1..s3 as the kernels do, against plain division.
-bool decode_ok(int64_t q, const int64_t s[4], const FastDivmod* f[4]) {
+bool decode_ok(int64_t q, const int64_t s[4], const FastDivmod* const f[4]) {
   int64_t got[4], rem = q;
   for (int i = 3; i >= 1; --i) rem = f[i]->divmod(rem, &got[i]);
   got[0] = rem;
@@ -273,9 +396,20 @@ bool decode_ok(int64_t q, const int64_t s[4], const FastDivmod* f[4]) {
   return got[0] < s[0];
 }
 
-int plan(char** argv) {
-  int64_t v[8];
-  for (int i = 0; i < 8; ++i) v[i] = std::strtoll(argv[i], nullptr, 10);
+bool decode_space_ok(const int64_t s[4], const FastDivmod* const f[4], std::mt19937_64& rng) {
+  const int64_t numel = s[0] * s[1] * s[2] * s[3];
+  bool ok = true;
+  for (int64_t q : {int64_t(0), numel - 1, numel / 2, numel - s[3], numel - s[2] * s[3]})
+    if (q >= 0) ok = ok && decode_ok(q, s, f);
+  for (int i = 0; i < 100000; ++i)
+    ok = ok && decode_ok(static_cast<int64_t>(rng() % static_cast<uint64_t>(numel)), s, f);
+  return ok;
+}
+
+int plan(int argc, char** argv) {
+  int64_t v[9] = {0, 0, 0, 0, 0, 0, 0, 0, 4};
+  for (int i = 0; i < argc; ++i) v[i] = std::strtoll(argv[i], nullptr, 10);
+  const int64_t logit_bytes = v[8], acc_bytes = logit_bytes == 8 ? 8 : 4;
   const int64_t sizes[4] = {v[0], v[1], v[2], v[3]};
   const int64_t x_strides[4] = {v[1] * v[2] * v[3], v[2] * v[3], v[3], 1};
   const int64_t l_strides[3] = {v[2] * v[3], v[3], 1};
@@ -283,47 +417,63 @@ int plan(char** argv) {
                                  v[7], 255, rmi::kSigmoidMode);
   if (g.h < g.radius || g.w < g.radius) fail("pooled map smaller than the region");
   const LaunchPlan lp = plan_launches(g);
-  const int64_t planes = g.N * g.C;
-  std::printf("base_stats %u 1 1 %lld\n", lp.stats_blocks,
-              static_cast<long long>(g.N * g.H * g.W));
-  std::printf("logsumexp %u 1 1 %lld\n", lp.pixel_blocks, static_cast<long long>(g.N * g.H * g.W));
-  std::printf("pooled_maps %u 1 1 %lld\n", lp.pooled_blocks,
-              static_cast<long long>(planes * g.h * g.w));
-  std::printf("pooled_grad %u 1 1 %lld\n", lp.pooled_blocks,
-              static_cast<long long>(planes * g.h * g.w));
-  std::printf("full_grad %u 1 1 %lld\n", lp.full_blocks,
-              static_cast<long long>(planes * g.H * g.W));
-  std::printf("plane_offsets %u 1 1 %lld\n", lp.plane_blocks, static_cast<long long>(planes));
-  std::printf("moment_finalize %u 1 1 %lld\n", lp.finalize_blocks,
-              static_cast<long long>(planes * g.d * g.d));
+  const BackwardPlan bp =
+      plan_backward(g, logit_bytes, acc_bytes, g.pool == rmi::kMaxPool && g.factor > 1);
+  const int64_t planes = g.N * g.C, block_planes = bp.images * bp.channels;
+  auto ll = [](int64_t x) { return static_cast<long long>(x); };
+  std::printf("base_stats %u 1 1 %lld\n", lp.stats_blocks, ll(g.N * g.H * g.W));
+  std::printf("logsumexp %u 1 1 %lld\n", lp.pixel_blocks, ll(g.N * g.H * g.W));
+  if (g.factor > 1) {
+    std::printf("pooled_maps %u 1 1 %lld\n", bp.pooled_blocks, ll(block_planes * g.h * g.w));
+    std::printf("pooled_grad %u 1 1 %lld\n", bp.pooled_blocks, ll(block_planes * g.h * g.w));
+  }
+  std::printf("full_grad %u 1 1 %lld\n", bp.full_blocks, ll(block_planes * g.H * g.W));
+  std::printf("plane_offsets %u 1 1 %lld\n", lp.plane_blocks, ll(planes));
+  std::printf("moment_finalize %u 1 1 %lld\n", lp.finalize_blocks, ll(planes * g.d * g.d));
   std::printf("moment_partials %u %u %u %lld\n", lp.moment_grid.x, lp.moment_grid.y,
-              lp.moment_grid.z, static_cast<long long>(planes));
-  std::printf("moments %lld %lld %lld %lld\n", static_cast<long long>(lp.moments.entries),
-              static_cast<long long>(lp.moments.chunks),
-              static_cast<long long>(lp.moments.rows_per_chunk),
-              static_cast<long long>(g.h - g.radius + 1));
-  // The index spaces the kernels decode: [N, C, H, W] (full_grad, NCHW), [N, H, W, C]
-  // (full_grad, channels last), [N, C, h, w] (pooled maps, stencil), [1, N, H, W] (pixels).
-  const Divisors dv = make_divisors(g);
-  const int64_t nchw[4] = {g.N, g.C, g.H, g.W}, nhwc[4] = {g.N, g.H, g.W, g.C};
-  const int64_t pooled[4] = {g.N, g.C, g.h, g.w}, pixels[4] = {1, g.N, g.H, g.W};
-  const FastDivmod* f_nchw[4] = {nullptr, &dv.C, &dv.H, &dv.W};
-  const FastDivmod* f_nhwc[4] = {nullptr, &dv.H, &dv.W, &dv.C};
-  const FastDivmod* f_pooled[4] = {nullptr, &dv.C, &dv.h, &dv.w};
-  const FastDivmod one = make_fast_divmod(g.N);
-  const FastDivmod* f_pixels[4] = {nullptr, &one, &dv.H, &dv.W};
-  const int64_t* spaces[4] = {nchw, nhwc, pooled, pixels};
-  const FastDivmod* const* divs[4] = {f_nchw, f_nhwc, f_pooled, f_pixels};
-  std::mt19937_64 rng(7);
+              lp.moment_grid.z, ll(planes));
+  const MomentPlan& m = lp.moments;
+  std::printf("moments %lld %lld %lld %lld %lld %lld\n", ll(m.entries), ll(m.chunks),
+              ll(m.rows_per_chunk), ll(g.h - g.radius + 1), ll(m.tile_rows), ll(m.tile_cols));
+  std::printf("memory %lld %lld %lld\n", ll(planes * m.chunks * m.entries * 8),
+              ll(bp.scratch_bytes), ll(planes * g.H * g.W * logit_bytes));
+  std::printf("backward %lld %lld %lld %lld\n", ll(bp.images), ll(bp.channels), ll(bp.blocks),
+              ll(bp.scratch_planes));
+  // Every block of the backward plan in order: they must tile the planes exactly.
   bool ok = true;
-  for (int k = 0; k < 4; ++k) {
-    const int64_t* s = spaces[k];
-    const int64_t numel = s[0] * s[1] * s[2] * s[3];
-    const FastDivmod* f[4] = {divs[k][0], divs[k][1], divs[k][2], divs[k][3]};
-    for (int64_t q : {int64_t(0), numel - 1, numel / 2, numel - s[3], numel - s[2] * s[3]})
-      if (q >= 0) ok = ok && decode_ok(q, s, f);
-    for (int i = 0; i < 100000; ++i)
-      ok = ok && decode_ok(static_cast<int64_t>(rng() % static_cast<uint64_t>(numel)), s, f);
+  int64_t next = 0;
+  for (int64_t k = 0; k < bp.blocks && ok; ++k) {
+    const PlaneBlock blk = block_of(g, bp, k);
+    ok = blk.n0 * g.C + blk.c0 == next && blk.images >= 1 && blk.channels >= 1 &&
+         blk.images * blk.channels <= block_planes &&
+         (blk.channels == g.C || blk.images == 1) && blk.c0 + blk.channels <= g.C &&
+         blk.n0 + blk.images <= g.N;
+    next += blk.images * blk.channels;
+  }
+  ok = ok && next == planes;
+  std::printf("blocks %s\n", ok ? "ok" : "FAIL");
+  // The index spaces the kernels decode: [N, C, H, W] and [N, H, W, C] (full_grad of the
+  // fused block), [N, H, W] (pixels), [N, C] planes x [h, w] (offsets), and the local spaces of
+  // the first and the last backward blocks: [images, channels, H, W], [images, H, W, channels]
+  // (full_grad), [images, channels, h, w] (pooled maps, stencil).
+  const Divisors dv = make_divisors(g);
+  std::mt19937_64 rng(7);
+  const FastDivmod one = make_fast_divmod(g.N);
+  const int64_t pixels[4] = {1, g.N, g.H, g.W}, offsets[4] = {1, planes, g.h, g.w};
+  const FastDivmod* f_pixels[4] = {nullptr, &one, &dv.H, &dv.W};
+  const FastDivmod planes_div = make_fast_divmod(planes);
+  const FastDivmod* f_offsets[4] = {nullptr, &planes_div, &dv.h, &dv.w};
+  ok = decode_space_ok(pixels, f_pixels, rng) && decode_space_ok(offsets, f_offsets, rng);
+  for (int64_t k : {int64_t(0), bp.blocks - 1}) {
+    const PlaneBlock blk = block_of(g, bp, k);
+    const int64_t nchw[4] = {blk.images, blk.channels, g.H, g.W};
+    const int64_t nhwc[4] = {blk.images, g.H, g.W, blk.channels};
+    const int64_t pooled[4] = {blk.images, blk.channels, g.h, g.w};
+    const FastDivmod* f_nchw[4] = {nullptr, &blk.channel_div, &dv.H, &dv.W};
+    const FastDivmod* f_nhwc[4] = {nullptr, &dv.H, &dv.W, &blk.channel_div};
+    const FastDivmod* f_pooled[4] = {nullptr, &blk.channel_div, &dv.h, &dv.w};
+    ok = ok && decode_space_ok(nchw, f_nchw, rng) && decode_space_ok(nhwc, f_nhwc, rng) &&
+         decode_space_ok(pooled, f_pooled, rng);
   }
   std::printf("decode %s\n", ok ? "ok" : "FAIL");
   return ok ? 0 : 1;
@@ -333,8 +483,9 @@ int plan(char** argv) {
 
 int main(int argc, char** argv) {
   if (argc == 2 && std::strcmp(argv[1], "--selftest") == 0) return selftest();
-  if (argc == 10 && std::strcmp(argv[1], "--plan") == 0) return plan(argv + 2);
-  if (argc != 3) fail("usage: emulate IN OUT | --plan N C H W R S POOL K | --selftest");
+  if ((argc == 10 || argc == 11) && std::strcmp(argv[1], "--plan") == 0)
+    return plan(argc - 2, argv + 2);
+  if (argc != 3) fail("usage: emulate IN OUT | --plan N C H W R S POOL K [BYTES] | --selftest");
   std::FILE* in = std::fopen(argv[1], "rb");
   if (!in) fail("cannot open IN");
   const std::vector<int64_t> hd = read_array<int64_t>(in, kHeaderWords);
