@@ -6,7 +6,7 @@ median forward+backward time, the peak extra memory, and the achieved bytes/s ag
 device-to-device copy of the same bytes. Then the checks a training loop relies on: no host
 sync in a forward+backward of each fast backend (``torch.cuda.set_sync_debug_mode("error")``;
 on CPU the profiler sees no ``.item()``/``nonzero``/linalg error check), autocast and
-``torch.compile``.
+``torch.compile``, and what Inf logits do (NaN loss and gradient on CUDA, the context alive).
 
 ``--dry``: tiny shapes on the CPU (Triton interpreted), so CI runs every line of this file.
 """
@@ -139,6 +139,29 @@ def sync_free(backend: str, device: str) -> dict:
         return {"backend": backend, "host_syncs": [f"{type(exc).__name__}: {exc}"]}
 
 
+def nonfinite_survives(backend: str, device: str) -> dict:
+    """Inf/NaN logits with the default policy: on CUDA a NaN loss and gradient (no assert, the
+    context lives on: the next clean call is finite); on CPU a RuntimeError."""
+    logits, labels = rmi_bench.make_inputs(Case((2, 5, 37, 33), 2, 3, "avg"), device)
+    out = {"backend": backend}
+    bad = logits.detach().clone()
+    bad[1, 2, 4, 5] = float("inf")
+    bad.requires_grad_()
+    try:
+        loss = rmi_ext.rmi_loss(bad, labels, backend=backend, stride=2)
+        loss.backward()
+        out["loss_nan"] = bool(torch.isnan(loss))
+        out["grad_nan"] = bool(torch.isnan(bad.grad).any())
+    except RuntimeError as exc:
+        out["raised"] = str(exc)
+    clean = rmi_ext.rmi_loss(logits, labels, backend=backend, stride=2)
+    out["next_call_finite"] = bool(torch.isfinite(clean))
+    expected_raise = device == "cpu"
+    out["ok"] = out["next_call_finite"] and (
+        ("raised" in out) if expected_raise else (out.get("loss_nan") and out.get("grad_nan")))
+    return out
+
+
 def autocast_and_compile(backend: str, device: str) -> dict:
     """bf16 autocast around a conv + loss, and torch.compile(fullgraph) of the same step,
     against the eager float32 loss."""
@@ -184,11 +207,13 @@ def markdown(report: dict) -> str:
             f"{r.get('speedup_vs_reference', float('nan')):.1f} | "
             f"{r['peak_extra_x_logits']:.2f} | {r['bytes_per_s'] / 1e9:.1f} | "
             f"{r['fraction_of_copy']:.0%} | {r['loss_rel_err']:.1e} | {r['grad_rel_err']:.1e} |")
-    lines += ["", "| backend | host syncs in fwd+bwd | autocast bf16 / compile |", "|---|---|---|"]
-    for s, a in zip(report["sync_free"], report["autocast_compile"]):
+    lines += ["", "| backend | host syncs in fwd+bwd | autocast bf16 / compile | Inf logits |",
+              "|---|---|---|---|"]
+    for s, a, f in zip(report["sync_free"], report["autocast_compile"], report["nonfinite"]):
         syncs = ", ".join(s["host_syncs"]) or "none"
         amp = "ok" if a["ok"] else a.get("error", json.dumps(a))
-        lines.append(f"| {s['backend']} | {syncs} | {amp} |")
+        inf = ("raises" if "raised" in f else "NaN loss and gradient") if f["ok"] else json.dumps(f)
+        lines.append(f"| {s['backend']} | {syncs} | {amp} | {inf} |")
     lines += ["", f"Checks passed: {report['passed']}. Wall time {report['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -221,10 +246,12 @@ def main(argv=None) -> int:
         report["cases"] += measure_case(case, ["reference", *fast], device, repeats)
     report["sync_free"] = [sync_free(b, device) for b in fast]
     report["autocast_compile"] = [autocast_and_compile(b, device) for b in fast]
+    report["nonfinite"] = [nonfinite_survives(b, device) for b in fast]
     report["passed"] = (all(r.get("matches_reference", r["backend"] == "reference")
                             for r in report["cases"])
                         and all(not s["host_syncs"] for s in report["sync_free"])
-                        and all(a["ok"] for a in report["autocast_compile"]))
+                        and all(a["ok"] for a in report["autocast_compile"])
+                        and all(f["ok"] for f in report["nonfinite"]))
     report["wall_s"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
