@@ -197,14 +197,13 @@ def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, 
                 DT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     """Softmax mode, per pixel: ``lse = logsumexp_c x`` (online over channel blocks).
 
-    Grid ``(N * cdiv(H*W, BP),)``, pixel blocks fastest (a 1-D grid: no 65535 limit on ``N``).
-    ``STORE_LSE``: write ``lse [N, H*W]`` (backward). ``CE_SUMS``: write this program's
-    ``(sum CE, valid count)`` to ``part_ptr[pid, 0:2]``.
+    Grid ``(cdiv(H*W, BP), N)`` (``N <= 65535``: a 1-D grid would lift that, but its div/mod
+    cost 28 more registers on sm_90 with triton 3.6). ``STORE_LSE``: write ``lse [N, H*W]``
+    (backward). ``CE_SUMS``: write this program's ``(sum CE, valid count)`` to
+    ``part_ptr[pid, 0:2]``, ``pid = n * cdiv(H*W, BP) + pblk``.
     """
-    pid = tl.program_id(0)
-    nblk = tl.cdiv(H * W, BP)
-    n = pid // nblk
-    pblk = pid % nblk
+    pblk = tl.program_id(0)
+    n = tl.program_id(1)
     pix = pblk * BP + tl.arange(0, BP)
     pmask = pix < H * W
     hh = (pix // W).to(tl.int64)
@@ -228,9 +227,9 @@ def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, 
         valid = pmask & (lab >= 0) & (lab < C) & (lab != ignore_index)
         x_lab = tl.load(xbase + tl.where(valid, lab, 0) * sxc, mask=valid, other=0.0).to(DT)
         ce = _sum(tl.where(valid, lse - x_lab, 0.0), 0)
-        pid64 = pid.to(tl.int64)
-        tl.store(part_ptr + pid64 * 2, ce.to(tl.float64))
-        tl.store(part_ptr + pid64 * 2 + 1, _sum(valid.to(tl.int32), 0).to(tl.float64))
+        pid = n.to(tl.int64) * tl.num_programs(0) + pblk
+        tl.store(part_ptr + pid * 2, ce.to(tl.float64))
+        tl.store(part_ptr + pid * 2 + 1, _sum(valid.to(tl.int32), 0).to(tl.float64))
 
 
 @triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index"])
@@ -508,12 +507,14 @@ def _stencil_kernel(pmap_ptr, ymap_ptr, lab_ptr, coef_ptr, shift_ptr, g_ptr,
 def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
                  C, H, W, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, son, soc, soh, sow,
                  ignore_index, S: tl.constexpr, PK: tl.constexpr, POOL: tl.constexpr,
-                 MODE: tl.constexpr, DT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+                 MODE: tl.constexpr, WIDE: tl.constexpr, DT: tl.constexpr, BH: tl.constexpr,
+                 BW: tl.constexpr):
     """Grid ``(N*C, cdiv(H, BH), cdiv(W, BW))``: ``grad_logits`` of a ``BH x BW`` pixel tile.
 
     ``grad = adjoint(G) * dP/dx + base_scale * first-term grad`` where the pooling adjoint gathers
     from the pooled outputs whose window holds the pixel (avg: ``1/PK^2``; max: where the stored
-    arg-max is this pixel; interp: bilinear weights, at most 3 candidates per axis).
+    arg-max is this pixel; interp: bilinear weights, at most 3 candidates per axis, around
+    ``ih * (h - 1) // (H - 1)``, computed in int64 when ``WIDE``, else int32).
     """
     plane = tl.program_id(0)
     n = plane // C
@@ -538,9 +539,12 @@ def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
     elif POOL == 2:
         lin_h = _linear_scale(H, h, DT)
         lin_w = _linear_scale(W, w, DT)
-        # ih * (h - 1) reaches H * h: int64 (on a [BH, 1] column and a [1, BW] row only).
-        ch = ((ih64 * (h - 1)) // tl.maximum(H - 1, 1)).to(tl.int32)
-        cw = ((iw64 * (w - 1)) // tl.maximum(W - 1, 1)).to(tl.int32)
+        if WIDE:  # ih * (h - 1) past 2^31: int64 (a 64-bit division costs ~40 registers)
+            ch = ((ih64 * (h - 1)) // tl.maximum(H - 1, 1)).to(tl.int32)
+            cw = ((iw64 * (w - 1)) // tl.maximum(W - 1, 1)).to(tl.int32)
+        else:
+            ch = (ih * (h - 1)) // tl.maximum(H - 1, 1)
+            cw = (iw * (w - 1)) // tl.maximum(W - 1, 1)
         gp = tl.full([BH, BW], 0, DT)
         for th in range(3):
             oh = ch - 1 + th
@@ -630,9 +634,9 @@ def _lse(logits, labels, cfg, *, store_lse, ce_sums):
     dt = _compute_dtype(logits)
     bc = _pow2(c, 16)
     bp = _pow2(hgt * wid, 4096 if _interpreted(logits) else 128)
-    grid = _checked_grid((n * triton.cdiv(hgt * wid, bp),), logits, "logsumexp")
+    grid = _checked_grid((triton.cdiv(hgt * wid, bp), n), logits, "logsumexp")
     lse = torch.empty((n, hgt * wid) if store_lse else (1,), dtype=dt, device=logits.device)
-    part = torch.empty((grid[0], 2) if ce_sums else (1,), dtype=torch.float64,
+    part = torch.empty((grid[0] * grid[1], 2) if ce_sums else (1,), dtype=torch.float64,
                        device=logits.device)
     _lse_kernel[grid](logits, labels, lse, part, c, hgt, wid, *logits.stride(), *labels.stride(),
                       cfg.ignore_index, STORE_LSE=store_lse, CE_SUMS=ce_sums,
@@ -799,10 +803,13 @@ def _backward_impl(logits, labels, cfg, base_scale, coef, shift):
     scale = base_scale.to(device=logits.device, dtype=torch.float64).reshape(1)
     grid = _checked_grid((n * c, triton.cdiv(hgt, bh), triton.cdiv(wid, bw)), logits,
                          "gradient")
+    # interp: whether ih * (h - 1) or iw * (w - 1) can pass int32 (padded rows/columns included)
+    wide = max((grid[1] * bh - 1) * (ph - 1), (grid[2] * bw - 1) * (pw - 1)) >= 2**31
     _grad_kernel[grid](
         logits, labels, g, amax, g if lse is None else lse, scale, grad, c, hgt, wid, ph, pw,
         *logits.stride(), *labels.stride(), *grad.stride(), cfg.ignore_index, S=s, PK=pk,
-        POOL=pool, MODE=_MODE_IDS[cfg.mode], DT=_TL_DTYPES[g.dtype], BH=bh, BW=bw, num_warps=8)
+        POOL=pool, MODE=_MODE_IDS[cfg.mode], WIDE=pool == 2 and wide, DT=_TL_DTYPES[g.dtype],
+        BH=bh, BW=bw, num_warps=8)
     return grad
 
 

@@ -271,17 +271,56 @@ def test_custom_ops_opcheck():
 # ---- CUDA, compiled (no interpreter) -------------------------------------------------------------
 
 class _FakeCudaDriver:
-    """Just enough of a triton driver to compile (never launch) for an sm_90 target."""
+    """Just enough of a triton driver to compile (never launch) for an sm_<arch> target."""
+
+    def __init__(self, arch=90):
+        self.arch = arch
 
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", self.arch, 32)
 
     def get_current_device(self):
         return 0
 
     def get_current_stream(self, device=None):
         return 0
+
+
+def _compile_kernels(monkeypatch, arch, logits, labels, cfg):
+    """The backend's forward and backward with the compiled kernels (CUDA block sizes) put
+    through the whole Triton pipeline down to a cubin for sm_<arch>, without a GPU: every launch
+    only compiles. Returns ``[(kernel name, CompiledKernel)]`` in launch order. The host code
+    runs as usual on the uninitialised outputs; ``logits`` and ``labels`` are never read."""
+    from triton.runtime.jit import JITFunction
+    try:
+        compiled = tb._module_for(torch.empty(0, device="meta"))
+    except Exception as exc:  # pragma: no cover - depends on the triton build
+        pytest.skip(f"cannot build the compiled kernels here: {exc!r}")
+    kernels = []
+    with monkeypatch.context() as mp:
+        mp.setattr(triton.runtime.driver, "_active", _FakeCudaDriver(arch))
+        run = JITFunction.run
+
+        def compile_only(self, *args, grid, warmup, **kwargs):
+            kernels.append((self.__name__, run(self, *args, grid=grid, warmup=True, **kwargs)))
+            return kernels[-1][1]
+
+        mp.setattr(JITFunction, "run", compile_only)
+        mp.setattr(compiled, "_interpreted", lambda t: False)
+        mp.setattr(compiled, "_module_for", lambda t: compiled)
+        n, c = logits.shape[:2]
+        d = cfg.dim
+        try:
+            compiled._forward_impl(logits, labels, cfg)
+            compiled._backward_impl(logits, labels, cfg, torch.tensor(0.5, dtype=torch.float64),
+                                    torch.zeros(n, c, 2, d, d, dtype=torch.float64),
+                                    torch.zeros(n, c, d, dtype=torch.float64))
+        finally:
+            for value in vars(compiled).values():  # no fake-target binders left for a device
+                if isinstance(value, JITFunction):
+                    value.device_caches.clear()
+    return kernels
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="test_cuda_compiled runs the real thing")
@@ -295,39 +334,42 @@ def test_kernels_compile_for_sm90(dtype, opts, monkeypatch):
     """Without a GPU: the compiled kernels (CUDA block sizes) go through the whole Triton
     pipeline down to a cubin for sm_90 (the interpreter accepts code the compiler rejects, e.g.
     a loop-carried variable changing type). Nothing is launched."""
-    from triton.runtime.jit import JITFunction
-    try:
-        compiled = tb._module_for(torch.empty(0, device="meta"))
-    except Exception as exc:  # pragma: no cover - depends on the triton build
-        pytest.skip(f"cannot build the compiled kernels here: {exc!r}")
-    monkeypatch.setattr(triton.runtime.driver, "_active", _FakeCudaDriver())
-    run = JITFunction.run
-    names = []
-
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        names.append(self.__name__)
-        return run(self, *args, grid=grid, warmup=True, **kwargs)
-
-    monkeypatch.setattr(JITFunction, "run", compile_only)
-    monkeypatch.setattr(compiled, "_interpreted", lambda t: False)
-    monkeypatch.setattr(compiled, "_module_for", lambda t: compiled)
     cfg = make_config(**opts)
     logits, labels = _inputs(n=2, c=3, h=37, w=41, dtype=dtype)
     logits = logits.to(memory_format=torch.channels_last)
-    try:
-        compiled._forward_impl(logits, labels, cfg)
-        d = cfg.dim
-        compiled._backward_impl(logits, labels, cfg, torch.tensor(0.5, dtype=torch.float64),
-                                torch.zeros(2, 3, 2, d, d, dtype=torch.float64),
-                                torch.zeros(2, 3, d, dtype=torch.float64))
-    finally:
-        for value in vars(compiled).values():  # no fake-target binders left for a real device
-            if isinstance(value, JITFunction):
-                value.device_caches.clear()
+    names = {name for name, _ in _compile_kernels(monkeypatch, 90, logits, labels, cfg)}
     want = {"_main_pass_kernel", "_moment_kernel", "_stencil_kernel", "_grad_kernel"}
     if cfg.mode == "softmax":
         want.add("_lse_kernel")
-    assert want <= set(names)
+    assert want <= names
+
+
+#: Shared memory one block may use (the opt-in maximum) on A100 (sm_80) and H100/H200 (sm_90).
+SHARED_LIMITS = {80: 166912, 90: 232448}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles with a fake driver")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("shape,stride", [((16, 21, 513, 513), 4), ((8, 21, 513, 513), 1)])
+def test_kernels_fit_shared_memory(shape, stride, arch, monkeypatch):
+    """Every kernel compiled for the headline shapes (both modes, float32 and bfloat16 logits,
+    every pool) asks for no more shared memory per block than sm_<arch> has: a launch would
+    fail with OutOfResources otherwise. The logits are never touched (address space only)."""
+    n, c, h, w = shape
+    labels = torch.empty((n, h, w), dtype=torch.int64)
+    used = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.empty(shape, dtype=dtype)
+        for mode in ("sigmoid", "softmax"):
+            for pool in ("avg", "max", "interp") if stride > 1 else ("avg",):
+                cfg = make_config(radius=3, stride=stride, pool=pool, mode=mode)
+                for name, kernel in _compile_kernels(monkeypatch, arch, logits, labels, cfg):
+                    key = (name, str(dtype), mode, pool)
+                    used[key] = max(used.get(key, 0), kernel.metadata.shared)
+    assert {key[0] for key in used} == {"_main_pass_kernel", "_lse_kernel", "_moment_kernel",
+                                        "_stencil_kernel", "_grad_kernel"}
+    over = {key: shared for key, shared in used.items() if shared > SHARED_LIMITS[arch]}
+    assert not over, (SHARED_LIMITS[arch], over)
 
 
 _CUDA_SCRIPT = textwrap.dedent("""
