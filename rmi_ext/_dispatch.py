@@ -31,6 +31,8 @@ def _device_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on ``device`` (``None`` when it can, once loaded)."""
     if name in ("reference", "torch"):
         return None
+    if device.type == "cuda" and name in ("cuda", "triton") and not torch.cuda.is_available():
+        return "no CUDA device is available"
     if name == "cpu" and device.type != "cpu":
         return f"backend 'cpu' runs on CPU tensors only, got a {device.type} tensor"
     if name == "cuda" and device.type != "cuda":

@@ -32,4 +32,5 @@ def test_cuda_build_registers_both_devices_and_reports_cuda_backend():
         assert info["available"]["cuda"] is True, info
     else:
         assert info["available"]["cuda"] == "no CUDA device is available", info
+        assert info["available"]["triton"] == "no CUDA device is available", info
         assert info["auto"] == "torch"
