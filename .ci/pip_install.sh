@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 work=$(mktemp -d /tmp/rmi_pip_install.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 log() { printf '[pip install] %s\n' "$*"; }
-git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$work"
+git ls-files -z --cached --others --exclude-standard \
+  | while IFS= read -r -d '' f; do [[ -e $f ]] && printf '%s\0' "$f"; done \
+  | xargs -0 cp --parents -t "$work"
 mkdir "$work/src" && mv "$work"/* "$work/src/" 2> /dev/null || true
 
 python -m venv "$work/venv"

@@ -49,7 +49,9 @@ py=$venv/bin/python
 # Build outside the work tree so this build and the main one never share build/ folders.
 src=$venv/src
 rm -rf "$src" && mkdir -p "$src"
-git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$src"
+git ls-files -z --cached --others --exclude-standard \
+  | while IFS= read -r -d '' f; do [[ -e $f ]] && printf '%s\0' "$f"; done \
+  | xargs -0 cp --parents -t "$src"
 log "building for sm_80 and sm_90 with CUDA_HOME=$cuda_home"
 (cd "$src" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" CUDA_HOME=$cuda_home MAX_JOBS=2 \
   "$venv/bin/pip" install -q --no-build-isolation --no-deps .)

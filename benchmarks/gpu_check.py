@@ -190,6 +190,58 @@ def autocast_and_compile(backend: str, device: str) -> dict:
     return out
 
 
+#: Candidate tile settings per kernel of the Triton backend (entries of ``triton_backend.TILES``,
+#: the defaults included), timed at the GPU cases (sigmoid mode: the logsumexp kernel unused).
+TUNING_CANDIDATES = {
+    "main_pass": [{"pixels": 256}, {"pixels": 512}, {"pixels": 1024}],
+    "moment": [{"BK": 16}, {"BK": 32}, {"BK": 64}],
+    "stencil": [{"elements": 1024}, {"elements": 2048}, {"elements": 4096}],
+    "grad": [{"pixels": 512}, {"pixels": 1024}, {"pixels": 2048}],
+}
+
+
+def triton_tuning(device: str, dry: bool = False, repeats: int = 3) -> dict:
+    """Forward+backward ms of the Triton backend at each GPU case for each candidate of
+    :data:`TUNING_CANDIDATES`, one kernel's entry of ``TILES`` changed at a time (the others at
+    their defaults): ``{"tables": {kernel: [{"case", "tiles", "fwd_bwd_ms", "fastest"}]}}``, or
+    ``{"skipped": reason}`` off CUDA and in the dry run. About 24 settings, most compiled once."""
+    if dry or not str(device).startswith("cuda"):
+        return {"skipped": "CUDA only"}
+    from rmi_ext import triton_backend as tb
+
+    tables = {}
+    for case in GPU_CASES:
+        torch.manual_seed(0)
+        x = torch.randn(case.shape, device=device, requires_grad=True)
+        lab = torch.randint(0, case.shape[1], (case.shape[0], *case.shape[2:]), device=device)
+
+        def fwd_bwd():
+            rmi_ext.rmi_loss(x, lab, radius=case.radius, stride=case.stride,
+                             pool=case.pool, backend="triton").backward()
+            x.grad = None
+
+        for kernel, candidates in TUNING_CANDIDATES.items():
+            rows = []
+            for cand in candidates:
+                saved = dict(tb.TILES[kernel])
+                tb.TILES[kernel].update(cand)
+                row = {"case": case.id, "tiles": dict(tb.TILES[kernel]), "fastest": False}
+                try:
+                    row["fwd_bwd_ms"] = timed(fwd_bwd, device, repeats) * 1e3
+                except Exception as exc:  # e.g. out of resources: recorded, not fatal
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                finally:
+                    tb.TILES[kernel].clear()
+                    tb.TILES[kernel].update(saved)
+                rows.append(row)
+            timed_rows = [r for r in rows if "fwd_bwd_ms" in r]
+            if timed_rows:
+                min(timed_rows, key=lambda r: r["fwd_bwd_ms"])["fastest"] = True
+            tables.setdefault(kernel, []).extend(rows)
+        del x, lab
+    return {"tables": tables}
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# rmi_ext GPU check{' (dry run, CPU)' if report['dry'] else ''}", "",
@@ -214,6 +266,17 @@ def markdown(report: dict) -> str:
         amp = "ok" if a["ok"] else a.get("error", json.dumps(a))
         inf = ("raises" if "raised" in f else "NaN loss and gradient") if f["ok"] else json.dumps(f)
         lines.append(f"| {s['backend']} | {syncs} | {amp} | {inf} |")
+    tuning = report.get("triton_tuning", {})
+    if "skipped" in tuning:
+        lines += ["", f"Triton tile tuning: skipped ({tuning['skipped']})."]
+    for kernel, rows in tuning.get("tables", {}).items():
+        lines += ["", f"Triton tiles, kernel `{kernel}` (**bold**: fastest per case):", "",
+                  "| case | tiles | fwd+bwd ms |", "|---|---|---:|"]
+        for r in rows:
+            ms = f"{r['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in r else r.get("error", "")
+            if r["fastest"]:
+                ms = f"**{ms}**"
+            lines.append(f"| {r['case']} | {json.dumps(r['tiles'])} | {ms} |")
     lines += ["", f"Checks passed: {report['passed']}. Wall time {report['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -247,6 +310,8 @@ def main(argv=None) -> int:
     report["sync_free"] = [sync_free(b, device) for b in fast]
     report["autocast_compile"] = [autocast_and_compile(b, device) for b in fast]
     report["nonfinite"] = [nonfinite_survives(b, device) for b in fast]
+    report["triton_tuning"] = (triton_tuning(device, dry=args.dry) if "triton" in fast
+                               else {"skipped": "backend 'triton' unavailable"})
     report["passed"] = (all(r.get("matches_reference", r["backend"] == "reference")
                             for r in report["cases"])
                         and all(not s["host_syncs"] for s in report["sync_free"])

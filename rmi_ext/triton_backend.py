@@ -14,11 +14,16 @@ Liger-Kernel layout). Stage names match :mod:`rmi_ext.torch_backend`, the semant
 (e) :func:`_grad_kernel`: pooling adjoint, ``dP/dx`` and the first-term gradient at full
     resolution, written in the logits' dtype and memory format.
 
+Stride 1 (where the pooled maps are the full-resolution ones): no map is stored; stages (b) and
+(d) recompute ``P``/``Y`` from the logits and labels, and (d) also does (e) (``FUSE_GRAD``), so
+forward+backward allocate no full-size tensor but the gradient. Tile sizes: :data:`TILES`.
+
 Precision: the per-pixel math runs in float32 (float64 for float64 logits). Per-program partial
 sums of the first term are combined in float64; moment sums and the stencil accumulate in float64.
 No host syncs; inputs of any strides are read in place.
 """
 import contextlib
+import gc
 import importlib.util
 import os
 import sys
@@ -28,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._config import RMIConfig
-from .function import empty_stats
+from .function import fake_backward_grad, fake_forward_stats
 from .torch_backend import compute_dtype as _compute_dtype
 
 _POOL_IDS = {"avg": 0, "max": 1, "interp": 2}
@@ -187,6 +192,22 @@ def _load_y(ymap_plane, lab_base, rows, cols, mask, w, c, ignore_index, slh, slw
         return tl.load(ymap_plane + rows * w + cols, mask=mask, other=0.0).to(DT)
 
 
+@triton.jit
+def _load_p(pplane, xbase, lbase, rows, cols, mask, w, c, C, ignore_index, sxh, sxw, slh, slw,
+            P_FROM_LOGITS: tl.constexpr, MODE: tl.constexpr, DT: tl.constexpr):
+    """Pooled ``P`` at ``(rows, cols)`` in ``DT`` (0 outside ``mask``): from the stored map, or
+    (stride 1, where the pooled map is the full-resolution one) recomputed from the logits and
+    labels (``xbase``, ``lbase``: the plane's pointers), so no full-size map is allocated."""
+    if P_FROM_LOGITS:
+        r64 = rows.to(tl.int64)
+        c64 = cols.to(tl.int64)
+        x = tl.load(xbase + r64 * sxh + c64 * sxw, mask=mask, other=0.0).to(DT)
+        lab = _load_labels(lbase + r64 * slh + c64 * slw, mask)
+        return tl.where(mask, _pixel(x, lab, c, C, ignore_index, MODE)[3], 0.0)
+    else:
+        return tl.load(pplane + rows * w + cols, mask=mask, other=0.0).to(DT)
+
+
 # ================================================================================================
 # Stage (a): first-term sums, counts and pooled maps
 # ================================================================================================
@@ -236,12 +257,12 @@ def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, 
 def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cnt_ptr,
                       C, H, W, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, ignore_index,
                       S: tl.constexpr, PK: tl.constexpr, POOL: tl.constexpr,
-                      MODE: tl.constexpr, DO_BASE: tl.constexpr, STORE_Y: tl.constexpr,
-                      STORE_ARGMAX: tl.constexpr, DT: tl.constexpr,
+                      MODE: tl.constexpr, DO_BASE: tl.constexpr, STORE_P: tl.constexpr,
+                      STORE_Y: tl.constexpr, STORE_ARGMAX: tl.constexpr, DT: tl.constexpr,
                       BH: tl.constexpr, BW: tl.constexpr):
     """Stage (a) for one ``(n, c)`` plane tile. Grid ``(N*C, TH, TW)``.
 
-    Pooled part: the ``BH x BW`` pooled outputs of tile ``(th, tw)``: ``P`` (always stored,
+    Pooled part: the ``BH x BW`` pooled outputs of tile ``(th, tw)``: ``P`` (``STORE_P``,
     ``[N*C, h, w]``), ``Y`` (``STORE_Y``), arg-max flat index ``ih*W + iw`` (``STORE_ARGMAX``),
     and their plane partial sums. ``S == 1`` is passed as avg pooling with ``PK == 1``.
     Full-resolution part (``DO_BASE``): the disjoint pixel block ``[th*BH*S, (th+1)*BH*S) x
@@ -323,7 +344,8 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
     p_out = tl.where(omask, p_out, 0.0)
     y_out = tl.where(omask, y_out, 0.0)
     pooled_off = plane.to(tl.int64) * h * w + oh * w + ow
-    tl.store(pmap_ptr + pooled_off, p_out, mask=omask)
+    if STORE_P:
+        tl.store(pmap_ptr + pooled_off, p_out, mask=omask)
     if STORE_Y:
         tl.store(ymap_ptr + pooled_off, y_out, mask=omask)
     if STORE_ARGMAX:
@@ -363,16 +385,18 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
 # ================================================================================================
 
 @triton.jit(do_not_specialize=["C", "h", "w", "ignore_index", "CHUNKS"])
-def _moment_kernel(pmap_ptr, ymap_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
-                   C, h, w, sln, slh, slw, ignore_index, CHUNKS,
+def _moment_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
+                   C, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, ignore_index, CHUNKS,
                    R: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
-                   Y_FROM_LABELS: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
+                   Y_FROM_LABELS: tl.constexpr, P_FROM_LOGITS: tl.constexpr,
+                   MODE: tl.constexpr, DT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
     """Grid ``(N*C, NB*NB, KS)``: plane, offset-block pair ``(ib, jb)`` of ``BD`` offsets each,
     and split ``ks`` of the ``K`` windows (``CHUNKS`` chunks of ``BK`` windows per split).
 
     For each chunk, gathers the ``[BD, BK]`` region-vector tiles of offsets ``i`` and ``j`` minus
     the plane offset ``off`` (the plane mean, so the raw sums do not cancel) and accumulates their
-    ``tl.dot`` products. float64 throughout, also for float32 maps: float32 products are exact in
+    ``tl.dot`` products (stride 1: ``P`` and ``Y`` recomputed from the logits and labels, in
+    ``DT`` as stage (a) would store them). float64 throughout, also for float32 maps: float32 products are exact in
     float64, while float32 partials measurably degraded the gradient on small, ill-conditioned
     maps (1e-4 relative vs 2e-6). Writes this split's raw product sums ``raw [N*C, KS, 3, D, D]``
     (``Sy``, ``Sp`` only computed for ``jb >= ib`` and stored to both halves; ``B`` for all) and,
@@ -399,6 +423,7 @@ def _moment_kernel(pmap_ptr, ymap_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
     pplane = pmap_ptr + plane.to(tl.int64) * h * w
     yplane = ymap_ptr + plane.to(tl.int64) * h * w
     lbase = lab_ptr + n.to(tl.int64) * sln
+    xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
     nw = w - R + 1
     K = (h - R + 1) * nw
     s_yy = tl.full([BD, BD], 0, tl.float64)
@@ -417,18 +442,29 @@ def _moment_kernel(pmap_ptr, ymap_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
         m_j = mj[:, None] & mk
         yi = _load_y(yplane, lbase, a + dyi, b + dxi, m_i, w, c, ignore_index, slh, slw,
                      Y_FROM_LABELS, tl.float64)
-        pi = tl.load(pplane + (a + dyi) * w + (b + dxi), mask=m_i, other=0.0).to(tl.float64)
+        pi = _load_p(pplane, xbase, lbase, a + dyi, b + dxi, m_i, w, c, C, ignore_index, sxh,
+                     sxw, slh, slw, P_FROM_LOGITS, MODE, DT).to(tl.float64)
         yj = _load_y(yplane, lbase, a + dyj, b + dxj, m_j, w, c, ignore_index, slh, slw,
                      Y_FROM_LABELS, tl.float64)
-        pj = tl.load(pplane + (a + dyj) * w + (b + dxj), mask=m_j, other=0.0).to(tl.float64)
+        pj = _load_p(pplane, xbase, lbase, a + dyj, b + dxj, m_j, w, c, C, ignore_index, sxh,
+                     sxw, slh, slw, P_FROM_LOGITS, MODE, DT).to(tl.float64)
         yi = tl.where(m_i, yi - off_y, 0.0)
         pi = tl.where(m_i, pi - off_p, 0.0)
         yj = tl.where(m_j, yj - off_y, 0.0)
         pj = tl.where(m_j, pj - off_p, 0.0)
-        s_yp = tl.dot(yi, tl.trans(pj), s_yp, input_precision="ieee", out_dtype=tl.float64)
+        if P_FROM_LOGITS:
+            # float64 tl.dot of operands computed from 16/32-bit loads fails in triton 3.6's
+            # MMAv2 lowering on sm_80 ("fp64 don't support largeK MMA"): broadcast products.
+            s_yp += _sum(yi[:, None, :] * pj[None, :, :], 2)
+        else:
+            s_yp = tl.dot(yi, tl.trans(pj), s_yp, input_precision="ieee", out_dtype=tl.float64)
         if sym:
             s_yy = tl.dot(yi, tl.trans(yj), s_yy, input_precision="ieee", out_dtype=tl.float64)
-            s_pp = tl.dot(pi, tl.trans(pj), s_pp, input_precision="ieee", out_dtype=tl.float64)
+            if P_FROM_LOGITS:
+                s_pp += _sum(pi[:, None, :] * pj[None, :, :], 2)
+            else:
+                s_pp = tl.dot(pi, tl.trans(pj), s_pp, input_precision="ieee",
+                              out_dtype=tl.float64)
         sum_yi += _sum(yi, 1)
         sum_pi += _sum(pi, 1)
     raw_base = raw_ptr + (plane.to(tl.int64) * tl.num_programs(2) + split) * 3 * D * D
@@ -453,15 +489,21 @@ def _moment_kernel(pmap_ptr, ymap_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
 # ================================================================================================
 
 @triton.jit(do_not_specialize=["NPL", "C", "h", "w", "ignore_index"])
-def _stencil_kernel(pmap_ptr, ymap_ptr, lab_ptr, coef_ptr, shift_ptr, g_ptr,
-                    NPL, C, h, w, sln, slh, slw, ignore_index,
-                    R: tl.constexpr, D: tl.constexpr, Y_FROM_LABELS: tl.constexpr,
+def _stencil_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, coef_ptr, shift_ptr, lse_ptr, scale_ptr,
+                    g_ptr, NPL, C, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, son, soc, soh, sow,
+                    ignore_index, R: tl.constexpr, D: tl.constexpr, Y_FROM_LABELS: tl.constexpr,
+                    P_FROM_LOGITS: tl.constexpr, FUSE_GRAD: tl.constexpr, MODE: tl.constexpr,
                     DT: tl.constexpr, BJ: tl.constexpr, BLOCK: tl.constexpr):
     """Grid ``(N*C * cdiv(h*w, BLOCK),)``, planes fastest (``NPL = N*C``; a 1-D grid has no
     65535 limit): ``dloss/dP`` at ``BLOCK`` pooled pixels ``u`` of one plane.
 
     ``G[u] = sum_i [window u - o_i valid] (c_i + sum_j Cp[i,j] P[u-o_i+o_j] + Cy[i,j] Y[...])``,
-    accumulated in float64 (``j`` vectorised in blocks of ``BJ``), stored in ``DT``.
+    accumulated in float64 (``j`` vectorised in blocks of ``BJ``), stored in ``DT`` to ``g_ptr``
+    (``[N*C, h, w]``). Stride 1 (``P_FROM_LOGITS``, ``Y_FROM_LABELS``): ``P``/``Y`` recomputed
+    from the logits and labels. ``FUSE_GRAD`` (stride 1 only, where pooled pixel ``u`` is pixel
+    ``u``): stage (e) too, ``grad = G * dP/dx + base_scale * first-term grad`` as
+    :func:`_grad_kernel` computes it from ``G`` rounded to ``DT``, written to ``g_ptr`` with the
+    gradient's strides ``so*``: no full-size map of ``G``.
     """
     plane = tl.program_id(0) % NPL
     u = (tl.program_id(0) // NPL) * BLOCK + tl.arange(0, BLOCK)
@@ -473,6 +515,7 @@ def _stencil_kernel(pmap_ptr, ymap_ptr, lab_ptr, coef_ptr, shift_ptr, g_ptr,
     pplane = pmap_ptr + plane.to(tl.int64) * h * w
     yplane = ymap_ptr + plane.to(tl.int64) * h * w
     lbase = lab_ptr + n.to(tl.int64) * sln
+    xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
     cp_base = coef_ptr + plane.to(tl.int64) * 2 * D * D
     cy_base = cp_base + D * D
     # Summed over i and j elementwise; one reduction over the j axis at the end.
@@ -491,12 +534,32 @@ def _stencil_kernel(pmap_ptr, ymap_ptr, lab_ptr, coef_ptr, shift_ptr, g_ptr,
             rows = wa[None, :] + (jj // R)[:, None]
             cols = wb[None, :] + (jj % R)[:, None]
             m2 = mj[:, None] & wv[None, :]  # invalid windows and offsets load 0
-            pv = tl.load(pplane + rows * w + cols, mask=m2, other=0.0).to(tl.float64)
+            pv = _load_p(pplane, xbase, lbase, rows, cols, m2, w, c, C, ignore_index, sxh, sxw,
+                         slh, slw, P_FROM_LOGITS, MODE, DT).to(tl.float64)
             yv = _load_y(yplane, lbase, rows, cols, m2, w, c, ignore_index, slh, slw,
                          Y_FROM_LABELS, tl.float64)
             acc += cp * pv + cy * yv
     g = _sum(acc, 0) + acc_shift
-    tl.store(g_ptr + plane.to(tl.int64) * h * w + u, g.to(DT), mask=mu)
+    if FUSE_GRAD:
+        ua64 = ua.to(tl.int64)
+        ub64 = ub.to(tl.int64)
+        x = tl.load(xbase + ua64 * sxh + ub64 * sxw, mask=mu, other=0.0).to(DT)
+        lab = _load_labels(lbase + ua64 * slh + ub64 * slw, mu)
+        px = _pixel(x, lab, c, C, ignore_index, MODE)
+        valid = px[0]
+        hot = px[1]
+        sig = px[2]
+        grad = g.to(DT) * _rmi_prob_slope(sig, valid, MODE)
+        if MODE == 0:
+            base = tl.where(valid, sig - tl.where(hot, 1.0, 0.0), 0.0)
+        else:
+            lse = tl.load(lse_ptr + n.to(tl.int64) * h * w + u, mask=mu, other=0.0)
+            base = tl.where(valid, tl.exp(x - lse) - tl.where(hot, 1.0, 0.0), 0.0)
+        grad += tl.load(scale_ptr).to(DT) * base
+        tl.store(g_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + ua64 * soh + ub64 * sow,
+                 grad.to(g_ptr.dtype.element_ty), mask=mu)
+    else:
+        tl.store(g_ptr + plane.to(tl.int64) * h * w + u, g.to(DT), mask=mu)
 
 
 # ================================================================================================
@@ -534,9 +597,7 @@ def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
     gplane = g_ptr + plane.to(tl.int64) * h * w
     PAD: tl.constexpr = PK // 2
     TAPS: tl.constexpr = (PK + S - 1) // S
-    if S == 1:
-        gp = tl.load(gplane + ih * w + iw, mask=m, other=0.0).to(DT)
-    elif POOL == 2:
+    if POOL == 2:
         lin_h = _linear_scale(H, h, DT)
         lin_w = _linear_scale(W, w, DT)
         if WIDE:  # ih * (h - 1) past 2^31: int64 (a 64-bit division costs ~40 registers)
@@ -586,16 +647,52 @@ def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
 
 
 # ================================================================================================
+# Probe
+# ================================================================================================
+
+@triton.jit
+def _probe_kernel(out_ptr, BLOCK: tl.constexpr):
+    """Writes ``1, 2, ..., BLOCK`` (float32) to ``out_ptr``: :func:`probe`'s tiny kernel."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, offs.to(tl.float32) + 1.0)
+
+
+# ================================================================================================
 # Host side
 # ================================================================================================
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+#: Tile and block sizes of the compiled kernels (CUDA), read by the host functions at each call:
+#: benchmarks/gpu_check.py times candidates by replacing entries. Powers of two where a block
+#: size is derived from them. Interpreted launches (CPU tensors) use fewer, larger blocks.
+#: ``lse``: channels ``BC`` and pixels ``BP`` per block. ``main_pass``: pooled outputs per tile
+#: (``pixels``), at most ``BW`` wide. ``moment``: ``BK`` windows per chunk, ``BD`` offsets per
+#: block, window splits until ``programs`` programs (each with at least ``min_chunks`` chunks).
+#: ``stencil``: ``BJ`` offsets ``j`` per step, ``BJ * BLOCK <= elements``. ``grad``: pixels
+#: per tile, at most ``BW`` wide.
+TILES = {
+    "lse": {"BC": 16, "BP": 128},
+    "main_pass": {"pixels": 512, "BW": 32},
+    "moment": {"BK": 32, "BD": 16, "programs": 2048, "min_chunks": 8},
+    "stencil": {"BJ": 32, "elements": 2048, "num_warps": 8},
+    "grad": {"pixels": 1024, "BW": 64, "num_warps": 8},
+}
 
 
 def _interpreted(t):
     """CPU tensors only reach this backend under ``TRITON_INTERPRET=1``: there, fewer and larger
     blocks are much faster (the interpreter's cost is per op, not per element)."""
     return t.device.type == "cpu"
+
+
+def _collect_interpreter_garbage(t):
+    """Interpreted (CPU tensors): the interpreter leaves each launch's arguments in reference
+    cycles, which would keep the storages of dropped maps alive until the next cyclic garbage
+    collection; collect them, so that CPU memory follows the compiled plan (no full-size map but
+    the gradient at stride 1, maps of the pooled size otherwise)."""
+    if _interpreted(t):
+        gc.collect()
 
 
 def _pow2(x, cap):
@@ -632,8 +729,8 @@ def _lse(logits, labels, cfg, *, store_lse, ce_sums):
     """Softmax mode: ``lse [N, H*W]`` (or ``None``) and CE partials ``[programs, 2]``."""
     n, c, hgt, wid = logits.shape
     dt = _compute_dtype(logits)
-    bc = _pow2(c, 16)
-    bp = _pow2(hgt * wid, 4096 if _interpreted(logits) else 128)
+    bc = _pow2(c, TILES["lse"]["BC"])
+    bp = _pow2(hgt * wid, 4096 if _interpreted(logits) else TILES["lse"]["BP"])
     grid = _checked_grid((triton.cdiv(hgt * wid, bp), n), logits, "logsumexp")
     lse = torch.empty((n, hgt * wid) if store_lse else (1,), dtype=dt, device=logits.device)
     part = torch.empty((grid[0] * grid[1], 2) if ce_sums else (1,), dtype=torch.float64,
@@ -645,22 +742,24 @@ def _lse(logits, labels, cfg, *, store_lse, ce_sums):
 
 
 def _main_pass(logits, labels, cfg, *, do_base, store_argmax):
-    """Stage (a): pooled ``P`` (and ``Y`` when ``stride > 1``) ``[N, C, h, w]`` in the compute
-    dtype, arg-max map (max pool, backward), float64 partials ``[G, 3]``, int32 counts ``[G, 2]``.
+    """Stage (a): pooled ``P`` and ``Y`` ``[N, C, h, w]`` in the compute dtype (stored when
+    ``stride > 1``; at stride 1 the later stages recompute them from the logits and labels, and
+    ``[1]`` placeholders are returned), arg-max map (max pool, backward), float64 partials
+    ``[G, 3]``, int32 counts ``[G, 2]``.
     """
     n, c, hgt, wid = logits.shape
     ph, pw = cfg.pooled_size(hgt, wid)
     dt = _compute_dtype(logits)
     s = cfg.stride
     pool, pk = (0, 1) if s == 1 else (_POOL_IDS[cfg.pool], cfg.pool_size)
-    cap = 4096 if _interpreted(logits) else 512
-    bw = _pow2(pw, 64 if _interpreted(logits) else 32)
+    cap = 4096 if _interpreted(logits) else TILES["main_pass"]["pixels"]
+    bw = _pow2(pw, 64 if _interpreted(logits) else TILES["main_pass"]["BW"])
     bh = _pow2(ph, max(1, cap // bw))
     th = max(triton.cdiv(ph, bh), triton.cdiv(hgt, bh * s))
     tw = max(triton.cdiv(pw, bw), triton.cdiv(wid, bw * s))
     grid = _checked_grid((n * c, th, tw), logits, "main pass")
     dev = logits.device
-    pmap = torch.empty((n, c, ph, pw), dtype=dt, device=dev)
+    pmap = torch.empty((n, c, ph, pw) if s > 1 else (1,), dtype=dt, device=dev)
     ymap = torch.empty((n, c, ph, pw) if s > 1 else (1,), dtype=dt, device=dev)
     amax = torch.empty((n, c, ph, pw) if store_argmax else (1,), dtype=torch.int32, device=dev)
     programs = n * c * th * tw
@@ -669,41 +768,47 @@ def _main_pass(logits, labels, cfg, *, do_base, store_argmax):
     _main_pass_kernel[grid](
         logits, labels, pmap, ymap, amax, part, cnt, c, hgt, wid, ph, pw, *logits.stride(),
         *labels.stride(), cfg.ignore_index, S=s, PK=pk, POOL=pool, MODE=_MODE_IDS[cfg.mode],
-        DO_BASE=do_base, STORE_Y=s > 1, STORE_ARGMAX=store_argmax, DT=_TL_DTYPES[dt],
+        DO_BASE=do_base, STORE_P=s > 1, STORE_Y=s > 1, STORE_ARGMAX=store_argmax, DT=_TL_DTYPES[dt],
         BH=bh, BW=bw)
     return pmap, ymap, amax, part, cnt
 
 
-def _moments(pmap, ymap, labels, offsets, cfg, tiling=None):
-    """Stage (b): ``means [N, C, 2, d]`` and centred ``cov [N, C, 3, d, d]``, float64.
+def _moments(logits, pmap, ymap, labels, offsets, cfg, tiling=None):
+    """Stage (b): ``means [N, C, 2, d]`` and centred ``cov [N, C, 3, d, d]``, float64. The pooled
+    maps of :func:`_main_pass` (stride 1: placeholders, ``P``/``Y`` come from ``logits``/``labels``).
 
     ``offsets [N*C, 2]`` (``off_y, off_p``) are subtracted before the products; the raw sums of
     the ``KS`` window splits are added and centred here, in float64. ``tiling = (BK, KS)``
     overrides the heuristic (tests).
     """
-    n, c, ph, pw = pmap.shape
+    n, c = logits.shape[:2]
+    ph, pw = cfg.pooled_size(*logits.shape[2:])
     r, d = cfg.radius, cfg.dim
-    bd = 16
+    tiles = TILES["moment"]
+    bd = 16 if _interpreted(logits) else tiles["BD"]
     nb = triton.cdiv(d, bd)
     windows = (ph - r + 1) * (pw - r + 1)
     if tiling is not None:
         bk, splits = tiling
-    elif _interpreted(pmap):  # one chunk per program: the interpreter pays per op, not per element
+    elif _interpreted(logits):  # one chunk per program: the interpreter pays per op, not per element
         bk, splits = _pow2(windows, 4096), 1
     else:  # enough programs to fill the GPU, each with at least 8 chunks, partials <= 64 MiB
-        bk = 32
+        bk = tiles["BK"]
         chunks_total = triton.cdiv(windows, bk)
-        splits = min(triton.cdiv(2048, n * c * nb * nb), triton.cdiv(chunks_total, 8),
+        splits = min(triton.cdiv(tiles["programs"], n * c * nb * nb),
+                     triton.cdiv(chunks_total, tiles["min_chunks"]),
                      max(1, (64 << 20) // (n * c * 3 * d * d * 8)))
         splits = max(splits, 1)
     chunks = triton.cdiv(triton.cdiv(windows, bk), splits)
     splits = triton.cdiv(triton.cdiv(windows, bk), chunks)
-    dev = pmap.device
+    dev = logits.device
     raw = torch.empty((n * c, splits, 3, d, d), dtype=torch.float64, device=dev)
     sums = torch.empty((n * c, splits, 2, d), dtype=torch.float64, device=dev)
-    _moment_kernel[_checked_grid((n * c, nb * nb, splits), pmap, "moment")](
-        pmap, ymap, labels, offsets, raw, sums, c, ph, pw, *labels.stride(), cfg.ignore_index,
-        chunks, R=r, D=d, NB=nb, Y_FROM_LABELS=cfg.stride == 1, BD=bd, BK=bk)
+    _moment_kernel[_checked_grid((n * c, nb * nb, splits), logits, "moment")](
+        pmap, ymap, logits, labels, offsets, raw, sums, c, ph, pw, *logits.stride(),
+        *labels.stride(), cfg.ignore_index, chunks, R=r, D=d, NB=nb,
+        Y_FROM_LABELS=cfg.stride == 1, P_FROM_LOGITS=cfg.stride == 1, MODE=_MODE_IDS[cfg.mode],
+        DT=_TL_DTYPES[_compute_dtype(logits)], BD=bd, BK=bk)
     raw, sums = raw.sum(dim=1), sums.sum(dim=1)  # [N*C, 3, d, d], [N*C, 2, d]
     s_y, s_p = sums.unbind(dim=1)
     outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
@@ -712,21 +817,35 @@ def _moments(pmap, ymap, labels, offsets, cfg, tiling=None):
     return means.view(n, c, 2, d), cov.view(n, c, 3, d, d)
 
 
-def _stencil(pmap, ymap, labels, coef, shift, cfg):
-    """Stage (d): ``dloss/dP [N, C, h, w]`` in the maps' dtype."""
-    n, c, ph, pw = pmap.shape
+def _stencil(logits, pmap, ymap, labels, coef, shift, cfg, *, fused=None):
+    """Stage (d): ``dloss/dP [N, C, h, w]`` in the compute dtype, from the maps of
+    :func:`_main_pass` (stride 1: from ``logits``/``labels``). ``fused = (lse, scale, grad)``
+    (stride 1): stages (d)+(e) in one kernel, writing ``grad`` (returned) instead."""
+    n, c = logits.shape[:2]
+    ph, pw = cfg.pooled_size(*logits.shape[2:])
     d = cfg.dim
-    if _interpreted(pmap):
+    dt = _compute_dtype(logits)
+    tiles = TILES["stencil"]
+    if _interpreted(logits):
         bj, block = _pow2(d, 128), _pow2(ph * pw, 4096)
     else:
-        bj = _pow2(d, 32)
-        block = _pow2(ph * pw, 2048 // bj)
-    g = torch.empty_like(pmap)
-    grid = _checked_grid((n * c * triton.cdiv(ph * pw, block),), pmap, "stencil")
+        bj = _pow2(d, tiles["BJ"])
+        block = _pow2(ph * pw, max(1, tiles["elements"] // bj))
+    if fused is None:
+        lse, scale = shift, shift  # unused
+        g = torch.empty((n, c, ph, pw), dtype=dt, device=logits.device)
+        g_strides = (0, 0, 0, 0)
+    else:
+        assert cfg.stride == 1
+        lse, scale, g = fused
+        g_strides = g.stride()
+    grid = _checked_grid((n * c * triton.cdiv(ph * pw, block),), logits, "stencil")
     _stencil_kernel[grid](
-        pmap, ymap, labels, coef, shift, g, n * c, c, ph, pw, *labels.stride(), cfg.ignore_index,
-        R=cfg.radius, D=d, Y_FROM_LABELS=cfg.stride == 1, DT=_TL_DTYPES[pmap.dtype],
-        BJ=bj, BLOCK=block, num_warps=8)
+        pmap, ymap, logits, labels, coef, shift, lse, scale, g, n * c, c, ph, pw,
+        *logits.stride(), *labels.stride(), *g_strides, cfg.ignore_index, R=cfg.radius, D=d,
+        Y_FROM_LABELS=cfg.stride == 1, P_FROM_LOGITS=cfg.stride == 1,
+        FUSE_GRAD=fused is not None, MODE=_MODE_IDS[cfg.mode], DT=_TL_DTYPES[dt],
+        BJ=bj, BLOCK=block, num_warps=tiles["num_warps"])
     return g
 
 
@@ -755,6 +874,7 @@ def _module_for(t):
                 os.environ.pop("TRITON_INTERPRET")
             else:
                 os.environ["TRITON_INTERPRET"] = saved
+        module.TILES = TILES  # one table of tile sizes for both kinds
         _TWINS[interpret] = module
     return _TWINS[interpret]
 
@@ -774,9 +894,12 @@ def _forward_impl(logits, labels, cfg):
         base_sum, base_count = ce[:, 0].sum(), ce[:, 1].sum()
     nonfinite = cnt[:, 1].sum(dtype=torch.int64)
     # Plane means of the pooled maps: the moment kernel subtracts them (covariances unchanged).
-    offsets = part[:, 1:].reshape(n * c, -1, 2).sum(dim=1) / float(pmap.shape[2] * pmap.shape[3])
+    ph, pw = cfg.pooled_size(*logits.shape[2:])
+    offsets = part[:, 1:].reshape(n * c, -1, 2).sum(dim=1) / float(ph * pw)
     offsets = offsets.flip(1)  # (off_y, off_p) per plane; flip, not a list index: no H2D copy
-    means, cov = _moments(pmap, ymap, labels, offsets, cfg)
+    means, cov = _moments(logits, pmap, ymap, labels, offsets, cfg)
+    del pmap, ymap
+    _collect_interpreter_garbage(logits)
     return base_sum, base_count, nonfinite, means, cov
 
 
@@ -788,19 +911,27 @@ def _backward_impl(logits, labels, cfg, base_scale, coef, shift):
     lse = None
     if cfg.mode == "softmax":
         lse, _ = _lse(logits, labels, cfg, store_lse=True, ce_sums=False)
-    store_argmax = cfg.stride > 1 and cfg.pool == "max"
+    scale = base_scale.to(device=logits.device, dtype=torch.float64).reshape(1)
+    coef, shift = coef.contiguous(), shift.contiguous()
+    if cfg.stride == 1:  # stages (d)+(e) fused, P/Y recomputed: no full-size map but the gradient
+        _collect_interpreter_garbage(logits)
+        grad = torch.empty_like(logits)
+        return _stencil(logits, logits, logits, labels, coef, shift, cfg,
+                        fused=(shift if lse is None else lse, scale, grad))
+    store_argmax = cfg.pool == "max"
     pmap, ymap, amax, _, _ = _main_pass(logits, labels, cfg, do_base=False,
                                         store_argmax=store_argmax)
-    g = _stencil(pmap, ymap, labels, coef.contiguous(), shift.contiguous(), cfg)
+    g = _stencil(logits, pmap, ymap, labels, coef, shift, cfg)
     del pmap, ymap
+    _collect_interpreter_garbage(logits)
     n, c, hgt, wid = logits.shape
     ph, pw = g.shape[2:]
     grad = torch.empty_like(logits)
-    bw = _pow2(wid, 64)
-    bh = _pow2(hgt, max(1, (4096 if _interpreted(logits) else 1024) // bw))
+    tiles = TILES["grad"]
+    bw = _pow2(wid, 64 if _interpreted(logits) else tiles["BW"])
+    bh = _pow2(hgt, max(1, (4096 if _interpreted(logits) else tiles["pixels"]) // bw))
     s = cfg.stride
-    pool, pk = (0, 1) if s == 1 else (_POOL_IDS[cfg.pool], cfg.pool_size)
-    scale = base_scale.to(device=logits.device, dtype=torch.float64).reshape(1)
+    pool, pk = _POOL_IDS[cfg.pool], cfg.pool_size
     grid = _checked_grid((n * c, triton.cdiv(hgt, bh), triton.cdiv(wid, bw)), logits,
                          "gradient")
     # interp: whether ih * (h - 1) or iw * (w - 1) can pass int32 (padded rows/columns included)
@@ -809,8 +940,33 @@ def _backward_impl(logits, labels, cfg, base_scale, coef, shift):
         logits, labels, g, amax, g if lse is None else lse, scale, grad, c, hgt, wid, ph, pw,
         *logits.stride(), *labels.stride(), *grad.stride(), cfg.ignore_index, S=s, PK=pk,
         POOL=pool, MODE=_MODE_IDS[cfg.mode], WIDE=pool == 2 and wide, DT=_TL_DTYPES[g.dtype],
-        BH=bh, BW=bw, num_warps=8)
+        BH=bh, BW=bw, num_warps=tiles["num_warps"])
     return grad
+
+
+def _launch_probe(device):
+    """Compile (or interpret, for CPU) and launch :func:`_probe_kernel` on ``device``; returns
+    its 16-element output."""
+    out = torch.zeros(16, dtype=torch.float32, device=device)
+    module = _module_for(out)
+    with _device_guard(out):
+        module._probe_kernel[(1,)](out, BLOCK=16)
+    return out
+
+
+def probe(device) -> str | None:
+    """``None`` if a tiny kernel compiles, launches and writes the right values on ``device``
+    (CPU: interpreted), else the reason (exception type and message). Called once per device by
+    :mod:`rmi_ext._dispatch`; ``backend="auto"`` skips this backend where it fails (a missing C
+    compiler or a driver mismatch shows here rather than in a training step)."""
+    try:
+        out = _launch_probe(torch.device(device))
+        want = torch.arange(1, 17, dtype=torch.float32)
+        if not torch.equal(out.cpu(), want):
+            return f"the probe kernel wrote {out.cpu().tolist()}, expected {want.tolist()}"
+    except Exception as exc:  # noqa: BLE001 - any failure is the reason
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 # ---- custom ops (opaque to torch.compile, with fake kernels for tracing) -----------------------
@@ -834,10 +990,6 @@ def _forward_stats_impl(logits: torch.Tensor, labels: torch.Tensor, radius: int,
         return _forward_impl(logits, labels, cfg)
 
 
-def _forward_stats_fake(logits, labels, radius, stride, pool, pool_size, ignore_index, mode):
-    return empty_stats(logits, radius)
-
-
 def _backward_grad_impl(logits: torch.Tensor, labels: torch.Tensor, base_scale: torch.Tensor,
                         coef: torch.Tensor, shift: torch.Tensor, radius: int, stride: int,
                         pool: str, pool_size: int, ignore_index: int, mode: str) -> torch.Tensor:
@@ -846,18 +998,13 @@ def _backward_grad_impl(logits: torch.Tensor, labels: torch.Tensor, base_scale: 
         return _backward_impl(logits, labels, cfg, base_scale, coef, shift)
 
 
-def _backward_grad_fake(logits, labels, base_scale, coef, shift, radius, stride, pool,
-                        pool_size, ignore_index, mode):
-    return torch.empty_like(logits)
-
-
 if __name__ == "rmi_ext.triton_backend":  # not in the twins of _module_for
     _forward_stats_op = torch.library.custom_op(
         "rmi_ext::triton_forward_stats", _forward_stats_impl, mutates_args=())
-    _forward_stats_op.register_fake(_forward_stats_fake)
+    _forward_stats_op.register_fake(fake_forward_stats)  # shape/dtype checks, as every backend
     _backward_grad_op = torch.library.custom_op(
         "rmi_ext::triton_backward_grad", _backward_grad_impl, mutates_args=())
-    _backward_grad_op.register_fake(_backward_grad_fake)
+    _backward_grad_op.register_fake(fake_backward_grad)
 
 
 # ---- the backend interface used by rmi_ext.function ---------------------------------------------

@@ -192,7 +192,8 @@ def _stages(logits, labels, cfg, coef, shift, image, channel):
             out[name] = t[image, channel].clone()
     out["main-pass partial sums"] = _plane_rows(part, n * c, plane).clone()
     out["counts"] = _plane_rows(cnt, n * c, plane).clone()
-    out["dloss/dP"] = tbi._stencil(pmap, ymap, labels, coef, shift, cfg)[image, channel].clone()
+    out["dloss/dP"] = tbi._stencil(logits, pmap, ymap, labels, coef, shift,
+                                   cfg)[image, channel].clone()
     del pmap, ymap, amax
     if cfg.mode == "softmax":
         lse, part = tbi._lse(logits, labels, cfg, store_lse=True, ce_sums=True)
