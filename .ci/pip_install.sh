@@ -9,7 +9,7 @@ work=$(mktemp -d /tmp/rmi_pip_install.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 log() { printf '[pip install] %s\n' "$*"; }
 git ls-files -z --cached --others --exclude-standard \
-  | while IFS= read -r -d '' f; do [[ -e $f ]] && printf '%s\0' "$f"; done \
+  | while IFS= read -r -d '' f; do if [[ -e $f ]]; then printf '%s\0' "$f"; fi; done \
   | xargs -0 cp --parents -t "$work"
 mkdir "$work/src" && mv "$work"/* "$work/src/" 2> /dev/null || true
 

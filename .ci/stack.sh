@@ -50,7 +50,7 @@ py=$venv/bin/python
 src=$venv/src
 rm -rf "$src" && mkdir -p "$src"
 git ls-files -z --cached --others --exclude-standard \
-  | while IFS= read -r -d '' f; do [[ -e $f ]] && printf '%s\0' "$f"; done \
+  | while IFS= read -r -d '' f; do if [[ -e $f ]]; then printf '%s\0' "$f"; fi; done \
   | xargs -0 cp --parents -t "$src"
 log "building for sm_80 and sm_90 with CUDA_HOME=$cuda_home"
 (cd "$src" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" CUDA_HOME=$cuda_home MAX_JOBS=2 \
