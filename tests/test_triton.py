@@ -6,12 +6,9 @@ module's tests run (the dispatcher accepts CPU tensors for "triton" only then); 
 CPU tensors on interpreted kernels and CUDA tensors on compiled ones whatever the variable was
 at import. The CUDA test runs the same comparison compiled, in a subprocess.
 """
-import os
+from triton_interpreted import interpreted, tb, tbi, triton  # noqa: F401  (first: see there)
 
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton (and of our kernels)
-
-import dataclasses  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -19,21 +16,9 @@ import textwrap  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-triton = pytest.importorskip("triton")
-
 import rmi_ext  # noqa: E402
 from rmi_ext import torch_backend  # noqa: E402
-from rmi_ext import triton_backend as tb  # noqa: E402
 from rmi_ext._config import make_config  # noqa: E402
-
-# Put the variable back as it was, so that modules collected after this one see the session's
-# own setting; the fixture below sets it while this module's tests run.
-if _INTERPRET_BEFORE is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
-
-tbi = tb._module_for(torch.empty(0))  # the backend's stages with interpreted kernels (CPU)
 
 TOLS = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4),
         torch.float16: (1e-5, 2e-2), torch.bfloat16: (1e-5, 5e-2)}  # (loss rel, grad rel to max)
@@ -44,17 +29,7 @@ GRAD_OUT = 1.7
 def _interpreter():
     """``TRITON_INTERPRET=1`` while this module runs, and the interpreter's int32-overflow
     sanitizer off: it about doubles the run time, and no index can overflow at these sizes."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    try:
-        from triton.runtime import interpreter
-        mp.setattr(interpreter.interpreter_builder, "options",
-                   dataclasses.replace(interpreter.interpreter_builder.options,
-                                       sanitize_overflow=False))
-    except (ImportError, AttributeError, TypeError):
-        pass
-    yield
-    mp.undo()
+    yield from interpreted(False, sanitize_overflow=False)
 
 
 def _inputs(n=2, c=2, h=13, w=11, dtype=torch.float64, seed=0, ignored=True, out_of_range=False,

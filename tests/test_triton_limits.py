@@ -9,27 +9,14 @@ The interpreter's int32-overflow sanitizer is on in this module (with ``debug``,
 checks need): an int32 product or sum that overflows, as ``n * stride_n`` would without a cast
 to int64, fails the test with an assertion instead of reading some other address.
 """
-import dataclasses
-import os
-
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton (and of our kernels)
+from triton_interpreted import interpreted, tb, tbi, triton  # noqa: F401  (first: see there)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-triton = pytest.importorskip("triton")
-
 import rmi_ext  # noqa: E402
-from rmi_ext import triton_backend as tb  # noqa: E402
 from rmi_ext._config import make_config  # noqa: E402
 
-if _INTERPRET_BEFORE is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
-
-tbi = tb._module_for(torch.empty(0))  # the backend's stages with interpreted kernels (CPU)
 interpreter = pytest.importorskip("triton.runtime.interpreter")
 
 BIG = 2**31
@@ -40,13 +27,7 @@ GRAD_OUT = 1.7
 def _interpreter():
     """``TRITON_INTERPRET=1`` and the interpreter's int32-overflow sanitizer on (its checks are
     device asserts: they need ``debug`` too)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    builder = interpreter.interpreter_builder
-    mp.setattr(builder, "options", dataclasses.replace(builder.options, sanitize_overflow=True,
-                                                       debug=True))
-    yield
-    mp.undo()
+    yield from interpreted(True, sanitize_overflow=True, debug=True)
 
 
 def _virtual(numel, dtype):
