@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import warnings
 from types import ModuleType
 
@@ -37,9 +36,7 @@ def _device_reason(name: str, device: torch.device) -> str | None:
         return f"backend 'cpu' runs on CPU tensors only, got a {device.type} tensor"
     if name == "cuda" and device.type != "cuda":
         return f"backend 'cuda' runs on CUDA tensors only, got a {device.type} tensor"
-    if name == "triton" and device.type != "cuda":
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            return None
+    if name == "triton" and device.type not in ("cuda", "cpu"):  # CPU: the probe decides
         return (f"backend 'triton' runs on CUDA tensors (or on CPU tensors under "
                 f"TRITON_INTERPRET=1), got a {device.type} tensor")
     return None
@@ -101,9 +98,7 @@ def resolve_backend(name: str, device: str) -> str:
         name = auto_backend(device)
     if name == "reference":
         return name
-    reason = _device_reason(name, torch.device(device))
-    if reason is None and name not in LOADED:
-        reason = why_unavailable(name, device)
+    reason = why_unavailable(name, device)  # the probe's result is cached per device
     if reason is not None:
         raise RuntimeError(f"rmi_loss backend {name!r} cannot run on {torch.device(device)}: "
                            f"{reason}")

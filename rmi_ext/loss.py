@@ -6,8 +6,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._config import check_inputs, make_config
-from ._dispatch import resolve_backend
+from ._config import RMIConfig, check_inputs, make_config
+from ._dispatch import LOADED, _warn_once, resolve_backend
 from .function import RMIFunction
 from .reference import reference_terms
 
@@ -21,15 +21,33 @@ class RMITerms(NamedTuple):
     rmi: torch.Tensor
 
 
+def _backend_for(backend: str, cfg: RMIConfig, device: torch.device) -> str:
+    """The backend that runs: :func:`resolve_backend`, except for volumes and per-axis options
+    (``cfg`` resolved, not :attr:`~RMIConfig.is_planar_isotropic`), which run on backends whose
+    module sets ``supports_volumes = True``: ``"auto"`` falls back to ``"reference"`` with a
+    one-time warning, a named fast backend without it raises ValueError."""
+    name = resolve_backend(backend, str(device))
+    if (name == "reference" or cfg.is_planar_isotropic
+            or getattr(LOADED[name], "supports_volumes", False)):
+        return name
+    why = "3-D logits [N, C, D, H, W]" if cfg.rank == 3 else "per-axis radius/stride/pool_size"
+    if backend == "auto":
+        _warn_once(f"rmi_ext: backend 'auto' uses the slow 'reference' backend for {why}: "
+                   f"backend {name!r} does not support them yet")
+        return "reference"
+    raise ValueError(f"rmi_loss backend {name!r} does not support {why} yet; use "
+                     f"backend='reference' (or 'auto') for now")
+
+
 def rmi_loss_terms(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
                    weight_lambda=0.5, lambda_way=1, ignore_index=255, mode="sigmoid",
                    nonfinite="auto", backend="auto") -> RMITerms:
     """Like :func:`rmi_loss`, but returns ``RMITerms(loss, base, rmi)`` for logging."""
     cfg = make_config(radius, stride, pool, pool_size, weight_lambda, lambda_way, ignore_index,
                       mode, nonfinite)
-    check_inputs(logits, labels, cfg)
+    cfg = check_inputs(logits, labels, cfg)
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    name = resolve_backend(backend, str(logits.device))
+    name = _backend_for(backend, cfg, logits.device)
     # The float64 matrix stage must not be autocast; the kernels choose their own precision.
     with torch.autocast(logits.device.type, enabled=False):
         if name == "reference":
@@ -47,14 +65,19 @@ def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
     """Region Mutual Information loss (Zhao et al., NeurIPS 2019), the authors' exact numbers.
 
     Args:
-        logits: ``[N, C, H, W]`` float16/bfloat16/float32/float64, any memory format.
-        labels: ``[N, H, W]`` integer class ids; ``ignore_index`` and ids outside ``[0, C)``
-            are ignored.
-        radius: side ``R`` of the square region (1..10); region vectors have ``R*R`` entries.
-        stride: downsampling factor DF (1 = no downsampling).
+        logits: ``[N, C, H, W]`` or, for volumes, ``[N, C, D, H, W]``;
+            float16/bfloat16/float32/float64, any memory format (channels_last(_3d) too).
+        labels: ``[N, H, W]`` (``[N, D, H, W]``) integer class ids; ``ignore_index`` and ids
+            outside ``[0, C)`` are ignored.
+        radius: side ``R`` of the region (1..10), an int (every axis) or one side per spatial
+            axis, e.g. ``(1, 3, 3)``; region vectors have ``d`` = the product of the sides
+            entries (at most 100).
+        stride: downsampling factor DF (1 = no downsampling), an int or one per axis, e.g.
+            ``(1, 4, 4)`` for thick slices; the maps are downsampled when some stride is > 1.
         pool: ``"avg"`` (paper's best), ``"max"`` or ``"interp"`` (nearest for labels,
-            bilinear for probabilities).
-        pool_size: pooling kernel size, defaults to ``stride`` (padding ``pool_size // 2``).
+            bilinear / trilinear for probabilities, to ``size // stride`` per axis).
+        pool_size: pooling kernel size (int or per axis), defaults to ``stride`` (padding
+            ``pool_size // 2`` per axis).
         weight_lambda, lambda_way: total is ``lam*base + (1-lam)*rmi`` (``lambda_way=1``) or
             ``base + lam*rmi`` (``lambda_way=0``).
         ignore_index: label value to ignore (default 255).
@@ -63,6 +86,8 @@ def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
             sync on CUDA), ``"nan"`` make the loss and the gradient NaN (no sync: AMP's
             GradScaler then skips the step), ``"auto"`` (default) raise on CPU, NaN on CUDA.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+            Volumes and per-axis options (unequal sides) run on ``"reference"`` for now:
+            ``"auto"`` uses it with a one-time warning, a fast backend raises ValueError.
 
     Returns:
         0-d tensor, float32 (float64 for float64 logits). Gradients flow to ``logits``.
@@ -74,7 +99,8 @@ def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
 
 
 class RMILoss(nn.Module):
-    """Module form of :func:`rmi_loss`; ``forward(logits, labels)`` returns the total loss.
+    """Module form of :func:`rmi_loss`; ``forward(logits, labels)`` returns the total loss
+    (``logits [N, C, H, W]`` or ``[N, C, D, H, W]``, the options as in :func:`rmi_loss`).
 
     ``last_terms`` holds the detached ``RMITerms`` of the latest call (no host sync), for logging.
     """

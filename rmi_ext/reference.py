@@ -2,55 +2,71 @@
 
 This is the oracle every fast backend is tested against. It follows the authors' code step by
 step (stacked shifted copies in float64, ``torch.inverse``, Cholesky log-det), so it is slow and
-memory hungry (about 8x the logits at DF 4, 70x at DF 1). Keep it readable, not fast.
+memory hungry (about 8x the logits at DF 4, 70x at DF 1; 200x for volumes). Keep it readable,
+not fast. Maps are 2-D ``[N, C, H, W]`` or 3-D ``[N, C, D, H, W]`` (RMI_SPEC.md section 5),
+with per-axis radius, stride and pool size.
 """
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 
 from ._config import CLIP_MIN, LOG_EPS, POS_ALPHA, RMIConfig
 
+_POOL_OPS = {("avg", 2): F.avg_pool2d, ("avg", 3): F.avg_pool3d,
+             ("max", 2): F.max_pool2d, ("max", 3): F.max_pool3d}
+_RESIZE_MODES = {2: "bilinear", 3: "trilinear"}
+
 
 def valid_mask_and_onehot(labels: torch.Tensor, num_classes: int, ignore_index: int):
-    """``labels [N, H, W]`` int -> ``mask [N, 1, H, W]`` and one-hot ``Y [N, C, H, W]`` (float64)."""
+    """``labels [N, *S]`` int -> ``mask [N, 1, *S]`` and one-hot ``Y [N, C, *S]`` (float64),
+    ``S`` the spatial axes ``(H, W)`` or ``(D, H, W)``."""
     labels = labels.long()
     valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
-    onehot = F.one_hot(torch.where(valid, labels, 0), num_classes).permute(0, 3, 1, 2)
+    onehot = F.one_hot(torch.where(valid, labels, 0), num_classes).movedim(-1, 1)
     mask = valid.unsqueeze(1).double()
     return mask, onehot.double() * mask
 
 
 def downsample(y: torch.Tensor, p: torch.Tensor, cfg: RMIConfig):
-    """Apply the authors' downsampling (``stride > 1`` only) to ``Y`` and ``P`` ``[N, C, H, W]``."""
-    s, k = cfg.stride, cfg.pool_size
-    if s == 1:
+    """Apply the authors' downsampling (when some stride is > 1) to ``Y`` and ``P``
+    ``[N, C, *S]``: avg/max pooling with kernel ``k`` and padding ``k // 2`` per axis, or
+    nearest (``Y``) and bi/trilinear ``align_corners=True`` (``P``) resize to ``n // s``."""
+    rank = y.dim() - 2
+    cfg = cfg.for_rank(rank)
+    if not cfg.pools:
         return y, p
-    if cfg.pool == "avg":
-        pool = lambda t: F.avg_pool2d(t, kernel_size=k, stride=s, padding=k // 2)
+    s, k = cfg.strides, cfg.pool_sizes
+    if cfg.pool in ("avg", "max"):
+        pool_op = _POOL_OPS[cfg.pool, rank]
+        pool = lambda t: pool_op(t, kernel_size=k, stride=s, padding=tuple(i // 2 for i in k))  # noqa: E731
         return pool(y), pool(p)
-    if cfg.pool == "max":
-        pool = lambda t: F.max_pool2d(t, kernel_size=k, stride=s, padding=k // 2)
-        return pool(y), pool(p)
-    size = (y.shape[2] // s, y.shape[3] // s)
+    size = cfg.pooled_size(*y.shape[2:])
     return (F.interpolate(y, size=size, mode="nearest"),
-            F.interpolate(p, size=size, mode="bilinear", align_corners=True))
+            F.interpolate(p, size=size, mode=_RESIZE_MODES[rank], align_corners=True))
 
 
-def region_vectors(t: torch.Tensor, radius: int) -> torch.Tensor:
-    """``[N, C, h, w]`` -> ``[N, C, R*R, K]``: the R x R region of every window, offset ``dy*R+dx``."""
-    n, c, h, w = t.shape
-    nh, nw = h - radius + 1, w - radius + 1
-    shifted = [t[:, :, dy:dy + nh, dx:dx + nw] for dy in range(radius) for dx in range(radius)]
-    return torch.stack(shifted, dim=2).reshape(n, c, radius * radius, -1)
+def region_vectors(t: torch.Tensor, radius) -> torch.Tensor:
+    """``[N, C, *S]`` -> ``[N, C, d, K]``: the region of every window, ``d`` = the product of
+    the radius sides (an int: the same on every axis), offsets in row-major order
+    (``dy*R + dx`` in 2-D, ``(dz*Rh + dy)*Rw + dx`` in 3-D), windows in row-major order."""
+    n, c, *spatial = t.shape
+    radii = (radius,) * len(spatial) if isinstance(radius, int) else tuple(radius)
+    counts = [size - r + 1 for size, r in zip(spatial, radii)]
+    shifted = [t[(..., *(slice(o, o + m) for o, m in zip(offset, counts)))]
+               for offset in itertools.product(*(range(r) for r in radii))]
+    return torch.stack(shifted, dim=2).reshape(n, c, math.prod(radii), -1)
 
 
-def rmi_per_image_class(y: torch.Tensor, p: torch.Tensor, radius: int) -> torch.Tensor:
-    """Pooled ``Y, P [N, C, h, w]`` -> ``rmi [N, C]`` float64, half the log-det of ``M + aI``."""
-    d = radius * radius
+def rmi_per_image_class(y: torch.Tensor, p: torch.Tensor, radius) -> torch.Tensor:
+    """Pooled ``Y, P [N, C, *S]`` -> ``rmi [N, C]`` float64, half the log-det of ``M + aI``
+    (``radius`` an int or per-axis sides)."""
     yv = region_vectors(y.double(), radius)
     pv = region_vectors(p.double(), radius)
-    eye = torch.eye(d, dtype=torch.float64, device=y.device)
+    eye = torch.eye(yv.shape[2], dtype=torch.float64, device=y.device)
     yv = yv - yv.mean(dim=3, keepdim=True)
     pv = pv - pv.mean(dim=3, keepdim=True)
     sy = yv @ yv.transpose(2, 3)
@@ -63,12 +79,14 @@ def rmi_per_image_class(y: torch.Tensor, p: torch.Tensor, radius: int) -> torch.
 
 
 def reference_terms(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
-    """Both terms of the loss: ``(base, rmi)``, 0-d tensors.
+    """Both terms of the loss: ``(base, rmi)``, 0-d tensors, for ``logits [N, C, *S]`` and
+    ``labels [N, *S]`` (``S = (H, W)`` or ``(D, H, W)``).
 
     ``base`` is the BCE (sigmoid mode) or CE (softmax mode) term, ``rmi`` the RMI lower-bound term
     ``sum_c mean_n rmi[n, c] / d``. Both are float64 for float64 logits and float32 otherwise
     (fp16/bf16 logits are computed in float32).
     """
+    cfg = cfg.for_rank(logits.dim() - 2)
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(out_dtype)
     num_classes = x.shape[1]
@@ -87,7 +105,7 @@ def reference_terms(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
         base = ce / count
         probs = (torch.sigmoid(x) * mask).clamp(min=CLIP_MIN, max=1.0)
     y, p = downsample(onehot, probs, cfg)
-    rmi = rmi_per_image_class(y, p, cfg.radius)
+    rmi = rmi_per_image_class(y, p, cfg.radii)
     rmi_term = (rmi.mean(dim=0) / cfg.dim).sum().to(out_dtype)
     return base, rmi_term
 

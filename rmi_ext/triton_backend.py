@@ -1,22 +1,29 @@
-"""Backend ``"triton"``: the five fused-plan stages as Triton kernels, compiled for CUDA tensors
-and interpreted for CPU tensors (which the dispatcher accepts under ``TRITON_INTERPRET=1``).
+"""Backend ``"triton"``: the fused-plan stages as Triton kernels, compiled for CUDA tensors, or
+interpreted for CPU tensors when ``TRITON_INTERPRET=1`` is set before this module (and triton)
+is imported: one or the other per process, as Triton decides (:func:`probe` says why a device
+cannot run).
 
-One file holds the ``@triton.jit`` kernels and the host functions that launch them (the
-Liger-Kernel layout). Stage names match :mod:`rmi_ext.torch_backend`, the semantic template:
+One file holds the ``@triton.jit`` kernels, the host functions that launch them and the op
+registration (the Liger-Kernel layout). Stage names match :mod:`rmi_ext.torch_backend`:
 
-(a) :func:`_main_pass_kernel` (plus :func:`_lse_kernel` in softmax mode): one pass over
+(a) first_term + pooled_maps: :func:`_first_term_and_pooled_maps_kernel` (plus
+    :func:`_first_term_lse_kernel`, the log-sum-exp, in softmax mode): one pass over
     ``logits``/``labels`` per ``(n, c)`` plane tile: masked sigmoid, first-term partial sums,
     counts, pooled ``P``/``Y`` maps (and, in the backward, the max-pool arg-max).
-(b) :func:`_moment_kernel`: ``d x d`` product sums of the region vectors (``tl.dot`` in
-    float64 on tiles of offsets x windows), split over windows, centred on the host.
-(c) :mod:`rmi_ext.linalg` (shared, torch float64).
-(d) :func:`_stencil_kernel`: ``dloss/dP`` on the pooled map from the stencil coefficients.
-(e) :func:`_grad_kernel`: pooling adjoint, ``dP/dx`` and the first-term gradient at full
-    resolution, written in the logits' dtype and memory format.
+(b) moment_sums: :func:`_moment_sums_kernel`: ``d x d`` product sums of the region vectors
+    (``tl.dot`` in float64 on tiles of offsets x windows), split over windows, centred on the
+    host.
+(c) linalg: :mod:`rmi_ext.linalg` (shared, torch float64).
+(d) pooled_grad_stencil: :func:`_pooled_grad_stencil_kernel`: ``dloss/dP`` on the pooled map
+    from the stencil coefficients.
+(e) pool_adjoint + full_res_grad: :func:`_full_res_grad_kernel`: pooling adjoint, ``dP/dx``
+    and the first-term gradient at full resolution, in the logits' dtype and memory format.
 
 Stride 1 (where the pooled maps are the full-resolution ones): no map is stored; stages (b) and
 (d) recompute ``P``/``Y`` from the logits and labels, and (d) also does (e) (``FUSE_GRAD``), so
-forward+backward allocate no full-size tensor but the gradient. Tile sizes: :data:`TILES`.
+forward+backward allocate no full-size tensor but the gradient. Stride > 1: the backward runs
+(a), (d) and (e) on blocks of planes (:func:`_plane_blocks`), its pooled maps within 1/16 of
+the logits. Tile sizes: :data:`TILES`.
 
 Precision: the per-pixel math runs in float32 (float64 for float64 logits). Per-program partial
 sums of the first term are combined in float64; moment sums and the stencil accumulate in float64.
@@ -24,9 +31,8 @@ No host syncs; inputs of any strides are read in place.
 """
 import contextlib
 import gc
-import importlib.util
 import os
-import sys
+from typing import NamedTuple
 
 import torch
 import triton
@@ -39,39 +45,24 @@ from .torch_backend import compute_dtype as _compute_dtype
 _POOL_IDS = {"avg": 0, "max": 1, "interp": 2}
 _MODE_IDS = {"sigmoid": 0, "softmax": 1}
 
-#: Whether this module's kernels are interpreted: ``@triton.jit`` reads ``TRITON_INTERPRET`` when
-#: it decorates. CPU tensors need interpreted kernels and CUDA tensors compiled ones, whatever the
-#: variable was at import: the other kind comes from a twin module (:func:`_module_for`).
+#: Whether the kernels are interpreted (CPU tensors) rather than compiled (CUDA tensors): Triton
+#: decides when ``@triton.jit`` decorates, from ``TRITON_INTERPRET`` (so do ``tl.sum`` and the
+#: other jit functions of ``triton.language``, when triton is imported).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_TWINS: dict = {}
+#: Whether the host functions pick the interpreter's block sizes (fewer, larger blocks: the
+#: interpreter's cost is per op, not per element) rather than :data:`TILES`; tests turn it off
+#: to run the CUDA tiling under the interpreter.
+_INTERPRETER_BLOCKS = _INTERPRETED
 
 
 def unavailable_reason():
-    """``None``: triton imported (the device check is done by :mod:`rmi_ext._dispatch`)."""
+    """``None``: triton imported (the device check is :func:`probe`'s)."""
     return None
 
 
 # ================================================================================================
 # Per-element helpers (the conventions of csrc/rmi_math.h)
 # ================================================================================================
-
-# tl.sum, tl.max and tl.zeros are @triton.jit functions of triton.language.standard, built
-# interpreted or compiled when triton is imported: the wrong kind cannot be called (and torch
-# imports triton early). So the kernels use builtins only: tl.full, and tl.reduce with our own
-# combine functions when compiled, or with triton's, which the interpreter runs with numpy.
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-_SUM_COMBINE = tl.standard._sum_combine if _INTERPRETED else _add
-_MAX_COMBINE = tl.standard._elementwise_max if _INTERPRETED else _maximum
-
 
 # Loops with run-time bounds (``range(lo, hi, STEP)`` with ``hi`` a kernel argument or computed)
 # are scf.for loops when compiled, which the compiler pipelines. The interpreter runs them as
@@ -86,16 +77,6 @@ else:
     @triton.jit
     def _loop_bound(x):
         return x
-
-
-@triton.jit
-def _sum(x, AXIS: tl.constexpr):
-    return tl.reduce(x, AXIS, _SUM_COMBINE)
-
-
-@triton.jit
-def _max(x, AXIS: tl.constexpr):
-    return tl.reduce(x, AXIS, _MAX_COMBINE)
 
 
 @triton.jit
@@ -146,17 +127,26 @@ def _label_parts(lab, c, C, ignore_index):
     return valid, valid & (lab == c)
 
 
+class _Pixel(NamedTuple):
+    """One pixel of plane ``c`` (:func:`_pixel`): label masks, sigmoid, ``P`` and BCE term."""
+    valid: tl.tensor  # 0 <= label < C and label != ignore_index
+    hot: tl.tensor  # valid and label == c
+    sig: tl.tensor  # sigmoid(x)
+    p: tl.tensor  # sig*m + 1e-6, or clamp(sig*m, 1e-6, 1) in softmax mode
+    bce: tl.tensor  # masked BCE term
+
+
 @triton.jit
 def _pixel(x, lab, c, C, ignore_index, MODE: tl.constexpr):
-    """Everything one pixel of plane ``c`` needs: ``valid``, one-hot ``hot``, ``sig``, ``P``
-    (``sig*m + 1e-6``, or ``clamp(sig*m, 1e-6, 1)`` in softmax mode) and the masked BCE term.
+    """:class:`_Pixel` of ``x`` with label ``lab`` in plane ``c``: ``valid``, one-hot ``hot``,
+    ``sig``, ``P`` (``sig*m + 1e-6``, or ``clamp(sig*m, 1e-6, 1)`` in softmax mode) and the
+    masked BCE term.
 
     One helper rather than several: unused results are dead code on the GPU, while the
     interpreter pays per call. ``sig`` and ``log1p(exp(-|x|))`` come from one exp; ``log1p`` uses
     Goldberg's trick (no libdevice call, so the interpreter runs it too).
     """
-    valid = (lab >= 0) & (lab < C) & (lab != ignore_index)
-    hot = valid & (lab == c)
+    valid, hot = _label_parts(lab, c, C, ignore_index)
     e = tl.exp(-tl.abs(x))
     inv = 1.0 / (1.0 + e)
     sig = tl.where(x >= 0, inv, e * inv)
@@ -168,7 +158,7 @@ def _pixel(x, lab, c, C, ignore_index, MODE: tl.constexpr):
     u = 1.0 + e
     log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
     bce = tl.where(valid, tl.maximum(x, 0.0) - tl.where(hot, x, 0.0) + log1p_e, 0.0)
-    return valid, hot, sig, p, bce
+    return _Pixel(valid, hot, sig, p, bce)
 
 
 @triton.jit
@@ -178,6 +168,22 @@ def _rmi_prob_slope(sig, valid, MODE: tl.constexpr):
     if MODE == 1:
         slope = tl.where((sig >= 1e-6) & (sig <= 1.0), slope, 0.0)
     return slope
+
+
+@triton.jit
+def _full_res_grad_value(g_full, x, lab, c, C, ignore_index, lse_ptrs, mask, scale_ptr,
+                         MODE: tl.constexpr):
+    """Stage (e) at pixels ``x``: ``g_full * dP/dx + base_scale * d(first term)/dx``, where
+    ``g_full`` is the pooling adjoint of ``dloss/dP`` (in the compute dtype); the softmax mode
+    reads the pixels' ``lse`` at ``lse_ptrs`` (where ``mask``)."""
+    px = _pixel(x, lab, c, C, ignore_index, MODE)
+    grad = g_full * _rmi_prob_slope(px.sig, px.valid, MODE)
+    if MODE == 0:
+        base = tl.where(px.valid, px.sig - tl.where(px.hot, 1.0, 0.0), 0.0)
+    else:
+        lse = tl.load(lse_ptrs, mask=mask, other=0.0)
+        base = tl.where(px.valid, tl.exp(x - lse) - tl.where(px.hot, 1.0, 0.0), 0.0)
+    return grad + tl.load(scale_ptr).to(g_full.dtype) * base
 
 
 @triton.jit
@@ -203,17 +209,17 @@ def _load_p(pplane, xbase, lbase, rows, cols, mask, w, c, C, ignore_index, sxh, 
         c64 = cols.to(tl.int64)
         x = tl.load(xbase + r64 * sxh + c64 * sxw, mask=mask, other=0.0).to(DT)
         lab = _load_labels(lbase + r64 * slh + c64 * slw, mask)
-        return tl.where(mask, _pixel(x, lab, c, C, ignore_index, MODE)[3], 0.0)
+        return tl.where(mask, _pixel(x, lab, c, C, ignore_index, MODE).p, 0.0)
     else:
         return tl.load(pplane + rows * w + cols, mask=mask, other=0.0).to(DT)
 
 
 # ================================================================================================
-# Stage (a): first-term sums, counts and pooled maps
+# Stage (a): first_term and pooled_maps
 # ================================================================================================
 
 @triton.jit(do_not_specialize=["C", "H", "W", "ignore_index"])
-def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, sln, slh, slw,
+def _first_term_lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, sln, slh, slw,
                 ignore_index, STORE_LSE: tl.constexpr, CE_SUMS: tl.constexpr,
                 DT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     """Softmax mode, per pixel: ``lse = logsumexp_c x`` (online over channel blocks).
@@ -237,8 +243,8 @@ def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, 
         xv = tl.load(xbase[None, :] + cc.to(tl.int64) * sxc, mask=(cc < C) & pmask[None, :],
                      other=0.0).to(DT)
         xv = tl.where(cc < C, xv, float("-inf"))
-        new_max = tl.maximum(run_max, _max(xv, 0))
-        run_sum = run_sum * tl.exp(run_max - new_max) + _sum(tl.exp(xv - new_max[None, :]), 0)
+        new_max = tl.maximum(run_max, tl.max(xv, 0))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(xv - new_max[None, :]), 0)
         run_max = new_max
     lse = run_max + tl.log(run_sum)
     if STORE_LSE:
@@ -247,31 +253,33 @@ def _lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, 
         lab = _load_labels(lab_ptr + n.to(tl.int64) * sln + hh * slh + ww * slw, pmask)
         valid = pmask & (lab >= 0) & (lab < C) & (lab != ignore_index)
         x_lab = tl.load(xbase + tl.where(valid, lab, 0) * sxc, mask=valid, other=0.0).to(DT)
-        ce = _sum(tl.where(valid, lse - x_lab, 0.0), 0)
+        ce = tl.sum(tl.where(valid, lse - x_lab, 0.0), 0)
         pid = n.to(tl.int64) * tl.num_programs(0) + pblk
         tl.store(part_ptr + pid * 2, ce.to(tl.float64))
-        tl.store(part_ptr + pid * 2 + 1, _sum(valid.to(tl.int32), 0).to(tl.float64))
+        tl.store(part_ptr + pid * 2 + 1, tl.sum(valid.to(tl.int32), 0).to(tl.float64))
 
 
-@triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index"])
-def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cnt_ptr,
-                      C, H, W, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, ignore_index,
-                      S: tl.constexpr, PK: tl.constexpr, POOL: tl.constexpr,
-                      MODE: tl.constexpr, DO_BASE: tl.constexpr, STORE_P: tl.constexpr,
-                      STORE_Y: tl.constexpr, STORE_ARGMAX: tl.constexpr, DT: tl.constexpr,
-                      BH: tl.constexpr, BW: tl.constexpr):
-    """Stage (a) for one ``(n, c)`` plane tile. Grid ``(N*C, TH, TW)``.
+@triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index", "plane0"])
+def _first_term_and_pooled_maps_kernel(
+        x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cnt_ptr, C, H, W, h, w, sxn, sxc,
+        sxh, sxw, sln, slh, slw, ignore_index, plane0, S: tl.constexpr, PK: tl.constexpr,
+        POOL: tl.constexpr, MODE: tl.constexpr, FIRST_TERM: tl.constexpr, STORE_P: tl.constexpr,
+        STORE_Y: tl.constexpr, STORE_ARGMAX: tl.constexpr, DT: tl.constexpr, BH: tl.constexpr,
+        BW: tl.constexpr):
+    """Stage (a) for one ``(n, c)`` plane tile. Grid ``(planes, TH, TW)``: planes ``plane0 +
+    program_id(0)`` of the ``N*C`` (the maps and partial sums hold these ``planes`` only).
 
     Pooled part: the ``BH x BW`` pooled outputs of tile ``(th, tw)``: ``P`` (``STORE_P``,
-    ``[N*C, h, w]``), ``Y`` (``STORE_Y``), arg-max flat index ``ih*W + iw`` (``STORE_ARGMAX``),
-    and their plane partial sums. ``S == 1`` is passed as avg pooling with ``PK == 1``.
-    Full-resolution part (``DO_BASE``): the disjoint pixel block ``[th*BH*S, (th+1)*BH*S) x
+    ``[planes, h, w]``), ``Y`` (``STORE_Y``), arg-max flat index ``ih*W + iw``
+    (``STORE_ARGMAX``), and their plane partial sums. ``S == 1`` is passed as avg pooling with ``PK == 1``.
+    Full-resolution part (``FIRST_TERM``): the disjoint pixel block ``[th*BH*S, (th+1)*BH*S) x
     [tw*BW*S, (tw+1)*BW*S)``, visited as ``S x S`` contiguous ``BH x BW`` sub-blocks: BCE sum
     (sigmoid mode), valid-pixel count (plane ``c == 0`` only) and non-finite count.
     Partials: ``part_ptr[pid] = (base_sum, sum P, sum Y)`` float64, ``cnt_ptr[pid] =
     (valid, nonfinite)`` int32.
     """
-    plane = tl.program_id(0)
+    local = tl.program_id(0)  # plane of this block
+    plane = plane0 + local
     th = tl.program_id(1)
     tw = tl.program_id(2)
     n = plane // C
@@ -305,7 +313,7 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
             x = tl.load(xbase + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw, mask=omask,
                         other=0.0).to(DT)
             lab = _load_labels(lbase + ih.to(tl.int64) * slh + iw.to(tl.int64) * slw, omask)
-            p = _pixel(x, lab, c, C, ignore_index, MODE)[3]
+            p = _pixel(x, lab, c, C, ignore_index, MODE).p
             p_out += wgt * p
     else:
         # avg (count_include_pad: always / PK^2) or max (-inf padding, first max wins).
@@ -327,9 +335,8 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
                 x = tl.load(xrow + iw64 * sxw, mask=m, other=0.0).to(DT)
                 lab = _load_labels(lrow + iw64 * slw, m)
                 px = _pixel(x, lab, c, C, ignore_index, MODE)
-                hot = px[1]
-                p = px[3]
-                yv = tl.where(hot, 1.0, 0.0).to(DT)
+                p = px.p
+                yv = tl.where(px.hot, 1.0, 0.0).to(DT)
                 if POOL == 1:
                     upd = m & (p > p_out)
                     p_out = tl.where(upd, p, p_out)
@@ -343,19 +350,19 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
             y_out = _exact_div(y_out, tl.full([BH, BW], PK * PK, DT))
     p_out = tl.where(omask, p_out, 0.0)
     y_out = tl.where(omask, y_out, 0.0)
-    pooled_off = plane.to(tl.int64) * h * w + oh * w + ow
+    pooled_off = local.to(tl.int64) * h * w + oh * w + ow
     if STORE_P:
         tl.store(pmap_ptr + pooled_off, p_out, mask=omask)
     if STORE_Y:
         tl.store(ymap_ptr + pooled_off, y_out, mask=omask)
     if STORE_ARGMAX:
         tl.store(amax_ptr + pooled_off, arg, mask=omask)
-    pid = (plane.to(tl.int64) * tl.num_programs(1) + th) * tl.num_programs(2) + tw
-    tl.store(part_ptr + pid * 3 + 1, _sum(p_out, None).to(tl.float64))
-    tl.store(part_ptr + pid * 3 + 2, _sum(y_out, None).to(tl.float64))
+    pid = (local.to(tl.int64) * tl.num_programs(1) + th) * tl.num_programs(2) + tw
+    tl.store(part_ptr + pid * 3 + 1, tl.sum(p_out).to(tl.float64))
+    tl.store(part_ptr + pid * 3 + 2, tl.sum(y_out).to(tl.float64))
 
     # ---- full-resolution sums over this program's disjoint pixel block ----
-    if DO_BASE:
+    if FIRST_TERM:
         base = tl.full([BH, BW], 0, DT)
         n_valid = tl.full([BH, BW], 0, tl.int32)
         n_bad = tl.full([BH, BW], 0, tl.int32)
@@ -372,24 +379,25 @@ def _main_pass_kernel(x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cn
                 if MODE == 0:
                     lab = _load_labels(lrow + iw64 * slw, m)
                     px = _pixel(x, lab, c, C, ignore_index, MODE)
-                    base += px[4]
-                    n_valid += px[0].to(tl.int32)
-        tl.store(part_ptr + pid * 3, _sum(base, None).to(tl.float64))
-        n_valid_sum = _sum(n_valid, None)
+                    base += px.bce
+                    n_valid += px.valid.to(tl.int32)
+        tl.store(part_ptr + pid * 3, tl.sum(base).to(tl.float64))
+        n_valid_sum = tl.sum(n_valid)
         tl.store(cnt_ptr + pid * 2, tl.where(c == 0, n_valid_sum, 0))
-        tl.store(cnt_ptr + pid * 2 + 1, _sum(n_bad, None))
+        tl.store(cnt_ptr + pid * 2 + 1, tl.sum(n_bad))
 
 
 # ================================================================================================
-# Stage (b): moment sums on the pooled maps
+# Stage (b): moment_sums on the pooled maps
 # ================================================================================================
 
 @triton.jit(do_not_specialize=["C", "h", "w", "ignore_index", "CHUNKS"])
-def _moment_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
-                   C, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, ignore_index, CHUNKS,
-                   R: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
-                   Y_FROM_LABELS: tl.constexpr, P_FROM_LOGITS: tl.constexpr,
-                   MODE: tl.constexpr, DT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
+def _moment_sums_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
+                        C, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, ignore_index, CHUNKS,
+                        R: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+                        Y_FROM_LABELS: tl.constexpr, P_FROM_LOGITS: tl.constexpr,
+                        MODE: tl.constexpr, DT: tl.constexpr, BD: tl.constexpr,
+                        BK: tl.constexpr):
     """Grid ``(N*C, NB*NB, KS)``: plane, offset-block pair ``(ib, jb)`` of ``BD`` offsets each,
     and split ``ks`` of the ``K`` windows (``CHUNKS`` chunks of ``BK`` windows per split).
 
@@ -455,18 +463,18 @@ def _moment_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, off_ptr, raw_ptr, sums_pt
         if P_FROM_LOGITS:
             # float64 tl.dot of operands computed from 16/32-bit loads fails in triton 3.6's
             # MMAv2 lowering on sm_80 ("fp64 don't support largeK MMA"): broadcast products.
-            s_yp += _sum(yi[:, None, :] * pj[None, :, :], 2)
+            s_yp += tl.sum(yi[:, None, :] * pj[None, :, :], 2)
         else:
             s_yp = tl.dot(yi, tl.trans(pj), s_yp, input_precision="ieee", out_dtype=tl.float64)
         if sym:
             s_yy = tl.dot(yi, tl.trans(yj), s_yy, input_precision="ieee", out_dtype=tl.float64)
             if P_FROM_LOGITS:
-                s_pp += _sum(pi[:, None, :] * pj[None, :, :], 2)
+                s_pp += tl.sum(pi[:, None, :] * pj[None, :, :], 2)
             else:
                 s_pp = tl.dot(pi, tl.trans(pj), s_pp, input_precision="ieee",
                               out_dtype=tl.float64)
-        sum_yi += _sum(yi, 1)
-        sum_pi += _sum(pi, 1)
+        sum_yi += tl.sum(yi, 1)
+        sum_pi += tl.sum(pi, 1)
     raw_base = raw_ptr + (plane.to(tl.int64) * tl.num_programs(2) + split) * 3 * D * D
     ii = gi[:, None]
     jj = gj[None, :]
@@ -485,35 +493,38 @@ def _moment_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, off_ptr, raw_ptr, sums_pt
 
 
 # ================================================================================================
-# Stage (d): pooled-map gradient stencil
+# Stage (d): pooled_grad_stencil
 # ================================================================================================
 
-@triton.jit(do_not_specialize=["NPL", "C", "h", "w", "ignore_index"])
-def _stencil_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, coef_ptr, shift_ptr, lse_ptr, scale_ptr,
-                    g_ptr, NPL, C, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, son, soc, soh, sow,
-                    ignore_index, R: tl.constexpr, D: tl.constexpr, Y_FROM_LABELS: tl.constexpr,
-                    P_FROM_LOGITS: tl.constexpr, FUSE_GRAD: tl.constexpr, MODE: tl.constexpr,
-                    DT: tl.constexpr, BJ: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid ``(N*C * cdiv(h*w, BLOCK),)``, planes fastest (``NPL = N*C``; a 1-D grid has no
-    65535 limit): ``dloss/dP`` at ``BLOCK`` pooled pixels ``u`` of one plane.
+@triton.jit(do_not_specialize=["NPL", "C", "h", "w", "ignore_index", "plane0"])
+def _pooled_grad_stencil_kernel(
+        pmap_ptr, ymap_ptr, x_ptr, lab_ptr, coef_ptr, shift_ptr, lse_ptr, scale_ptr, g_ptr, NPL,
+        C, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, son, soc, soh, sow, ignore_index, plane0,
+        R: tl.constexpr, D: tl.constexpr, Y_FROM_LABELS: tl.constexpr,
+        P_FROM_LOGITS: tl.constexpr, FUSE_GRAD: tl.constexpr, MODE: tl.constexpr,
+        DT: tl.constexpr, BJ: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(NPL * cdiv(h*w, BLOCK),)``, planes fastest (``NPL`` planes ``plane0 ...`` of the
+    ``N*C``, whose maps ``P``, ``Y`` and ``G`` hold these planes only; a 1-D grid has no 65535
+    limit): ``dloss/dP`` at ``BLOCK`` pooled pixels ``u`` of one plane.
 
     ``G[u] = sum_i [window u - o_i valid] (c_i + sum_j Cp[i,j] P[u-o_i+o_j] + Cy[i,j] Y[...])``,
     accumulated in float64 (``j`` vectorised in blocks of ``BJ``), stored in ``DT`` to ``g_ptr``
-    (``[N*C, h, w]``). Stride 1 (``P_FROM_LOGITS``, ``Y_FROM_LABELS``): ``P``/``Y`` recomputed
+    (``[NPL, h, w]``). Stride 1 (``P_FROM_LOGITS``, ``Y_FROM_LABELS``): ``P``/``Y`` recomputed
     from the logits and labels. ``FUSE_GRAD`` (stride 1 only, where pooled pixel ``u`` is pixel
     ``u``): stage (e) too, ``grad = G * dP/dx + base_scale * first-term grad`` as
-    :func:`_grad_kernel` computes it from ``G`` rounded to ``DT``, written to ``g_ptr`` with the
+    :func:`_full_res_grad_kernel` computes it from ``G`` rounded to ``DT``, written to ``g_ptr`` with the
     gradient's strides ``so*``: no full-size map of ``G``.
     """
-    plane = tl.program_id(0) % NPL
+    local = tl.program_id(0) % NPL  # plane of this block
+    plane = plane0 + local
     u = (tl.program_id(0) // NPL) * BLOCK + tl.arange(0, BLOCK)
     n = plane // C
     c = plane % C
     mu = u < h * w
     ua = u // w
     ub = u % w
-    pplane = pmap_ptr + plane.to(tl.int64) * h * w
-    yplane = ymap_ptr + plane.to(tl.int64) * h * w
+    pplane = pmap_ptr + local.to(tl.int64) * h * w
+    yplane = ymap_ptr + local.to(tl.int64) * h * w
     lbase = lab_ptr + n.to(tl.int64) * sln
     xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
     cp_base = coef_ptr + plane.to(tl.int64) * 2 * D * D
@@ -539,47 +550,41 @@ def _stencil_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, coef_ptr, shift_ptr, lse
             yv = _load_y(yplane, lbase, rows, cols, m2, w, c, ignore_index, slh, slw,
                          Y_FROM_LABELS, tl.float64)
             acc += cp * pv + cy * yv
-    g = _sum(acc, 0) + acc_shift
+    g = tl.sum(acc, 0) + acc_shift
     if FUSE_GRAD:
         ua64 = ua.to(tl.int64)
         ub64 = ub.to(tl.int64)
         x = tl.load(xbase + ua64 * sxh + ub64 * sxw, mask=mu, other=0.0).to(DT)
         lab = _load_labels(lbase + ua64 * slh + ub64 * slw, mu)
-        px = _pixel(x, lab, c, C, ignore_index, MODE)
-        valid = px[0]
-        hot = px[1]
-        sig = px[2]
-        grad = g.to(DT) * _rmi_prob_slope(sig, valid, MODE)
-        if MODE == 0:
-            base = tl.where(valid, sig - tl.where(hot, 1.0, 0.0), 0.0)
-        else:
-            lse = tl.load(lse_ptr + n.to(tl.int64) * h * w + u, mask=mu, other=0.0)
-            base = tl.where(valid, tl.exp(x - lse) - tl.where(hot, 1.0, 0.0), 0.0)
-        grad += tl.load(scale_ptr).to(DT) * base
+        grad = _full_res_grad_value(g.to(DT), x, lab, c, C, ignore_index,
+                                    lse_ptr + n.to(tl.int64) * h * w + u, mu, scale_ptr, MODE)
         tl.store(g_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + ua64 * soh + ub64 * sow,
                  grad.to(g_ptr.dtype.element_ty), mask=mu)
     else:
-        tl.store(g_ptr + plane.to(tl.int64) * h * w + u, g.to(DT), mask=mu)
+        tl.store(g_ptr + local.to(tl.int64) * h * w + u, g.to(DT), mask=mu)
 
 
 # ================================================================================================
-# Stage (e): full-resolution gradient
+# Stage (e): pool_adjoint + full_res_grad
 # ================================================================================================
 
-@triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index"])
-def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
-                 C, H, W, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, son, soc, soh, sow,
-                 ignore_index, S: tl.constexpr, PK: tl.constexpr, POOL: tl.constexpr,
-                 MODE: tl.constexpr, WIDE: tl.constexpr, DT: tl.constexpr, BH: tl.constexpr,
-                 BW: tl.constexpr):
-    """Grid ``(N*C, cdiv(H, BH), cdiv(W, BW))``: ``grad_logits`` of a ``BH x BW`` pixel tile.
+@triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index", "plane0"])
+def _full_res_grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
+                          C, H, W, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, son, soc, soh, sow,
+                          ignore_index, plane0, S: tl.constexpr, PK: tl.constexpr,
+                          POOL: tl.constexpr, MODE: tl.constexpr, WIDE: tl.constexpr,
+                          DT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Grid ``(planes, cdiv(H, BH), cdiv(W, BW))``: ``grad_logits`` of a ``BH x BW`` pixel tile
+    of plane ``plane0 + program_id(0)``, from ``dloss/dP`` (``g_ptr``) and the arg-max map of
+    these ``planes`` only.
 
     ``grad = adjoint(G) * dP/dx + base_scale * first-term grad`` where the pooling adjoint gathers
     from the pooled outputs whose window holds the pixel (avg: ``1/PK^2``; max: where the stored
     arg-max is this pixel; interp: bilinear weights, at most 3 candidates per axis, around
     ``ih * (h - 1) // (H - 1)``, computed in int64 when ``WIDE``, else int32).
     """
-    plane = tl.program_id(0)
+    local = tl.program_id(0)  # plane of this block
+    plane = plane0 + local
     n = plane // C
     c = plane % C
     ih = tl.program_id(1) * BH + tl.arange(0, BH)[:, None]
@@ -590,11 +595,7 @@ def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
     x = tl.load(x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + ih64 * sxh + iw64 * sxw,
                 mask=m, other=0.0).to(DT)
     lab = _load_labels(lab_ptr + n.to(tl.int64) * sln + ih64 * slh + iw64 * slw, m)
-    px = _pixel(x, lab, c, C, ignore_index, MODE)
-    valid = px[0]
-    hot = px[1]
-    sig = px[2]
-    gplane = g_ptr + plane.to(tl.int64) * h * w
+    gplane = g_ptr + local.to(tl.int64) * h * w
     PAD: tl.constexpr = PK // 2
     TAPS: tl.constexpr = (PK + S - 1) // S
     if POOL == 2:
@@ -629,19 +630,14 @@ def _grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
                 mm = m & vh & (ow >= 0) & (ow < w) & (iw < ow * S - PAD + PK)
                 g = tl.load(gplane + oh * w + ow, mask=mm, other=0.0).to(DT)
                 if POOL == 1:
-                    idx = tl.load(amax_ptr + plane.to(tl.int64) * h * w + oh * w + ow, mask=mm,
-                                  other=-1)
+                    idx = tl.load(amax_ptr + local.to(tl.int64) * h * w + oh * w + ow,
+                                  mask=mm, other=-1)
                     g = tl.where(idx == ih * W + iw, g, 0.0)
                 gp += g
         if POOL == 0:
             gp = _exact_div(gp, tl.full([BH, BW], PK * PK, DT))
-    grad = gp * _rmi_prob_slope(sig, valid, MODE)
-    if MODE == 0:
-        base = tl.where(valid, sig - tl.where(hot, 1.0, 0.0), 0.0)
-    else:
-        lse = tl.load(lse_ptr + n.to(tl.int64) * H * W + ih * W + iw, mask=m, other=0.0)
-        base = tl.where(valid, tl.exp(x - lse) - tl.where(hot, 1.0, 0.0), 0.0)
-    grad += tl.load(scale_ptr).to(DT) * base
+    grad = _full_res_grad_value(gp, x, lab, c, C, ignore_index,
+                                lse_ptr + n.to(tl.int64) * H * W + ih * W + iw, m, scale_ptr, MODE)
     tl.store(out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + ih64 * soh + iw64 * sow,
              grad.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -666,11 +662,13 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 #: Tile and block sizes of the compiled kernels (CUDA), read by the host functions at each call:
 #: benchmarks/gpu_check.py times candidates by replacing entries. Powers of two where a block
 #: size is derived from them. Interpreted launches (CPU tensors) use fewer, larger blocks.
-#: ``lse``: channels ``BC`` and pixels ``BP`` per block. ``main_pass``: pooled outputs per tile
-#: (``pixels``), at most ``BW`` wide. ``moment``: ``BK`` windows per chunk, ``BD`` offsets per
-#: block, window splits until ``programs`` programs (each with at least ``min_chunks`` chunks).
-#: ``stencil``: ``BJ`` offsets ``j`` per step, ``BJ * BLOCK <= elements``. ``grad``: pixels
-#: per tile, at most ``BW`` wide.
+#: ``lse`` (:func:`_first_term_lse_kernel`): channels ``BC`` and pixels ``BP`` per block.
+#: ``main_pass`` (:func:`_first_term_and_pooled_maps_kernel`): pooled outputs per tile
+#: (``pixels``), at most ``BW`` wide. ``moment`` (:func:`_moment_sums_kernel`): ``BK`` windows per
+#: chunk, ``BD`` offsets per block, window splits until ``programs`` programs (each with at least
+#: ``min_chunks`` chunks). ``stencil`` (:func:`_pooled_grad_stencil_kernel`): ``BJ`` offsets ``j``
+#: per step, ``BJ * BLOCK <= elements``. ``grad`` (:func:`_full_res_grad_kernel`): pixels per
+#: tile, at most ``BW`` wide.
 TILES = {
     "lse": {"BC": 16, "BP": 128},
     "main_pass": {"pixels": 512, "BW": 32},
@@ -680,18 +678,12 @@ TILES = {
 }
 
 
-def _interpreted(t):
-    """CPU tensors only reach this backend under ``TRITON_INTERPRET=1``: there, fewer and larger
-    blocks are much faster (the interpreter's cost is per op, not per element)."""
-    return t.device.type == "cpu"
-
-
-def _collect_interpreter_garbage(t):
+def _collect_interpreter_garbage():
     """Interpreted (CPU tensors): the interpreter leaves each launch's arguments in reference
     cycles, which would keep the storages of dropped maps alive until the next cyclic garbage
     collection; collect them, so that CPU memory follows the compiled plan (no full-size map but
     the gradient at stride 1, maps of the pooled size otherwise)."""
-    if _interpreted(t):
+    if _INTERPRETED:
         gc.collect()
 
 
@@ -725,57 +717,81 @@ def _checked_grid(grid, t, what):
     return grid
 
 
-def _lse(logits, labels, cfg, *, store_lse, ce_sums):
-    """Softmax mode: ``lse [N, H*W]`` (or ``None``) and CE partials ``[programs, 2]``."""
+class LogSumExp(NamedTuple):
+    """Softmax mode, stage (a): :func:`_first_term_lse`."""
+    lse: torch.Tensor  # [N, H*W], compute dtype (or a [1] placeholder)
+    ce_partials: torch.Tensor  # [programs, 2] float64: (sum CE, valid count) (or [1])
+
+
+def _first_term_lse(logits, labels, cfg, *, store_lse, ce_sums) -> LogSumExp:
+    """Softmax mode: the per-pixel log-sum-exp (``store_lse``) and the CE partial sums of the
+    first term (``ce_sums``)."""
     n, c, hgt, wid = logits.shape
     dt = _compute_dtype(logits)
     bc = _pow2(c, TILES["lse"]["BC"])
-    bp = _pow2(hgt * wid, 4096 if _interpreted(logits) else TILES["lse"]["BP"])
+    bp = _pow2(hgt * wid, 4096 if _INTERPRETER_BLOCKS else TILES["lse"]["BP"])
     grid = _checked_grid((triton.cdiv(hgt * wid, bp), n), logits, "logsumexp")
     lse = torch.empty((n, hgt * wid) if store_lse else (1,), dtype=dt, device=logits.device)
     part = torch.empty((grid[0] * grid[1], 2) if ce_sums else (1,), dtype=torch.float64,
                        device=logits.device)
-    _lse_kernel[grid](logits, labels, lse, part, c, hgt, wid, *logits.stride(), *labels.stride(),
-                      cfg.ignore_index, STORE_LSE=store_lse, CE_SUMS=ce_sums,
-                      DT=_TL_DTYPES[dt], BC=bc, BP=bp)
-    return lse, part
+    _first_term_lse_kernel[grid](
+        logits, labels, lse, part, c, hgt, wid, *logits.stride(), *labels.stride(),
+        cfg.ignore_index, STORE_LSE=store_lse, CE_SUMS=ce_sums, DT=_TL_DTYPES[dt], BC=bc, BP=bp)
+    return LogSumExp(lse, part)
 
 
-def _main_pass(logits, labels, cfg, *, do_base, store_argmax):
-    """Stage (a): pooled ``P`` and ``Y`` ``[N, C, h, w]`` in the compute dtype (stored when
-    ``stride > 1``; at stride 1 the later stages recompute them from the logits and labels, and
-    ``[1]`` placeholders are returned), arg-max map (max pool, backward), float64 partials
-    ``[G, 3]``, int32 counts ``[G, 2]``.
-    """
+class PooledMaps(NamedTuple):
+    """Stage (a) on a block of planes: :func:`_first_term_and_pooled_maps`."""
+    p: torch.Tensor  # [planes, h, w], compute dtype (stride > 1; else a [1] placeholder)
+    y: torch.Tensor  # [planes, h, w], compute dtype (stride > 1; else a [1] placeholder)
+    argmax: torch.Tensor  # [planes, h, w] int32, flat index ih*W + iw (max pool; else [1])
+    partial_sums: torch.Tensor  # [programs, 3] float64: (first-term sum, sum P, sum Y)
+    counts: torch.Tensor  # [programs, 2] int32: (valid pixels, non-finite logits)
+
+
+def _first_term_and_pooled_maps(logits, labels, cfg, *, first_term, store_argmax,
+                                planes=None) -> PooledMaps:
+    """Stage (a) on ``planes`` (a ``range`` of the ``N*C`` planes; default all): pooled ``P``
+    and ``Y`` (stored when ``stride > 1``; at stride 1 the later stages recompute them from the
+    logits and labels), the arg-max map (``store_argmax``), and per-program partial sums, the
+    first term's included when ``first_term``."""
     n, c, hgt, wid = logits.shape
+    planes = range(n * c) if planes is None else planes
     ph, pw = cfg.pooled_size(hgt, wid)
     dt = _compute_dtype(logits)
     s = cfg.stride
     pool, pk = (0, 1) if s == 1 else (_POOL_IDS[cfg.pool], cfg.pool_size)
-    cap = 4096 if _interpreted(logits) else TILES["main_pass"]["pixels"]
-    bw = _pow2(pw, 64 if _interpreted(logits) else TILES["main_pass"]["BW"])
+    cap = 4096 if _INTERPRETER_BLOCKS else TILES["main_pass"]["pixels"]
+    bw = _pow2(pw, 64 if _INTERPRETER_BLOCKS else TILES["main_pass"]["BW"])
     bh = _pow2(ph, max(1, cap // bw))
     th = max(triton.cdiv(ph, bh), triton.cdiv(hgt, bh * s))
     tw = max(triton.cdiv(pw, bw), triton.cdiv(wid, bw * s))
-    grid = _checked_grid((n * c, th, tw), logits, "main pass")
+    grid = _checked_grid((len(planes), th, tw), logits, "main pass")
     dev = logits.device
-    pmap = torch.empty((n, c, ph, pw) if s > 1 else (1,), dtype=dt, device=dev)
-    ymap = torch.empty((n, c, ph, pw) if s > 1 else (1,), dtype=dt, device=dev)
-    amax = torch.empty((n, c, ph, pw) if store_argmax else (1,), dtype=torch.int32, device=dev)
-    programs = n * c * th * tw
+    pmap = torch.empty((len(planes), ph, pw) if s > 1 else (1,), dtype=dt, device=dev)
+    ymap = torch.empty((len(planes), ph, pw) if s > 1 else (1,), dtype=dt, device=dev)
+    amax = torch.empty((len(planes), ph, pw) if store_argmax else (1,), dtype=torch.int32,
+                       device=dev)
+    programs = len(planes) * th * tw
     part = torch.zeros((programs, 3), dtype=torch.float64, device=dev)
     cnt = torch.zeros((programs, 2), dtype=torch.int32, device=dev)
-    _main_pass_kernel[grid](
+    _first_term_and_pooled_maps_kernel[grid](
         logits, labels, pmap, ymap, amax, part, cnt, c, hgt, wid, ph, pw, *logits.stride(),
-        *labels.stride(), cfg.ignore_index, S=s, PK=pk, POOL=pool, MODE=_MODE_IDS[cfg.mode],
-        DO_BASE=do_base, STORE_P=s > 1, STORE_Y=s > 1, STORE_ARGMAX=store_argmax, DT=_TL_DTYPES[dt],
-        BH=bh, BW=bw)
-    return pmap, ymap, amax, part, cnt
+        *labels.stride(), cfg.ignore_index, planes.start, S=s, PK=pk, POOL=pool,
+        MODE=_MODE_IDS[cfg.mode], FIRST_TERM=first_term, STORE_P=s > 1, STORE_Y=s > 1,
+        STORE_ARGMAX=store_argmax, DT=_TL_DTYPES[dt], BH=bh, BW=bw)
+    return PooledMaps(pmap, ymap, amax, part, cnt)
 
 
-def _moments(logits, pmap, ymap, labels, offsets, cfg, tiling=None):
-    """Stage (b): ``means [N, C, 2, d]`` and centred ``cov [N, C, 3, d, d]``, float64. The pooled
-    maps of :func:`_main_pass` (stride 1: placeholders, ``P``/``Y`` come from ``logits``/``labels``).
+class Moments(NamedTuple):
+    """Stage (b): :func:`_moment_sums`."""
+    means: torch.Tensor  # [N, C, 2, d] float64: means of the Y and P region vectors
+    cov: torch.Tensor  # [N, C, 3, d, d] float64: centred (YY, PP, YP) product sums
+
+
+def _moment_sums(logits, pmap, ymap, labels, offsets, cfg, tiling=None) -> Moments:
+    """Stage (b) from the pooled maps of :func:`_first_term_and_pooled_maps` on all planes
+    (stride 1: placeholders, ``P``/``Y`` come from ``logits``/``labels``).
 
     ``offsets [N*C, 2]`` (``off_y, off_p``) are subtracted before the products; the raw sums of
     the ``KS`` window splits are added and centred here, in float64. ``tiling = (BK, KS)``
@@ -785,12 +801,12 @@ def _moments(logits, pmap, ymap, labels, offsets, cfg, tiling=None):
     ph, pw = cfg.pooled_size(*logits.shape[2:])
     r, d = cfg.radius, cfg.dim
     tiles = TILES["moment"]
-    bd = 16 if _interpreted(logits) else tiles["BD"]
+    bd = 16 if _INTERPRETER_BLOCKS else tiles["BD"]
     nb = triton.cdiv(d, bd)
     windows = (ph - r + 1) * (pw - r + 1)
     if tiling is not None:
         bk, splits = tiling
-    elif _interpreted(logits):  # one chunk per program: the interpreter pays per op, not per element
+    elif _INTERPRETER_BLOCKS:  # one chunk per program: the interpreter pays per op
         bk, splits = _pow2(windows, 4096), 1
     else:  # enough programs to fill the GPU, each with at least 8 chunks, partials <= 64 MiB
         bk = tiles["BK"]
@@ -804,7 +820,7 @@ def _moments(logits, pmap, ymap, labels, offsets, cfg, tiling=None):
     dev = logits.device
     raw = torch.empty((n * c, splits, 3, d, d), dtype=torch.float64, device=dev)
     sums = torch.empty((n * c, splits, 2, d), dtype=torch.float64, device=dev)
-    _moment_kernel[_checked_grid((n * c, nb * nb, splits), logits, "moment")](
+    _moment_sums_kernel[_checked_grid((n * c, nb * nb, splits), logits, "moment")](
         pmap, ymap, logits, labels, offsets, raw, sums, c, ph, pw, *logits.stride(),
         *labels.stride(), cfg.ignore_index, chunks, R=r, D=d, NB=nb,
         Y_FROM_LABELS=cfg.stride == 1, P_FROM_LOGITS=cfg.stride == 1, MODE=_MODE_IDS[cfg.mode],
@@ -814,133 +830,126 @@ def _moments(logits, pmap, ymap, labels, offsets, cfg, tiling=None):
     outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
     cov = raw - torch.stack((outer(s_y, s_y), outer(s_p, s_p), outer(s_y, s_p)), dim=1) / windows
     means = sums / windows + offsets.unsqueeze(-1)
-    return means.view(n, c, 2, d), cov.view(n, c, 3, d, d)
+    return Moments(means.view(n, c, 2, d), cov.view(n, c, 3, d, d))
 
 
-def _stencil(logits, pmap, ymap, labels, coef, shift, cfg, *, fused=None):
-    """Stage (d): ``dloss/dP [N, C, h, w]`` in the compute dtype, from the maps of
-    :func:`_main_pass` (stride 1: from ``logits``/``labels``). ``fused = (lse, scale, grad)``
-    (stride 1): stages (d)+(e) in one kernel, writing ``grad`` (returned) instead."""
+def _pooled_grad_stencil(logits, pmap, ymap, labels, coef, shift, cfg, *, planes=None,
+                         lse=None, scale=None, grad_out=None):
+    """Stage (d) on ``planes`` (a ``range``; default all): ``dloss/dP [planes, h, w]`` in the
+    compute dtype, from the maps of :func:`_first_term_and_pooled_maps` on these planes (stride
+    1: from ``logits``/``labels``). With ``grad_out`` (stride 1, all planes): stages (d)+(e) in
+    one kernel, writing ``grad_out`` (returned), from ``scale`` (the first term's weight,
+    ``[1]`` float64) and ``lse`` (softmax mode)."""
     n, c = logits.shape[:2]
+    planes = range(n * c) if planes is None else planes
     ph, pw = cfg.pooled_size(*logits.shape[2:])
     d = cfg.dim
     dt = _compute_dtype(logits)
     tiles = TILES["stencil"]
-    if _interpreted(logits):
+    if _INTERPRETER_BLOCKS:
         bj, block = _pow2(d, 128), _pow2(ph * pw, 4096)
     else:
         bj = _pow2(d, tiles["BJ"])
         block = _pow2(ph * pw, max(1, tiles["elements"] // bj))
-    if fused is None:
-        lse, scale = shift, shift  # unused
-        g = torch.empty((n, c, ph, pw), dtype=dt, device=logits.device)
-        g_strides = (0, 0, 0, 0)
+    fused = grad_out is not None
+    if fused:
+        assert cfg.stride == 1 and len(planes) == n * c
+        g, g_strides = grad_out, grad_out.stride()
     else:
-        assert cfg.stride == 1
-        lse, scale, g = fused
-        g_strides = g.stride()
-    grid = _checked_grid((n * c * triton.cdiv(ph * pw, block),), logits, "stencil")
-    _stencil_kernel[grid](
-        pmap, ymap, logits, labels, coef, shift, lse, scale, g, n * c, c, ph, pw,
-        *logits.stride(), *labels.stride(), *g_strides, cfg.ignore_index, R=cfg.radius, D=d,
-        Y_FROM_LABELS=cfg.stride == 1, P_FROM_LOGITS=cfg.stride == 1,
-        FUSE_GRAD=fused is not None, MODE=_MODE_IDS[cfg.mode], DT=_TL_DTYPES[dt],
-        BJ=bj, BLOCK=block, num_warps=tiles["num_warps"])
+        g, g_strides = torch.empty((len(planes), ph, pw), dtype=dt, device=logits.device), (0,) * 4
+    lse = shift if lse is None else lse  # read in softmax mode only
+    scale = shift if scale is None else scale  # read when fused only
+    grid = _checked_grid((len(planes) * triton.cdiv(ph * pw, block),), logits, "stencil")
+    _pooled_grad_stencil_kernel[grid](
+        pmap, ymap, logits, labels, coef, shift, lse, scale, g, len(planes), c, ph, pw,
+        *logits.stride(), *labels.stride(), *g_strides, cfg.ignore_index, planes.start,
+        R=cfg.radius, D=d, Y_FROM_LABELS=cfg.stride == 1, P_FROM_LOGITS=cfg.stride == 1,
+        FUSE_GRAD=fused, MODE=_MODE_IDS[cfg.mode], DT=_TL_DTYPES[dt], BJ=bj, BLOCK=block,
+        num_warps=tiles["num_warps"])
     return g
 
 
-def _module_for(t):
-    """The module whose kernels suit ``t``'s device: interpreted for CPU tensors, compiled for
-    CUDA. This one, or a twin: this file executed once more under another module name with
-    ``TRITON_INTERPRET`` flipped (twins register no custom ops; the main module's ops call them).
-    """
-    interpret = t.device.type == "cpu"
-    if interpret == _INTERPRETED:
-        return sys.modules[__name__]
-    if interpret not in _TWINS:
-        name = "rmi_ext._triton_backend_" + ("interpreted" if interpret else "compiled")
-        spec = importlib.util.spec_from_file_location(name, __file__)
-        module = importlib.util.module_from_spec(spec)
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-        finally:
-            if saved is None:
-                os.environ.pop("TRITON_INTERPRET")
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-        module.TILES = TILES  # one table of tile sizes for both kinds
-        _TWINS[interpret] = module
-    return _TWINS[interpret]
+def _full_res_grad(logits, labels, g, argmax, lse, scale, grad_out, cfg, planes):
+    """Stage (e) on ``planes`` (a ``range``): writes their planes of ``grad_out`` (the logits'
+    shape, dtype and strides) from ``dloss/dP`` ``g [planes, h, w]`` and the arg-max map (max
+    pool) of these planes, ``lse [N, H*W]`` (softmax mode, else ``None``) and ``scale``."""
+    hgt, wid = logits.shape[2:]
+    ph, pw = g.shape[1:]
+    tiles = TILES["grad"]
+    bw = _pow2(wid, 64 if _INTERPRETER_BLOCKS else tiles["BW"])
+    bh = _pow2(hgt, max(1, (4096 if _INTERPRETER_BLOCKS else tiles["pixels"]) // bw))
+    pool = _POOL_IDS[cfg.pool]
+    grid = _checked_grid((len(planes), triton.cdiv(hgt, bh), triton.cdiv(wid, bw)), logits,
+                         "gradient")
+    # interp: whether ih * (h - 1) or iw * (w - 1) can pass int32 (padded rows/columns included)
+    wide = max((grid[1] * bh - 1) * (ph - 1), (grid[2] * bw - 1) * (pw - 1)) >= 2**31
+    _full_res_grad_kernel[grid](
+        logits, labels, g, argmax, g if lse is None else lse, scale, grad_out, logits.shape[1],
+        hgt, wid, ph, pw, *logits.stride(), *labels.stride(), *grad_out.stride(),
+        cfg.ignore_index, planes.start, S=cfg.stride, PK=cfg.pool_size, POOL=pool,
+        MODE=_MODE_IDS[cfg.mode], WIDE=pool == 2 and wide, DT=_TL_DTYPES[g.dtype], BH=bh, BW=bw,
+        num_warps=tiles["num_warps"])
+
+
+#: At stride > 1 the backward runs stages (a), (d) and (e) on blocks of planes, so that the
+#: pooled maps it holds (``P``, ``Y``, arg-max, ``dloss/dP``) take at most this fraction of the
+#: logits' bytes (at least one plane), as the CUDA backend does: few, large blocks.
+_BACKWARD_MAPS_FRACTION = 1 / 16
+
+
+def _plane_blocks(logits, cfg) -> list:
+    """The ``range``\\ s of planes the stride > 1 backward runs one after another."""
+    n, c, hgt, wid = logits.shape
+    ph, pw = cfg.pooled_size(hgt, wid)
+    map_bytes = 3 * _compute_dtype(logits).itemsize + (4 if cfg.pool == "max" else 0)
+    plane_bytes = ph * pw * map_bytes
+    budget = n * c * hgt * wid * logits.element_size() * _BACKWARD_MAPS_FRACTION
+    size = max(1, int(budget // max(plane_bytes, 1)))
+    return [range(p0, min(p0 + size, n * c)) for p0 in range(0, n * c, size)]
 
 
 def _forward_impl(logits, labels, cfg):
-    module = _module_for(logits)
-    if module is not sys.modules[__name__]:
-        return module._forward_impl(logits, labels, cfg)
     _check_plane(logits)
     n, c = logits.shape[:2]
-    pmap, ymap, _, part, cnt = _main_pass(logits, labels, cfg, do_base=True, store_argmax=False)
+    maps = _first_term_and_pooled_maps(logits, labels, cfg, first_term=True,
+                                       store_argmax=False)
     if cfg.mode == "sigmoid":
-        base_sum = part[:, 0].sum()
-        base_count = cnt[:, 0].sum(dtype=torch.int64).double()
+        base_sum = maps.partial_sums[:, 0].sum()
+        base_count = maps.counts[:, 0].sum(dtype=torch.int64).double()
     else:
-        _, ce = _lse(logits, labels, cfg, store_lse=False, ce_sums=True)
+        ce = _first_term_lse(logits, labels, cfg, store_lse=False, ce_sums=True).ce_partials
         base_sum, base_count = ce[:, 0].sum(), ce[:, 1].sum()
-    nonfinite = cnt[:, 1].sum(dtype=torch.int64)
+    nonfinite = maps.counts[:, 1].sum(dtype=torch.int64)
     # Plane means of the pooled maps: the moment kernel subtracts them (covariances unchanged).
     ph, pw = cfg.pooled_size(*logits.shape[2:])
-    offsets = part[:, 1:].reshape(n * c, -1, 2).sum(dim=1) / float(ph * pw)
+    offsets = maps.partial_sums[:, 1:].reshape(n * c, -1, 2).sum(dim=1) / float(ph * pw)
     offsets = offsets.flip(1)  # (off_y, off_p) per plane; flip, not a list index: no H2D copy
-    means, cov = _moments(logits, pmap, ymap, labels, offsets, cfg)
-    del pmap, ymap
-    _collect_interpreter_garbage(logits)
+    means, cov = _moment_sums(logits, maps.p, maps.y, labels, offsets, cfg)
+    del maps
+    _collect_interpreter_garbage()
     return base_sum, base_count, nonfinite, means, cov
 
 
 def _backward_impl(logits, labels, cfg, base_scale, coef, shift):
-    module = _module_for(logits)
-    if module is not sys.modules[__name__]:
-        return module._backward_impl(logits, labels, cfg, base_scale, coef, shift)
     _check_plane(logits)
     lse = None
     if cfg.mode == "softmax":
-        lse, _ = _lse(logits, labels, cfg, store_lse=True, ce_sums=False)
+        lse = _first_term_lse(logits, labels, cfg, store_lse=True, ce_sums=False).lse
     scale = base_scale.to(device=logits.device, dtype=torch.float64).reshape(1)
     coef, shift = coef.contiguous(), shift.contiguous()
-    if cfg.stride == 1:  # stages (d)+(e) fused, P/Y recomputed: no full-size map but the gradient
-        _collect_interpreter_garbage(logits)
-        grad = torch.empty_like(logits)
-        return _stencil(logits, logits, logits, labels, coef, shift, cfg,
-                        fused=(shift if lse is None else lse, scale, grad))
-    store_argmax = cfg.pool == "max"
-    pmap, ymap, amax, _, _ = _main_pass(logits, labels, cfg, do_base=False,
-                                        store_argmax=store_argmax)
-    g = _stencil(logits, pmap, ymap, labels, coef, shift, cfg)
-    del pmap, ymap
-    _collect_interpreter_garbage(logits)
-    n, c, hgt, wid = logits.shape
-    ph, pw = g.shape[2:]
+    _collect_interpreter_garbage()
     grad = torch.empty_like(logits)
-    tiles = TILES["grad"]
-    bw = _pow2(wid, 64 if _interpreted(logits) else tiles["BW"])
-    bh = _pow2(hgt, max(1, (4096 if _interpreted(logits) else tiles["pixels"]) // bw))
-    s = cfg.stride
-    pool, pk = _POOL_IDS[cfg.pool], cfg.pool_size
-    grid = _checked_grid((n * c, triton.cdiv(hgt, bh), triton.cdiv(wid, bw)), logits,
-                         "gradient")
-    # interp: whether ih * (h - 1) or iw * (w - 1) can pass int32 (padded rows/columns included)
-    wide = max((grid[1] * bh - 1) * (ph - 1), (grid[2] * bw - 1) * (pw - 1)) >= 2**31
-    _grad_kernel[grid](
-        logits, labels, g, amax, g if lse is None else lse, scale, grad, c, hgt, wid, ph, pw,
-        *logits.stride(), *labels.stride(), *grad.stride(), cfg.ignore_index, S=s, PK=pk,
-        POOL=pool, MODE=_MODE_IDS[cfg.mode], WIDE=pool == 2 and wide, DT=_TL_DTYPES[g.dtype],
-        BH=bh, BW=bw, num_warps=tiles["num_warps"])
+    if cfg.stride == 1:  # stages (d)+(e) fused, P/Y recomputed: no full-size map but the gradient
+        return _pooled_grad_stencil(logits, logits, logits, labels, coef, shift, cfg, lse=lse,
+                                    scale=scale, grad_out=grad)
+    for planes in _plane_blocks(logits, cfg):
+        maps = _first_term_and_pooled_maps(logits, labels, cfg, first_term=False,
+                                           store_argmax=cfg.pool == "max", planes=planes)
+        g = _pooled_grad_stencil(logits, maps.p, maps.y, labels, coef, shift, cfg,
+                                 planes=planes)
+        _full_res_grad(logits, labels, g, maps.argmax, lse, scale, grad, cfg, planes)
+        del maps, g
+        _collect_interpreter_garbage()
     return grad
 
 
@@ -948,19 +957,29 @@ def _launch_probe(device):
     """Compile (or interpret, for CPU) and launch :func:`_probe_kernel` on ``device``; returns
     its 16-element output."""
     out = torch.zeros(16, dtype=torch.float32, device=device)
-    module = _module_for(out)
     with _device_guard(out):
-        module._probe_kernel[(1,)](out, BLOCK=16)
+        _probe_kernel[(1,)](out, BLOCK=16)
     return out
 
 
 def probe(device) -> str | None:
-    """``None`` if a tiny kernel compiles, launches and writes the right values on ``device``
-    (CPU: interpreted), else the reason (exception type and message). Called once per device by
-    :mod:`rmi_ext._dispatch`; ``backend="auto"`` skips this backend where it fails (a missing C
-    compiler or a driver mismatch shows here rather than in a training step)."""
+    """``None`` if a tiny kernel compiles, launches and writes the right values on ``device``,
+    else the reason. Called once per device by :mod:`rmi_ext._dispatch`; ``backend="auto"``
+    skips this backend where it fails (a missing C compiler or a driver mismatch shows here
+    rather than in a training step). The kernels are interpreted, for CPU tensors only, when
+    ``TRITON_INTERPRET=1`` was set as this module was imported; else compiled, for CUDA."""
+    device = torch.device(device)
+    if device.type == "cpu" and not _INTERPRETED:
+        return ("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 set before "
+                "rmi_ext is imported")
+    if device.type != "cpu" and _INTERPRETED:
+        return (f"TRITON_INTERPRET=1 is set: Triton kernels are interpreted on the host, not "
+                f"compiled for {device.type}")
+    if type(tl.sum) is not type(_probe_kernel):
+        return ("triton was imported before TRITON_INTERPRET was changed: set it before torch, "
+                "triton and rmi_ext are imported")
     try:
-        out = _launch_probe(torch.device(device))
+        out = _launch_probe(device)
         want = torch.arange(1, 17, dtype=torch.float32)
         if not torch.equal(out.cpu(), want):
             return f"the probe kernel wrote {out.cpu().tolist()}, expected {want.tolist()}"
@@ -998,13 +1017,12 @@ def _backward_grad_impl(logits: torch.Tensor, labels: torch.Tensor, base_scale: 
         return _backward_impl(logits, labels, cfg, base_scale, coef, shift)
 
 
-if __name__ == "rmi_ext.triton_backend":  # not in the twins of _module_for
-    _forward_stats_op = torch.library.custom_op(
-        "rmi_ext::triton_forward_stats", _forward_stats_impl, mutates_args=())
-    _forward_stats_op.register_fake(fake_forward_stats)  # shape/dtype checks, as every backend
-    _backward_grad_op = torch.library.custom_op(
-        "rmi_ext::triton_backward_grad", _backward_grad_impl, mutates_args=())
-    _backward_grad_op.register_fake(fake_backward_grad)
+_forward_stats_op = torch.library.custom_op(
+    "rmi_ext::triton_forward_stats", _forward_stats_impl, mutates_args=())
+_forward_stats_op.register_fake(fake_forward_stats)  # shape/dtype checks, as every backend
+_backward_grad_op = torch.library.custom_op(
+    "rmi_ext::triton_backward_grad", _backward_grad_impl, mutates_args=())
+_backward_grad_op.register_fake(fake_backward_grad)
 
 
 # ---- the backend interface used by rmi_ext.function ---------------------------------------------

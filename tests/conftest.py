@@ -1,19 +1,37 @@
-"""Shared helpers for the rmi_ext test suite (CPU).
+"""The test harness of the rmi_ext suite: inputs, backends x devices, and one comparison with the
+reference under one tolerance table.
 
-* ``make_inputs``: seeded random ``(logits, labels)`` with ignored pixels.
-* ``fast_backends()``: the fused backends that can run on CPU tensors here ("torch" always; "cpu"
-  once ``rmi_ext._C`` is built; "triton" only under ``TRITON_INTERPRET=1``).
+* ``BACKEND_DEVICES``: ``pytest.param(backend, device)`` for every fused backend on every device
+  type (torchvision's ``cpu_and_cuda()`` idea): ``torch``, ``cpu``, ``triton`` on CPU tensors
+  (Triton interpreted, under ``TRITON_INTERPRET=1``), ``torch``, ``cuda``, ``triton`` on CUDA
+  tensors. A pair that cannot run here is skipped with the reason ``rmi_ext`` gives.
+* ``make_inputs``: seeded random ``(logits, labels)`` with ignored pixels, on any device.
+* ``run`` / ``compare``: loss and gradient of a backend; ``compare`` checks them against
+  ``backend="reference"`` with :data:`TOL` and returns the errors.
 * ``rel_err``: ``max |a - b| / max |b|`` (plain ``|a - b| / |b|`` for scalars).
 
+Interpreted Triton is ~50x slower than the other CPU backends: on it (a ``backend`` parameter
+"triton" with a CPU ``device`` or none), each test runs every ``INTERPRETED_SAMPLE``-th of its
+parametrised cases (a fixed choice by the case's name), unless the test is marked
+``@pytest.mark.every_case``; compiled on a GPU every case runs.
+``RMI_TEST_INTERPRETED_SAMPLE=1`` runs them all.
+
 The suite runs single-threaded by default (tiny tensors are ~10x faster that way on a busy
-machine); set ``RMI_TEST_THREADS`` to change it. One test in ``test_backends.py`` runs the fast
-backends with 2 threads on purpose.
+machine); set ``RMI_TEST_THREADS`` to change it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import zlib
 
+# Triton kernels are interpreted (for CPU tensors) iff TRITON_INTERPRET=1 when triton and
+# rmi_ext are first imported: without a CUDA device, the suite interprets them.
+if not any(name[6:].isdigit() for name in os.listdir("/dev") if name.startswith("nvidia")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 import torch
 
 try:
@@ -24,17 +42,86 @@ except ImportError:  # plain `pytest` from a source checkout: use the package ne
 
 torch.set_num_threads(int(os.environ.get("RMI_TEST_THREADS", "1")))
 
-FAST_CANDIDATES = ("torch", "cpu", "triton")
+#: Relative tolerances ``(loss, gradient)`` against the reference, by logits dtype (gradients as
+#: ``max |diff| / max |grad|``). fp16/bf16 logits are compared with the float32 reference on the
+#: same rounded values: every backend computes in float32 and rounds the gradient once.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4),
+       torch.float16: (1e-5, 2e-3), torch.bfloat16: (1e-5, 1.6e-2)}
 
-#: ``(loss_err / tol, grad_err / tol, loss_err, grad_err, dtype)`` of every backend comparison
-#: in test_backends.py; printed at the end of the run when ``RMI_TEST_REPORT=1``.
+FAST_BACKENDS = {"cpu": ("torch", "cpu", "triton"), "cuda": ("torch", "cuda", "triton")}
+INTERPRETED_SAMPLE = int(os.environ.get("RMI_TEST_INTERPRETED_SAMPLE", "4"))
+
+#: ``(loss_err / tol, grad_err / tol, loss_err, grad_err, dtype)`` of every :func:`compare`;
+#: printed at the end of the run when ``RMI_TEST_REPORT=1``.
 ERRORS: list = []
 
 
-def fast_backends() -> list[str]:
-    """The fused backends available for CPU tensors (never ``"reference"``)."""
-    available = rmi_ext.backend_info("cpu")["available"]
-    return [b for b in FAST_CANDIDATES if available[b] is True]
+def _backend_device_params():
+    params = []
+    for device, backends in FAST_BACKENDS.items():
+        for backend in backends:
+            reason = rmi_ext.backend_info(device)["available"][backend]
+            if device == "cuda" and not torch.cuda.is_available():
+                reason = "no CUDA device is available"
+            marks = () if reason is True else pytest.mark.skip(reason=f"{backend} on {device}: "
+                                                                      f"{reason}")
+            params.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
+    return params
+
+
+BACKEND_DEVICES = _backend_device_params()
+
+
+def fast_backends(device: str = "cpu") -> list[str]:
+    """The fused backends that run on ``device`` here (never ``"reference"``)."""
+    available = rmi_ext.backend_info(device)["available"]
+    return [b for b in FAST_BACKENDS[device] if available[b] is True]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "every_case: run every case on interpreted Triton too")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Interpreted Triton: keep every ``INTERPRETED_SAMPLE``-th case of each test (see above)."""
+    if INTERPRETED_SAMPLE <= 1:
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        sampled = (params.get("backend") == "triton" and params.get("device", "cpu") == "cpu"
+                   and item.get_closest_marker("every_case") is None)
+        if sampled and zlib.crc32(item.name.encode()) % INTERPRETED_SAMPLE:
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def interpreter_options(required: bool, **builder_options):
+    """Body of a fixture: the Triton interpreter builder's options replaced (e.g.
+    ``sanitize_overflow``) until the fixture ends. ``required=False`` keeps going without triton
+    or on a triton whose interpreter lacks those options."""
+    mp = pytest.MonkeyPatch()
+    try:
+        from triton.runtime import interpreter
+
+        builder = interpreter.interpreter_builder
+        mp.setattr(builder, "options", dataclasses.replace(builder.options, **builder_options))
+    except (ImportError, AttributeError, TypeError):
+        if required:
+            raise
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_without_overflow_sanitizer():
+    """Interpreted Triton runs without its int32-overflow sanitizer (about 2x faster; no index
+    can overflow at the suite's sizes). test_triton_limits.py turns it on for its own module."""
+    yield from interpreter_options(False, sanitize_overflow=False)
 
 
 def rel_err(a, b) -> float:
@@ -42,6 +129,7 @@ def rel_err(a, b) -> float:
     a = a.detach().double() if torch.is_tensor(a) else torch.as_tensor(a, dtype=torch.float64)
     b = b.detach().double() if torch.is_tensor(b) else torch.as_tensor(b, dtype=torch.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
+    a, b = a.cpu(), b.cpu()
     diff = (a - b).abs().max().item() if a.numel() else 0.0
     scale = b.abs().max().item() if b.numel() else 0.0
     return diff / scale if scale > 0 else diff
@@ -49,8 +137,8 @@ def rel_err(a, b) -> float:
 
 def make_inputs(shape, seed=0, *, dtype=torch.float64, mode="sigmoid", ignore_frac=0.2,
                 invalid_labels=None, ignore_index=255, label_dtype=torch.int64, scale=2.0,
-                requires_grad=True):
-    """Seeded ``logits [N, C, H, W]`` (``scale * randn``) and ``labels [N, H, W]``.
+                requires_grad=True, device="cpu"):
+    """Seeded ``logits [N, C, H, W]`` (``scale * randn``) and ``labels [N, H, W]`` on ``device``.
 
     A fraction ``ignore_frac`` of the pixels is ignored. In sigmoid mode (``invalid_labels``
     defaults to True there) a third of those get a label ``>= C`` and, for signed label dtypes, a
@@ -71,10 +159,50 @@ def make_inputs(shape, seed=0, *, dtype=torch.float64, mode="sigmoid", ignore_fr
         labels[u < ignore_frac / 3] = c
         if label_dtype not in (torch.uint8,) and ignore_index != -1:
             labels[u < ignore_frac / 6] = -1
-    labels = labels.to(label_dtype)
+    logits, labels = logits.to(device), labels.to(label_dtype).to(device)
     if requires_grad:
         logits.requires_grad_(True)
     return logits, labels
+
+
+def run(x, labels, backend, grad_output=None, **opts):
+    """``(loss, grad)`` of ``rmi_loss`` with ``x`` used as given (strides and memory format kept).
+    ``backend``: a name, or a callable ``(logits, labels, **opts) -> loss`` (e.g. emulated
+    kernels that are not a public backend)."""
+    leaf = x.detach().requires_grad_(True) if x.is_leaf else x
+    if callable(backend):
+        loss = backend(leaf, labels, **opts)
+    else:
+        loss = rmi_ext.rmi_loss(leaf, labels, backend=backend, **opts)
+    grad, = torch.autograd.grad(loss, leaf, grad_output)
+    return loss.detach(), grad
+
+
+def compare(backend, x, labels, grad_output=None, ref_dtype=None, **opts):
+    """Check ``backend`` against the reference; returns ``(loss_err, grad_err)``.
+
+    The reference runs on a contiguous copy on the same device, in ``ref_dtype`` (default: the
+    logits' dtype; fp16/bf16 logits are compared with float32 on the same rounded values).
+    """
+    x = x.detach()
+    dtype = x.dtype
+    if ref_dtype is None:
+        ref_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    loss, grad = run(x, labels, backend, grad_output, **opts)
+    ref_go = None if grad_output is None else grad_output.to(ref_dtype)
+    ref_loss, ref_grad = run(x.to(ref_dtype).contiguous(), labels, "reference", ref_go, **opts)
+    assert loss.dtype == out_dtype and loss.dim() == 0
+    assert grad.dtype == dtype and grad.shape == x.shape and grad.device == x.device
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        assert grad.is_contiguous(memory_format=torch.channels_last), "gradient not channels_last"
+    tol_loss, tol_grad = TOL[dtype]
+    loss_err, grad_err = rel_err(loss, ref_loss), rel_err(grad, ref_grad)
+    ERRORS.append((loss_err / tol_loss, grad_err / tol_grad, loss_err, grad_err, str(dtype)))
+    assert loss_err <= tol_loss, f"loss {loss.item()!r} vs reference {ref_loss.item()!r}"
+    assert grad_err <= tol_grad, f"gradient differs from the reference by {grad_err:.3g}"
+    return loss_err, grad_err
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -295,17 +295,17 @@ def _degenerate(mode):
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-def test_degenerate_inputs_finite(backend, mode, dtype):
+@pytest.mark.parametrize("opts", [dict(stride=2, radius=3), dict(stride=1, radius=2),
+                                  dict(stride=4, radius=2, pool="max"),
+                                  dict(stride=3, radius=2, pool="interp")], ids=str)
+def test_degenerate_inputs_finite(backend, mode, dtype, opts):
     """Loss and gradient are finite (the reference too: all these cases are finite there)."""
     for name, (x, labels) in _degenerate(mode).items():
-        for opts in (dict(stride=2, radius=3), dict(stride=1, radius=2),
-                     dict(stride=4, radius=2, pool="max"), dict(stride=3, radius=2,
-                                                                pool="interp")):
-            xx = x.to(dtype).requires_grad_(True)
-            loss = rmi_ext.rmi_loss(xx, labels, backend=backend, mode=mode, **opts)
-            loss.backward()
-            assert torch.isfinite(loss), (name, opts)
-            assert torch.isfinite(xx.grad).all(), (name, opts)
+        xx = x.to(dtype).requires_grad_(True)
+        loss = rmi_ext.rmi_loss(xx, labels, backend=backend, mode=mode, **opts)
+        loss.backward()
+        assert torch.isfinite(loss), (name, opts)
+        assert torch.isfinite(xx.grad).all(), (name, opts)
 
 
 @pytest.mark.parametrize("backend", FAST)

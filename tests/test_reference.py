@@ -1,6 +1,7 @@
 """The unfold reference (``backend="reference"``) against independent oracles.
 
-1. A numpy float64 implementation written from RMI_SPEC.md section 1 directly: its own mask /
+1. A numpy float64 implementation written from RMI_SPEC.md sections 1 and 5 directly
+   (``tests/volume_oracle.py``, 2-D here, volumes in ``test_volumes.py``): its own mask /
    one-hot, BCE / CE, pooling (avg, max, nearest + bilinear align_corners=True resize, by hand),
    region vectors window by window, covariances, inverse, Cholesky and log-det.
 2. A near-verbatim transcription of the paper authors' ``RMILoss`` (``forward_sigmoid``,
@@ -9,162 +10,14 @@
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rmi_ext
+import volume_oracle as vo
 from conftest import make_inputs, rel_err
-
-POS_ALPHA, CLIP_MIN, LOG_EPS = 5e-4, 1e-6, 1e-8
-
-# ------------------------------------------------------------------------------------------------
-# numpy oracle (float64), straight from the spec
-# ------------------------------------------------------------------------------------------------
-
-
-def np_sigmoid(x):
-    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))),
-                    np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
-
-
-def np_mask_onehot(labels, num_classes, ignore_index):
-    """``m [N, H, W]`` and ``Y [N, C, H, W]`` as float64."""
-    valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
-    y = np.zeros((labels.shape[0], num_classes) + labels.shape[1:])
-    for c in range(num_classes):
-        y[:, c] = ((labels == c) & valid).astype(np.float64)
-    return valid.astype(np.float64), y
-
-
-def np_bce_sum(x, y, m):
-    """``sum m * BCEWithLogits(x, y)`` (stable form ``max(x,0) - x y + log(1 + e^-|x|)``)."""
-    per = np.maximum(x, 0.0) - x * y + np.log1p(np.exp(-np.abs(x)))
-    return float((per * m[:, None]).sum())
-
-
-def np_ce_sum_count(x, labels, ignore_index):
-    """Sum of ``-log softmax(x)[label]`` over pixels whose label is not ``ignore_index``, count."""
-    n, c, h, w = x.shape
-    total, count = 0.0, 0
-    for i in range(n):
-        for a in range(h):
-            for b in range(w):
-                lab = int(labels[i, a, b])
-                if lab == ignore_index:
-                    continue
-                z = x[i, :, a, b]
-                zmax = z.max()
-                lse = zmax + math.log(np.exp(z - zmax).sum())
-                total += lse - z[lab]
-                count += 1
-    return total, count
-
-
-def np_pool(t, kind, k, s):
-    """``t [N, C, H, W]``: avg (zero padding ``k//2`` counted) or max (padding never wins)."""
-    n, c, h, w = t.shape
-    pad = k // 2
-    oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
-    fill = 0.0 if kind == "avg" else -np.inf
-    tp = np.full((n, c, h + 2 * pad, w + 2 * pad), fill)
-    tp[:, :, pad:pad + h, pad:pad + w] = t
-    out = np.empty((n, c, oh, ow))
-    for i in range(oh):
-        for j in range(ow):
-            win = tp[:, :, i * s:i * s + k, j * s:j * s + k]
-            if kind == "avg":
-                out[:, :, i, j] = win.sum(axis=(2, 3)) / (k * k)
-            else:
-                out[:, :, i, j] = win.max(axis=(2, 3))
-    return out
-
-
-def np_nearest(t, oh, ow):
-    """Nearest resize as torch does it: source index ``floor(i * H / oh)``."""
-    h, w = t.shape[2:]
-    rows = [min(i * h // oh, h - 1) for i in range(oh)]
-    cols = [min(j * w // ow, w - 1) for j in range(ow)]
-    return t[:, :, rows][:, :, :, cols]
-
-
-def np_bilinear_ac(t, oh, ow):
-    """Bilinear resize with ``align_corners=True``: source ``i (H-1)/(oh-1)``, explicit loops."""
-    n, c, h, w = t.shape
-    out = np.empty((n, c, oh, ow))
-
-    def src(i, size_in, size_out):
-        pos = i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
-        i0 = min(int(math.floor(pos)), size_in - 1)
-        i1 = min(i0 + 1, size_in - 1)
-        return i0, i1, pos - i0
-
-    for i in range(oh):
-        r0, r1, fr = src(i, h, oh)
-        for j in range(ow):
-            c0, c1, fc = src(j, w, ow)
-            out[:, :, i, j] = ((1 - fr) * (1 - fc) * t[:, :, r0, c0]
-                               + (1 - fr) * fc * t[:, :, r0, c1]
-                               + fr * (1 - fc) * t[:, :, r1, c0] + fr * fc * t[:, :, r1, c1])
-    return out
-
-
-def np_downsample(y, p, pool, stride, pool_size):
-    if stride == 1:
-        return y, p
-    if pool in ("avg", "max"):
-        return np_pool(y, pool, pool_size, stride), np_pool(p, pool, pool_size, stride)
-    oh, ow = y.shape[2] // stride, y.shape[3] // stride
-    return np_nearest(y, oh, ow), np_bilinear_ac(p, oh, ow)
-
-
-def np_region_vectors(t2d, radius):
-    """``[h, w]`` -> ``[d, K]``: column k = window (a, b), row i = dy*R + dx, window by window."""
-    h, w = t2d.shape
-    cols = []
-    for a in range(h - radius + 1):
-        for b in range(w - radius + 1):
-            cols.append([t2d[a + dy, b + dx] for dy in range(radius) for dx in range(radius)])
-    return np.array(cols).T
-
-
-def np_rmi_one(y2d, p2d, radius):
-    yv, pv = np_region_vectors(y2d, radius), np_region_vectors(p2d, radius)
-    yc = yv - yv.mean(axis=1, keepdims=True)
-    pc = pv - pv.mean(axis=1, keepdims=True)
-    sy, sp, b = yc @ yc.T, pc @ pc.T, yc @ pc.T
-    eye = np.eye(radius * radius)
-    a = np.linalg.inv(sp + POS_ALPHA * eye)
-    m = sy - b @ a @ b.T
-    chol = np.linalg.cholesky(m + POS_ALPHA * eye)
-    return float(np.log(np.diag(chol) + LOG_EPS).sum())
-
-
-def np_terms(x, labels, *, radius=3, stride=4, pool="avg", pool_size=None, ignore_index=255,
-             mode="sigmoid", probs_rule=None):
-    """``(base, rmi)`` of the spec's section 1 in numpy float64.
-
-    ``probs_rule`` overrides the rule for ``P`` (``"plus"``: ``sig*m + 1e-6``, ``"clamp"``:
-    ``clamp(sig*m, 1e-6, 1)``); by default the spec's rule for ``mode``.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    labels = np.asarray(labels).astype(np.int64)
-    n, c = x.shape[:2]
-    m, y = np_mask_onehot(labels, c, ignore_index)
-    if mode == "sigmoid":
-        base = np_bce_sum(x, y, m) / (m.sum() + 1.0)
-    else:
-        total, count = np_ce_sum_count(x, labels, ignore_index)
-        base = total / count
-    probs_rule = probs_rule or ("plus" if mode == "sigmoid" else "clamp")
-    pm = np_sigmoid(x) * m[:, None]
-    p = pm + CLIP_MIN if probs_rule == "plus" else np.clip(pm, CLIP_MIN, 1.0)
-    y, p = np_downsample(y, p, pool, stride, pool_size or stride)
-    rmi = np.array([[np_rmi_one(y[i, k], p[i, k], radius) for k in range(c)] for i in range(n)])
-    return base, float((rmi.mean(axis=0) / (radius * radius)).sum())
 
 
 def ref_terms(x, labels, **opts):
@@ -184,15 +37,15 @@ def total(base, rmi, lam, lambda_way):
 def test_numpy_resize_helpers_by_hand():
     t = np.arange(5.0).reshape(1, 1, 1, 5) * np.ones((1, 1, 3, 1))  # rows 0..4 in every row
     # bilinear align_corners=True 5 -> 3: sources 0, 2, 4; 5 -> 2: sources 0, 4; 5 -> 4: 0, 4/3, ...
-    assert np.allclose(np_bilinear_ac(t, 3, 3)[0, 0, 0], [0.0, 2.0, 4.0])
-    assert np.allclose(np_bilinear_ac(t, 3, 4)[0, 0, 0], [0.0, 4 / 3, 8 / 3, 4.0])
-    assert np.allclose(np_bilinear_ac(t, 1, 1)[0, 0, 0], [0.0])
+    assert np.allclose(vo.linear_ac(t, (3, 3))[0, 0, 0], [0.0, 2.0, 4.0])
+    assert np.allclose(vo.linear_ac(t, (3, 4))[0, 0, 0], [0.0, 4 / 3, 8 / 3, 4.0])
+    assert np.allclose(vo.linear_ac(t, (1, 1))[0, 0, 0], [0.0])
     # nearest 5 -> 2: floor(0 * 2.5) = 0, floor(1 * 2.5) = 2; 5 -> 3: 0, 1, 3
-    assert np.array_equal(np_nearest(t, 3, 2)[0, 0, 0], [0.0, 2.0])
-    assert np.array_equal(np_nearest(t, 3, 3)[0, 0, 0], [0.0, 1.0, 3.0])
+    assert np.array_equal(vo.nearest(t, (3, 2))[0, 0, 0], [0.0, 2.0])
+    assert np.array_equal(vo.nearest(t, (3, 3))[0, 0, 0], [0.0, 1.0, 3.0])
     # avg 3x3 stride 2 pad 1 on a 1x1 map of value 9: one output, 9/9 = 1 (padding counted)
-    assert np.allclose(np_pool(np.full((1, 1, 1, 1), 9.0), "avg", 3, 2), 1.0)
-    assert np.allclose(np_pool(np.full((1, 1, 1, 1), -9.0), "max", 3, 2), -9.0)
+    assert np.allclose(vo.pool(np.full((1, 1, 1, 1), 9.0), "avg", (3, 3), (2, 2)), 1.0)
+    assert np.allclose(vo.pool(np.full((1, 1, 1, 1), -9.0), "max", (3, 3), (2, 2)), -9.0)
 
 
 def test_numpy_helpers_match_torch_ops():
@@ -200,13 +53,13 @@ def test_numpy_helpers_match_torch_ops():
     t = torch.rand(1, 2, 11, 9, generator=gen, dtype=torch.float64)
     tn = t.numpy()
     for k, s in ((2, 2), (3, 2), (5, 3), (3, 3), (4, 4)):
-        assert np.allclose(np_pool(tn, "avg", k, s), F.avg_pool2d(t, k, s, k // 2).numpy(),
+        assert np.allclose(vo.pool(tn, "avg", (k, k), (s, s)), F.avg_pool2d(t, k, s, k // 2).numpy(),
                            rtol=0, atol=1e-15)
-        assert np.array_equal(np_pool(tn, "max", k, s), F.max_pool2d(t, k, s, k // 2).numpy())
+        assert np.array_equal(vo.pool(tn, "max", (k, k), (s, s)), F.max_pool2d(t, k, s, k // 2).numpy())
     for size in ((5, 4), (3, 3), (2, 4), (1, 2)):
-        assert np.array_equal(np_nearest(tn, *size), F.interpolate(t, size=size).numpy())
+        assert np.array_equal(vo.nearest(tn, size), F.interpolate(t, size=size).numpy())
         ref = F.interpolate(t, size=size, mode="bilinear", align_corners=True).numpy()
-        assert np.allclose(np_bilinear_ac(tn, *size), ref, rtol=0, atol=1e-15)
+        assert np.allclose(vo.linear_ac(tn, size), ref, rtol=0, atol=1e-15)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +89,7 @@ def test_reference_matches_numpy(opts):
     x, labels = make_inputs((2, 3, 11, 10), opts.pop("seed"), mode=opts["mode"],
                             requires_grad=False)
     loss, base, rmi = ref_terms(x, labels, **opts)
-    nb, nr = np_terms(x.numpy(), labels.numpy(), **{k: v for k, v in opts.items()
+    nb, nr = vo.terms(x.numpy(), labels.numpy(), **{k: v for k, v in opts.items()
                                                    if k not in ("lambda_way", "weight_lambda")})
     assert rel_err(base, nb) < 1e-12
     assert rel_err(rmi, nr) < 1e-11
@@ -248,7 +101,7 @@ def test_reference_ignore_index_other_than_255():
                             requires_grad=False)
     for mode in ("sigmoid", "softmax"):
         _, base, rmi = ref_terms(x, labels, radius=2, stride=2, ignore_index=1, mode=mode)
-        nb, nr = np_terms(x.numpy(), labels.numpy(), radius=2, stride=2, ignore_index=1, mode=mode)
+        nb, nr = vo.terms(x.numpy(), labels.numpy(), radius=2, stride=2, ignore_index=1, mode=mode)
         assert rel_err(base, nb) < 1e-12 and rel_err(rmi, nr) < 1e-11
 
 
@@ -264,8 +117,8 @@ def test_reference_float64_in_float64_out():
 def test_bce_normalised_by_valid_plus_one():
     x, labels = make_inputs((2, 2, 7, 7), 11, requires_grad=False)
     _, base, _ = ref_terms(x, labels, radius=1, stride=1)
-    m, y = np_mask_onehot(labels.numpy(), 2, 255)
-    s = np_bce_sum(x.numpy(), y, m)
+    m, y = vo.mask_onehot(labels.numpy(), 2, 255)
+    s = vo.bce_sum(x.numpy(), y, m)
     assert rel_err(base, s / (m.sum() + 1)) < 1e-13
     assert rel_err(base, s / m.sum()) > 1e-3  # the +1 matters at this size
 
@@ -274,7 +127,7 @@ def test_ce_normalised_by_count():
     x, labels = make_inputs((2, 3, 7, 7), 12, mode="softmax", ignore_frac=0.3,
                             requires_grad=False)
     _, base, _ = ref_terms(x, labels, radius=1, stride=1, mode="softmax")
-    s, count = np_ce_sum_count(x.numpy(), labels.numpy(), 255)
+    s, count = vo.ce_sum_count(x.numpy(), labels.numpy(), 255)
     assert count < labels.numel()
     assert rel_err(base, s / count) < 1e-13
     assert rel_err(base, s / (count + 1)) > 1e-3
@@ -301,8 +154,8 @@ def test_probability_rule_plus_vs_clamp(mode):
     _, _, rmi = ref_terms(x, labels, **opts)
     right = "plus" if mode == "sigmoid" else "clamp"
     wrong = "clamp" if mode == "sigmoid" else "plus"
-    _, nr_right = np_terms(x.numpy(), labels.numpy(), probs_rule=right, **opts)
-    _, nr_wrong = np_terms(x.numpy(), labels.numpy(), probs_rule=wrong, **opts)
+    _, nr_right = vo.terms(x.numpy(), labels.numpy(), probs_rule=right, **opts)
+    _, nr_wrong = vo.terms(x.numpy(), labels.numpy(), probs_rule=wrong, **opts)
     assert rel_err(rmi, nr_right) < 1e-12
     assert rel_err(rmi, nr_wrong) > 1e3 * rel_err(rmi, nr_right) + 1e-10
 
@@ -320,7 +173,7 @@ def test_rmi_term_can_be_negative_and_rmi_sum_over_classes():
     good = 8.0 * (2.0 * onehot - 1.0)
     _, _, rmi_good = ref_terms(good, labels, **opts)
     assert rmi_good < 0
-    assert rel_err(rmi_good, np_terms(good.numpy(), labels.numpy(), **opts)[1]) < 1e-11
+    assert rel_err(rmi_good, vo.terms(good.numpy(), labels.numpy(), **opts)[1]) < 1e-11
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,184 +1,46 @@
-"""Backend ``"triton"`` against the unfold reference: loss terms and gradients.
+"""Backend ``"triton"`` specifics: its GPU tiling and stages under the interpreter, the custom ops,
+the kernels compiled for sm_80 / sm_90 without a GPU, memory, and the probe.
 
-CPU tensors run the Triton kernels under the interpreter, which is exact (float64 included) but
-slow, so shapes are tiny. ``TRITON_INTERPRET=1`` is set before triton is imported and while this
-module's tests run (the dispatcher accepts CPU tensors for "triton" only then); the backend runs
-CPU tensors on interpreted kernels and CUDA tensors on compiled ones whatever the variable was
-at import. The CUDA test runs the same comparison compiled, in a subprocess.
+Its comparisons with the reference are in test_backends.py (the harness: interpreted on CPU
+tensors, compiled on CUDA tensors). CPU tensors run the kernels under the interpreter
+(``TRITON_INTERPRET=1``, set by tests/conftest.py without a CUDA device); the sm_80 / sm_90
+compilations run in subprocesses without it.
 """
-from triton_interpreted import interpreted, tb, tbi, triton  # noqa: F401  (first: see there)
+import functools
+import json
+import os
+import subprocess
+import sys
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import rmi_ext  # noqa: E402
-from rmi_ext import torch_backend  # noqa: E402
-from rmi_ext._config import make_config  # noqa: E402
-
-TOLS = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4),
-        torch.float16: (1e-5, 2e-2), torch.bfloat16: (1e-5, 5e-2)}  # (loss rel, grad rel to max)
-GRAD_OUT = 1.7
+import rmi_ext
+from rmi_ext import torch_backend
+from rmi_ext._config import make_config
+from conftest import compare, make_inputs
+from triton_interpreted import requires_interpreter, tb, triton  # noqa: F401
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    """``TRITON_INTERPRET=1`` while this module runs, and the interpreter's int32-overflow
-    sanitizer off: it about doubles the run time, and no index can overflow at these sizes."""
-    yield from interpreted(False, sanitize_overflow=False)
 
+# ---- Triton's own tiling and stages ------------------------------------------------------
 
-def _inputs(n=2, c=2, h=13, w=11, dtype=torch.float64, seed=0, ignored=True, out_of_range=False,
-            label_dtype=torch.int64, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    logits = (2.0 * torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)).to(dtype)
-    labels = torch.randint(0, c, (n, h, w), generator=gen)
-    if ignored:
-        labels[0, : h // 3, : w // 2] = 255
-    if out_of_range:  # ignored by the mask (sigmoid mode only: the reference CE raises on them)
-        labels[-1, -2:, :] = c
-        labels[-1, -1, ::3] = -1
-    return logits.to(device), labels.to(label_dtype).to(device)
-
-
-def _terms_and_grad(logits, labels, backend, **kw):
-    x = logits.detach().clone().requires_grad_()
-    terms = rmi_ext.rmi_loss_terms(x, labels, backend=backend, **kw)
-    (GRAD_OUT * terms.loss).backward()
-    return [t.detach() for t in terms], x.grad
-
-
-def _compare(logits, labels, **kw):
-    """Triton vs reference on the same inputs: total, both terms and the gradient."""
-    ref_terms, ref_grad = _terms_and_grad(logits, labels, "reference", **kw)
-    tri_terms, tri_grad = _terms_and_grad(logits, labels, "triton", **kw)
-    loss_tol, grad_tol = TOLS[logits.dtype]
-    for name, t, r in zip(("loss", "base", "rmi"), tri_terms, ref_terms):
-        assert t.dtype == r.dtype, name
-        assert torch.isfinite(t), name
-        err = (t.double() - r.double()).abs().item()
-        assert err <= loss_tol * max(r.double().abs().item(), 1e-3), (name, t.item(), r.item())
-    assert tri_grad.dtype == logits.dtype and tri_grad.shape == logits.shape
-    assert torch.isfinite(tri_grad).all()
-    diff = (tri_grad.double() - ref_grad.double()).abs().max().item()
-    scale = ref_grad.double().abs().max().item()
-    assert diff <= grad_tol * scale, (diff, scale)
-    return tri_grad
-
-
-# ---- float64: every pool mode x both modes, strides, radii, odd sizes ----------------------------
-
-@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("pool", ["avg", "max", "interp"])
-def test_pool_modes_float64(pool, mode):
-    logits, labels = _inputs(c=3, out_of_range=mode == "sigmoid")
-    _compare(logits, labels, radius=2, stride=2, pool=pool, mode=mode)
-
-
-@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_no_downsampling_float64(mode):
-    logits, labels = _inputs(h=11, w=10, out_of_range=mode == "sigmoid")
-    _compare(logits, labels, radius=3, stride=1, mode=mode)
-
-
-@pytest.mark.parametrize("pool,mode", [("avg", "sigmoid"), ("max", "softmax"),
-                                       ("interp", "sigmoid")])
-def test_stride3_float64(pool, mode):
-    logits, labels = _inputs(h=16, w=14)
-    _compare(logits, labels, radius=2, stride=3, pool=pool, mode=mode)
-
-
-@pytest.mark.parametrize("radius,stride,size", [(1, 2, (9, 7)), (3, 2, (15, 13)),
-                                                (5, 1, (13, 12))])
-def test_radius_float64(radius, stride, size):
-    logits, labels = _inputs(h=size[0], w=size[1])
-    _compare(logits, labels, radius=radius, stride=stride, pool="avg")
-
-
-@pytest.mark.parametrize("pool,pool_size", [("avg", 3), ("max", 3), ("avg", 1)])
-def test_pool_size_float64(pool, pool_size):
-    """Overlapping (k > s) and sparse (k < s) windows, padding k // 2."""
-    logits, labels = _inputs(h=14, w=13)
-    _compare(logits, labels, radius=2, stride=2, pool=pool, pool_size=pool_size)
-
-
-@pytest.mark.parametrize("stride,pool", [(1, "avg"), (2, "max")])
-def test_channels_last_float64(stride, pool):
-    logits, labels = _inputs(h=12, w=11)
-    logits = logits.to(memory_format=torch.channels_last)
-    grad = _compare(logits, labels, radius=2, stride=stride, pool=pool)
-    assert grad.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_strided_views_float64():
-    """Non-contiguous logits (a strided slice) and labels (a transposed int32 view)."""
-    big, _ = _inputs(n=2, c=4, h=13, w=23)
-    logits = big[:, 1:3, :, ::2]
-    _, labels = _inputs(h=12, w=13, label_dtype=torch.int32)
-    labels = labels.transpose(1, 2)
-    assert not logits.is_contiguous() and not labels.is_contiguous()
-    _compare(logits, labels, radius=2, stride=2, pool="avg", mode="softmax")
-
-
-@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_options_float64(mode):
-    """uint8 labels, ignore_index 1 (a value Triton would specialise), lambda_way 0."""
-    logits, labels = _inputs(c=3, h=10, w=12, ignored=False, label_dtype=torch.uint8)
-    _compare(logits, labels, radius=2, stride=2, pool="max", ignore_index=1, lambda_way=0,
-             weight_lambda=0.3, mode=mode)
-
-
-@pytest.mark.parametrize("stride,pool", [(1, "avg"), (2, "max")])
-def test_uint8_labels_with_256_classes_float64(stride, pool):
-    """uint8 labels where 255 is a class (C = 256, ignore_index 7): the kernels' padded lanes
-    (the 9x10 image fills no block) must not read as label 255."""
-    logits, labels = _inputs(n=1, c=256, h=9, w=10, ignored=False)
-    labels[0, 0, :4] = 255
-    _compare(logits, labels.to(torch.uint8), radius=2, stride=stride, pool=pool, ignore_index=7)
-
-
-@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_all_ignored_and_single_class_float64(mode):
-    logits, labels = _inputs(n=2, c=1, h=9, w=10)
-    labels[0] = 255  # an all-ignored image
-    _compare(logits, labels, radius=2, stride=2, pool="avg", mode=mode)
-
-
+@requires_interpreter
 @pytest.mark.parametrize("stride,pool,mode", [(1, "avg", "softmax"), (2, "max", "sigmoid")])
 def test_gpu_block_sizes_float64(stride, pool, mode, monkeypatch):
     """The CUDA tiling (several pooled and full-resolution tiles per plane, window splits in the
     moment kernel) under the interpreter: the CPU default uses one block per plane."""
-    monkeypatch.setattr(tbi, "_interpreted", lambda t: False)
-    logits, labels = _inputs(n=1, h=37, w=70)
-    _compare(logits, labels, radius=2, stride=stride, pool=pool, mode=mode)
-
-
-# ---- float32 and half precision ------------------------------------------------------------------
-
-@pytest.mark.parametrize("pool,mode,stride,radius", [("avg", "sigmoid", 2, 3),
-                                                     ("max", "softmax", 2, 2),
-                                                     ("interp", "sigmoid", 2, 2),
-                                                     ("avg", "softmax", 1, 2)])
-def test_float32(pool, mode, stride, radius):
-    logits, labels = _inputs(dtype=torch.float32, h=15, w=13)
-    _compare(logits, labels, radius=radius, stride=stride, pool=pool, mode=mode)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype):
-    logits, labels = _inputs(dtype=dtype, h=12, w=12)
-    _compare(logits, labels, radius=2, stride=2, pool="avg")
+    monkeypatch.setattr(tb, "_INTERPRETER_BLOCKS", False)
+    logits, labels = make_inputs((1, 2, 37, 70), 3, mode=mode)
+    compare("triton", logits, labels, radius=2, stride=stride, pool=pool, mode=mode)
 
 
 # ---- stages and errors ---------------------------------------------------------------------------
 
+@requires_interpreter
 @pytest.mark.parametrize("stride,mode", [(2, "sigmoid"), (1, "softmax")])
 def test_forward_stats_match_torch_backend(stride, mode):
-    logits, labels = _inputs(h=12, w=10)
+    logits, labels = make_inputs((2, 2, 12, 10), requires_grad=False)
     cfg = make_config(radius=3, stride=stride, pool="max", mode=mode)
     got = tb.forward_stats(logits, labels, cfg)
     want = torch_backend.forward_stats(logits, labels, cfg)
@@ -189,34 +51,38 @@ def test_forward_stats_match_torch_backend(stride, mode):
     assert torch.equal(sy_sp, sy_sp.transpose(-2, -1))  # both halves filled, exactly symmetric
 
 
+@requires_interpreter
 @pytest.mark.parametrize("stride", [1, 2])
 def test_moment_window_splits(stride):
     """Stage (b) with the windows split over programs (the GPU tiling), two offset blocks
     (d = 25 > 16 at stride 1) and arbitrary plane offsets: same moments as the torch stage."""
-    logits, labels = _inputs(h=12, w=11)
+    logits, labels = make_inputs((2, 2, 12, 11), requires_grad=False)
     cfg = make_config(radius=5 if stride == 1 else 3, stride=stride, pool="avg")
-    pmap, ymap, _, _, _ = tbi._main_pass(logits, labels, cfg, do_base=False, store_argmax=False)
+    maps = tb._first_term_and_pooled_maps(logits, labels, cfg, first_term=False,
+                                          store_argmax=False)
     _, _, _, y, p = torch_backend.prepare_maps(logits, labels, cfg)
     want = torch_backend.moment_sums(y, p, cfg.radius)
     offsets = torch.tensor([[0.3, 0.7]], dtype=torch.float64).repeat(logits.shape[0] *
                                                                       logits.shape[1], 1)
     for tiling in [(16, 2)]:
-        got = tbi._moments(logits, pmap, ymap, labels, offsets, cfg, tiling=tiling)
+        got = tb._moment_sums(logits, maps.p, maps.y, labels, offsets, cfg, tiling=tiling)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=str(tiling))
 
 
+@requires_interpreter
 def test_nonfinite_logits_raise():
-    logits, labels = _inputs(n=1, c=2, h=8, w=8)
+    logits, labels = make_inputs((1, 2, 8, 8), requires_grad=False)
     logits[0, 1, 3, 4] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or Inf"):
         rmi_ext.rmi_loss(logits, labels, radius=2, stride=2, backend="triton")
 
 
+@requires_interpreter
 def test_torch_compile_fullgraph():
     """The custom ops' fake kernels let dynamo/AOTAutograd trace forward and backward."""
     torch._dynamo.reset()
-    logits, labels = _inputs(n=1, h=10, w=9, dtype=torch.float32)
+    logits, labels = make_inputs((1, 2, 10, 9), dtype=torch.float32, requires_grad=False)
 
     def loss_fn(x, lab):
         return rmi_ext.rmi_loss(x, lab, radius=2, stride=2, pool="max", backend="triton")
@@ -230,8 +96,9 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grad_c, grad_e, rtol=1e-5, atol=1e-8)
 
 
+@requires_interpreter
 def test_custom_ops_opcheck():
-    logits, labels = _inputs(n=1, c=2, h=8, w=8)
+    logits, labels = make_inputs((1, 2, 8, 8), requires_grad=False)
     args = (logits, labels, 2, 2, "avg", 2, 255, "sigmoid")
     torch.library.opcheck(torch.ops.rmi_ext.triton_forward_stats.default, args,
                           test_utils=("test_schema", "test_faketensor"))
@@ -262,149 +129,140 @@ class _FakeCudaDriver:
         return 0
 
 
-def _compile_kernels(monkeypatch, arch, logits, labels, cfg):
+def _compile_kernels(arch, logits, labels, cfg):
     """The backend's forward and backward with the compiled kernels (CUDA block sizes) put
     through the whole Triton pipeline down to a cubin for sm_<arch>, without a GPU: every launch
-    only compiles. Returns ``[(kernel name, CompiledKernel)]`` in launch order. The host code
-    runs as usual on the uninitialised outputs; ``logits`` and ``labels`` are never read."""
+    only compiles. Returns ``[(kernel name, shared memory bytes)]`` in launch order. The host
+    code runs as usual on the uninitialised outputs; ``logits`` and ``labels`` are never read.
+    Needs compiled kernels: run by :func:`_compiled_in_subprocess`."""
     from triton.runtime.jit import JITFunction
-    try:
-        compiled = tb._module_for(torch.empty(0, device="meta"))
-    except Exception as exc:  # pragma: no cover - depends on the triton build
-        pytest.skip(f"cannot build the compiled kernels here: {exc!r}")
     kernels = []
-    with monkeypatch.context() as mp:
-        mp.setattr(triton.runtime.driver, "_active", _FakeCudaDriver(arch))
-        run = JITFunction.run
+    run = JITFunction.run
 
-        def compile_only(self, *args, grid, warmup, **kwargs):
-            kernels.append((self.__name__, run(self, *args, grid=grid, warmup=True, **kwargs)))
-            return kernels[-1][1]
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        kernels.append((self.__name__, kernel.metadata.shared))
+        return kernel
 
-        mp.setattr(JITFunction, "run", compile_only)
-        mp.setattr(compiled, "_interpreted", lambda t: False)
-        mp.setattr(compiled, "_module_for", lambda t: compiled)
-        n, c = logits.shape[:2]
-        d = cfg.dim
-        try:
-            compiled._forward_impl(logits, labels, cfg)
-            compiled._backward_impl(logits, labels, cfg, torch.tensor(0.5, dtype=torch.float64),
-                                    torch.zeros(n, c, 2, d, d, dtype=torch.float64),
-                                    torch.zeros(n, c, d, dtype=torch.float64))
-        finally:
-            for value in vars(compiled).values():  # no fake-target binders left for a device
-                if isinstance(value, JITFunction):
-                    value.device_caches.clear()
+    triton.runtime.driver.set_active(_FakeCudaDriver(arch))
+    JITFunction.run = compile_only
+    n, c = logits.shape[:2]
+    d = cfg.dim
+    try:
+        tb._forward_impl(logits, labels, cfg)
+        tb._backward_impl(logits, labels, cfg, torch.tensor(0.5, dtype=torch.float64),
+                          torch.zeros(n, c, 2, d, d, dtype=torch.float64),
+                          torch.zeros(n, c, d, dtype=torch.float64))
+    finally:
+        JITFunction.run = run  # (the fake driver stays: this process only compiles)
+        for value in vars(tb).values():  # no fake-target binders left for the next arch
+            if isinstance(value, JITFunction):
+                value.device_caches.clear()
     return kernels
 
 
+def _compile_cases(cases):
+    """:func:`_compile_kernels` for each ``(arch, shape, dtype name, channels_last, opts)``."""
+    results = []
+    for arch, shape, dtype, channels_last, opts in cases:
+        logits = torch.empty(shape, dtype=getattr(torch, dtype))
+        if channels_last:
+            logits = logits.to(memory_format=torch.channels_last)
+        labels = torch.empty((shape[0], *shape[2:]), dtype=torch.int64)
+        results.append(_compile_kernels(arch, logits, labels, make_config(**opts)))
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_in_subprocess(cases_json):
+    """:func:`_compile_cases` of the JSON list ``cases_json`` in a subprocess without
+    ``TRITON_INTERPRET`` (compiled kernels): one per test, for all its cases. ``None`` where
+    the compiled kernels cannot be built here (a skip)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    script = ("import json, sys, test_triton; "
+              "print(json.dumps(test_triton._compile_cases(json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", script, cases_json], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SM90_CASES = [
+    ("float32", dict(radius=3, stride=4, pool="avg", mode="sigmoid")),
+    ("float64", dict(radius=10, stride=1, mode="softmax")),
+    ("bfloat16", dict(radius=2, stride=3, pool="max", pool_size=5, ignore_index=1)),
+    ("float16", dict(radius=3, stride=2, pool="interp", mode="softmax")),
+]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="test_cuda_compiled runs the real thing")
-@pytest.mark.parametrize("dtype,opts", [
-    (torch.float32, dict(radius=3, stride=4, pool="avg", mode="sigmoid")),
-    (torch.float64, dict(radius=10, stride=1, mode="softmax")),
-    (torch.bfloat16, dict(radius=2, stride=3, pool="max", pool_size=5, ignore_index=1)),
-    (torch.float16, dict(radius=3, stride=2, pool="interp", mode="softmax")),
-])
-def test_kernels_compile_for_sm90(dtype, opts, monkeypatch):
+@pytest.mark.parametrize("case", range(len(SM90_CASES)))
+def test_kernels_compile_for_sm90(case):
     """Without a GPU: the compiled kernels (CUDA block sizes) go through the whole Triton
     pipeline down to a cubin for sm_90 (the interpreter accepts code the compiler rejects, e.g.
     a loop-carried variable changing type). Nothing is launched."""
-    cfg = make_config(**opts)
-    logits, labels = _inputs(n=2, c=3, h=37, w=41, dtype=dtype)
-    logits = logits.to(memory_format=torch.channels_last)
-    names = {name for name, _ in _compile_kernels(monkeypatch, 90, logits, labels, cfg)}
-    want = {"_main_pass_kernel", "_moment_kernel", "_stencil_kernel"}
+    cases = [(90, (2, 3, 37, 41), dtype, True, opts) for dtype, opts in SM90_CASES]
+    names = {name for name, _ in _compiled_in_subprocess(json.dumps(cases))[case]}
+    cfg = make_config(**SM90_CASES[case][1])
+    want = {"_first_term_and_pooled_maps_kernel", "_moment_sums_kernel",
+            "_pooled_grad_stencil_kernel"}
     if cfg.stride > 1:  # stride 1: the stencil kernel writes the gradient
-        want.add("_grad_kernel")
+        want.add("_full_res_grad_kernel")
     if cfg.mode == "softmax":
-        want.add("_lse_kernel")
+        want.add("_first_term_lse_kernel")
     assert want <= names
 
 
 #: Shared memory one block may use (the opt-in maximum) on A100 (sm_80) and H100/H200 (sm_90).
 SHARED_LIMITS = {80: 166912, 90: 232448}
+SHARED_SHAPES = [((16, 21, 513, 513), 4), ((8, 21, 513, 513), 1)]
+
+
+def _shared_memory_cases():
+    """Every kernel at the headline shapes: both modes, float32 and bfloat16 logits, every pool
+    (stride > 1), for sm_80 and sm_90: ``[((arch, shape index), case), ...]``."""
+    cases = []
+    for arch in SHARED_LIMITS:
+        for index, (shape, stride) in enumerate(SHARED_SHAPES):
+            for dtype in ("float32", "bfloat16"):
+                for mode in ("sigmoid", "softmax"):
+                    for pool in ("avg", "max", "interp") if stride > 1 else ("avg",):
+                        opts = dict(radius=3, stride=stride, pool=pool, mode=mode)
+                        cases.append(((arch, index), (arch, shape, dtype, False, opts)))
+    return cases
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles with a fake driver")
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("shape,stride", [((16, 21, 513, 513), 4), ((8, 21, 513, 513), 1)])
-def test_kernels_fit_shared_memory(shape, stride, arch, monkeypatch):
+@pytest.mark.parametrize("shape,stride", SHARED_SHAPES)
+def test_kernels_fit_shared_memory(shape, stride, arch):
     """Every kernel compiled for the headline shapes (both modes, float32 and bfloat16 logits,
     every pool) asks for no more shared memory per block than sm_<arch> has: a launch would
     fail with OutOfResources otherwise. The logits are never touched (address space only)."""
-    n, c, h, w = shape
-    labels = torch.empty((n, h, w), dtype=torch.int64)
+    cases = _shared_memory_cases()
+    results = _compiled_in_subprocess(json.dumps([case for _, case in cases]))
     used = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        logits = torch.empty(shape, dtype=dtype)
-        for mode in ("sigmoid", "softmax"):
-            for pool in ("avg", "max", "interp") if stride > 1 else ("avg",):
-                cfg = make_config(radius=3, stride=stride, pool=pool, mode=mode)
-                for name, kernel in _compile_kernels(monkeypatch, arch, logits, labels, cfg):
-                    key = (name, str(dtype), mode, pool)
-                    used[key] = max(used.get(key, 0), kernel.metadata.shared)
-    assert {key[0] for key in used} == {"_main_pass_kernel", "_lse_kernel", "_moment_kernel",
-                                        "_stencil_kernel"} | ({"_grad_kernel"} if stride > 1 else set())
-    over = {key: shared for key, shared in used.items() if shared > SHARED_LIMITS[arch]}
+    for (key, case), kernels in zip(cases, results):
+        if key != (arch, SHARED_SHAPES.index((shape, stride))):
+            continue
+        _, _, dtype, _, opts = case
+        for name, shared in kernels:
+            k = (name, dtype, opts["mode"], opts["pool"])
+            used[k] = max(used.get(k, 0), shared)
+    assert {k[0] for k in used} == {
+        "_first_term_and_pooled_maps_kernel", "_first_term_lse_kernel", "_moment_sums_kernel",
+        "_pooled_grad_stencil_kernel"} | ({"_full_res_grad_kernel"} if stride > 1 else set())
+    over = {k: shared for k, shared in used.items() if shared > SHARED_LIMITS[arch]}
     assert not over, (SHARED_LIMITS[arch], over)
 
 
-_CUDA_SCRIPT = textwrap.dedent("""
-    import torch, rmi_ext
-    torch.manual_seed(0)
-    TOLS = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4),
-            torch.float16: (1e-4, 2e-2), torch.bfloat16: (1e-4, 5e-2)}
-    def run(dtype, n=2, c=4, h=37, w=45, channels_last=False, **kw):
-        x = (2 * torch.randn(n, c, h, w, dtype=torch.float64, device="cuda")).to(dtype)
-        lab = torch.randint(0, c, (n, h, w), device="cuda")
-        lab[0, : h // 3, : w // 2] = 255
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        out = []
-        for be in ("reference", "triton"):
-            xx = x.detach().clone().requires_grad_()
-            terms = rmi_ext.rmi_loss_terms(xx, lab, backend=be, **kw)
-            (1.7 * terms.loss).backward()
-            out.append((terms, xx.grad))
-        (rt, rg), (tt, tg) = out
-        lt, gt = TOLS[dtype]
-        for a, b in zip(tt, rt):
-            assert abs(a.item() - b.item()) <= lt * max(abs(b.item()), 1e-3), (kw, a, b)
-        err = ((tg.double() - rg.double()).abs().max() / rg.double().abs().max()).item()
-        assert err <= gt, (kw, dtype, err)
-        print("ok", dtype, kw, err)
-    for dtype in (torch.float64, torch.float32):
-        for pool in ("avg", "max", "interp"):
-            for mode in ("sigmoid", "softmax"):
-                run(dtype, pool=pool, mode=mode, radius=3, stride=4)
-        run(dtype, radius=3, stride=1, h=29, w=31)
-        run(dtype, radius=2, stride=3, pool="max", pool_size=5, channels_last=True)
-        run(dtype, radius=10, stride=2, h=70, w=66)
-        run(dtype, radius=1, stride=2, ignore_index=1, mode="softmax")
-    for dtype in (torch.float16, torch.bfloat16):
-        run(dtype, radius=3, stride=4, h=64, w=64)
-    big = torch.randn(2, 19, 256, 256, device="cuda", requires_grad=True)
-    lab = torch.randint(0, 19, (2, 256, 256), device="cuda")
-    for stride in (1, 4):
-        l_ref = rmi_ext.rmi_loss(big, lab, stride=stride, backend="torch")
-        l_tri = rmi_ext.rmi_loss(big, lab, stride=stride, backend="triton")
-        assert abs(l_ref.item() - l_tri.item()) <= 1e-5 * abs(l_ref.item()), (l_ref, l_tri)
-    print("all ok")
-""")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(rmi_ext.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", _CUDA_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 # ---- memory ------------------------------------------------------------------------------------
 
+@requires_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stride", [1, 4])
 def test_peak_memory_within_the_gradient_size(stride, dtype):
@@ -432,11 +290,13 @@ def test_peak_memory_within_the_gradient_size(stride, dtype):
 
 # ---- probe -------------------------------------------------------------------------------------
 
+@requires_interpreter
 def test_probe_launches_the_tiny_kernel():
     """``probe`` (called once per device by the dispatcher) runs its kernel: interpreted here."""
     assert tb.probe(torch.device("cpu")) is None
 
 
+@requires_interpreter
 def test_probe_reports_why_the_launch_fails(monkeypatch):
     def fail(device):
         raise RuntimeError("Failed to find C compiler")

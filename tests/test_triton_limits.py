@@ -9,25 +9,27 @@ The interpreter's int32-overflow sanitizer is on in this module (with ``debug``,
 checks need): an int32 product or sum that overflows, as ``n * stride_n`` would without a cast
 to int64, fails the test with an assertion instead of reading some other address.
 """
-from triton_interpreted import interpreted, tb, tbi, triton  # noqa: F401  (first: see there)
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import rmi_ext  # noqa: E402
-from rmi_ext._config import make_config  # noqa: E402
+import rmi_ext
+from rmi_ext._config import make_config
+from conftest import interpreter_options
+from triton_interpreted import requires_interpreter, tb
 
 interpreter = pytest.importorskip("triton.runtime.interpreter")
 
 BIG = 2**31
 GRAD_OUT = 1.7
 
+pytestmark = requires_interpreter
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter():
-    """``TRITON_INTERPRET=1`` and the interpreter's int32-overflow sanitizer on (its checks are
-    device asserts: they need ``debug`` too)."""
-    yield from interpreted(True, sanitize_overflow=True, debug=True)
+    """The interpreter's int32-overflow sanitizer on (its checks are device asserts: they need
+    ``debug`` too)."""
+    yield from interpreter_options(True, sanitize_overflow=True, debug=True)
 
 
 def _virtual(numel, dtype):
@@ -124,7 +126,7 @@ def _only_plane(monkeypatch, n, c, plane):
     """Every kernel of the interpreted module runs only plane ``plane`` (image ``plane // c``)."""
     image = plane // c
 
-    def plane_axis0(g):  # grid (N*C, ...): main pass, moments, gradient
+    def plane_axis0(g):  # grid (N*C, ...): pooled maps, moment sums, full-resolution gradient
         return (1, g[1], g[2]), lambda x, y, z: (plane, y, z)
 
     def image_axis1(g):  # grid (blocks, N): logsumexp
@@ -133,10 +135,14 @@ def _only_plane(monkeypatch, n, c, plane):
     def plane_blocks(g):  # 1-d grid (N*C * blocks,), planes fastest: stencil
         return (g[0] // (n * c),), lambda x, y, z: (x * n * c + plane, y, z)
 
-    for name, select in [("_main_pass_kernel", plane_axis0), ("_moment_kernel", plane_axis0),
-                         ("_grad_kernel", plane_axis0), ("_lse_kernel", image_axis1),
-                         ("_stencil_kernel", plane_blocks)]:
-        monkeypatch.setattr(tbi, name, _OnePlane(getattr(tbi, name), select))
+    for name, select in [("_first_term_and_pooled_maps_kernel", plane_axis0),
+                         ("_moment_sums_kernel", plane_axis0),
+                         ("_full_res_grad_kernel", plane_axis0),
+                         ("_first_term_lse_kernel", image_axis1),
+                         ("_pooled_grad_stencil_kernel", plane_blocks)]:
+        monkeypatch.setattr(tb, name, _OnePlane(getattr(tb, name), select))
+    # the backward in one block of all planes: its maps past element 2^31 too
+    monkeypatch.setattr(tb, "_plane_blocks", lambda logits, cfg: [range(n * c)])
 
 
 class _GradInto:
@@ -166,25 +172,25 @@ def _stages(logits, labels, cfg, coef, shift, image, channel):
     plane = image * c + channel
     out = {}
     store_argmax = cfg.stride > 1 and cfg.pool == "max"
-    pmap, ymap, amax, part, cnt = tbi._main_pass(logits, labels, cfg, do_base=True,
-                                                 store_argmax=store_argmax)
-    for name, t in (("P", pmap), ("Y", ymap), ("arg-max", amax)):
-        if t.dim() == 4:  # stored maps only
-            out[name] = t[image, channel].clone()
-    out["main-pass partial sums"] = _plane_rows(part, n * c, plane).clone()
-    out["counts"] = _plane_rows(cnt, n * c, plane).clone()
-    out["dloss/dP"] = tbi._stencil(logits, pmap, ymap, labels, coef, shift,
-                                   cfg)[image, channel].clone()
-    del pmap, ymap, amax
+    maps = tb._first_term_and_pooled_maps(logits, labels, cfg, first_term=True,
+                                          store_argmax=store_argmax)
+    for name, t in (("P", maps.p), ("Y", maps.y), ("arg-max", maps.argmax)):
+        if t.dim() == 3:  # stored maps only
+            out[name] = t[plane].clone()
+    out["pooled-maps partial sums"] = _plane_rows(maps.partial_sums, n * c, plane).clone()
+    out["counts"] = _plane_rows(maps.counts, n * c, plane).clone()
+    out["dloss/dP"] = tb._pooled_grad_stencil(logits, maps.p, maps.y, labels, coef, shift,
+                                              cfg)[plane].clone()
+    del maps
     if cfg.mode == "softmax":
-        lse, part = tbi._lse(logits, labels, cfg, store_lse=True, ce_sums=True)
+        lse, part = tb._first_term_lse(logits, labels, cfg, store_lse=True, ce_sums=True)
         out["lse"] = lse[image].clone()
         out["CE partial sums"] = _plane_rows(part, n, image).clone()
         del lse
-    means, cov = tbi._forward_impl(logits, labels, cfg)[3:]
+    means, cov = tb._forward_impl(logits, labels, cfg)[3:]
     out["means"], out["cov"] = means[image, channel].clone(), cov[image, channel].clone()
-    grad = tbi._backward_impl(logits, labels, cfg, torch.tensor(0.3, dtype=torch.float64),
-                              coef, shift)
+    grad = tb._backward_impl(logits, labels, cfg, torch.tensor(0.3, dtype=torch.float64),
+                             coef, shift)
     out["gradient"] = grad[image, channel].clone()
     return out
 
@@ -230,7 +236,7 @@ def test_map_planes_past_2_31_elements(mode, stride, pool, c, size, monkeypatch)
     if stride > 1:  # empty_like(logits) would reserve 4x the pooled maps: all planes share out
         out = torch.empty((c, hgt, wid), dtype=logits.dtype).as_strided(
             (n, c, hgt, wid), (0, hgt * wid, wid, 1))
-        monkeypatch.setattr(tbi, "torch", _GradInto(logits, out))
+        monkeypatch.setattr(tb, "torch", _GradInto(logits, out))
     _only_plane(monkeypatch, n, c, image * c + c - 1)
     got = _stages(logits, labels, cfg, coef, shift, image, c - 1)
 
@@ -269,9 +275,9 @@ def test_oversized_plane_raises():
     labels = torch.zeros((1, 1, 1), dtype=torch.int64).expand(1, 2**15, 2**15)
     cfg = make_config(radius=2, stride=2)
     with pytest.raises(ValueError, match=r"32768 x 32768 = 1073741824 pixels"):
-        tbi._forward_impl(logits, labels, cfg)
+        tb._forward_impl(logits, labels, cfg)
     with pytest.raises(ValueError, match=r"32768 x 32768"):
-        tbi._backward_impl(logits, labels, cfg, torch.tensor(1.0, dtype=torch.float64),
+        tb._backward_impl(logits, labels, cfg, torch.tensor(1.0, dtype=torch.float64),
                            torch.zeros(1, 2, 2, 4, 4, dtype=torch.float64),
                            torch.zeros(1, 2, 4, dtype=torch.float64))
 
@@ -280,14 +286,15 @@ def test_grid_limits_raise(monkeypatch):
     """A launch grid beyond CUDA's limits is a ValueError naming the logits' shape, not a
     launch failure: a 2^24 x 2 image with the CUDA tiling needs 65536 row tiles of 256; softmax
     mode takes at most 65535 images."""
-    monkeypatch.setattr(tbi, "_interpreted", lambda t: False)
+    monkeypatch.setattr(tb, "_INTERPRETER_BLOCKS", False)
     logits = torch.empty((1, 1, 1, 1)).expand(1, 1, 2**24, 2)
     labels = torch.zeros((1, 1, 1), dtype=torch.int64).expand(1, 2**24, 2)
     with pytest.raises(ValueError, match=r"main pass .* shape \(1, 1, 16777216, 2\) needs a "
                                          r"launch grid \(1, 65536, 1\)"):
-        tbi._forward_impl(logits, labels, make_config(radius=2, stride=1))
+        tb._forward_impl(logits, labels, make_config(radius=2, stride=1))
     # softmax: images on the grid's second axis, at most 65535 of them
     logits = torch.empty((1, 1, 1, 1)).expand(65536, 2, 1, 1)
     labels = torch.zeros((1, 1, 1), dtype=torch.int64).expand(65536, 1, 1)
     with pytest.raises(ValueError, match=r"logsumexp .* launch grid \(1, 65536\)"):
-        tbi._lse(logits, labels, make_config(mode="softmax"), store_lse=False, ce_sums=True)
+        tb._first_term_lse(logits, labels, make_config(mode="softmax"), store_lse=False,
+                           ce_sums=True)

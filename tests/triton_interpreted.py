@@ -1,42 +1,16 @@
-"""The Triton backend with interpreted kernels, for the Triton test modules.
+"""The Triton interpreter for the Triton test modules' CPU tensors.
 
-``TRITON_INTERPRET=1`` must be set before triton (and the backend's kernels) are first
-imported; it is put back afterwards so that modules collected later see the session's own
-setting. Each test module sets it again while its tests run (:func:`interpreted`).
+Triton kernels are interpreted iff ``TRITON_INTERPRET=1`` when triton and the backend are first
+imported: tests/conftest.py sets it when no CUDA device is present. Elsewhere (compiled
+kernels) the tests on CPU tensors are skipped (:data:`requires_interpreter`).
 """
-import dataclasses
-import os
-
 import pytest
-import torch
 
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton")
-    from rmi_ext import triton_backend as tb
-finally:
-    if _INTERPRET_BEFORE is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+import rmi_ext
 
-tbi = tb._module_for(torch.empty(0))  # the backend's stages with interpreted kernels (CPU)
+triton = pytest.importorskip("triton")
+from rmi_ext import triton_backend as tb  # noqa: E402
 
-
-def interpreted(required: bool, **builder_options):
-    """Body of a module-scoped fixture: ``TRITON_INTERPRET=1`` and the interpreter builder's
-    options replaced (e.g. ``sanitize_overflow``) until the module ends. ``required=False``
-    keeps going on a triton whose interpreter lacks those options."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    try:
-        from triton.runtime import interpreter
-
-        builder = interpreter.interpreter_builder
-        mp.setattr(builder, "options", dataclasses.replace(builder.options, **builder_options))
-    except (ImportError, AttributeError, TypeError):
-        if required:
-            raise
-    yield
-    mp.undo()
+#: True where the backend runs CPU tensors (interpreted kernels), else the reason it cannot.
+ON_CPU = rmi_ext.backend_info("cpu")["available"]["triton"]
+requires_interpreter = pytest.mark.skipif(ON_CPU is not True, reason=f"Triton on CPU: {ON_CPU}")

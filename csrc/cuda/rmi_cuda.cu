@@ -72,7 +72,7 @@ ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels
   Tensor nonfinite = at::empty({}, i64);
   Tensor means = at::empty({g.N, g.C, 2, d}, f64), cov = at::empty({g.N, g.C, 3, d, d}, f64);
 
-  const unsigned int parts = plan.stats_blocks;
+  const unsigned int parts = plan.first_term_blocks;
   Tensor part_sums = at::empty({2, parts}, f64), part_nonfinite = at::empty({parts}, i64);
   Tensor offsets = at::empty({planes, 2}, f64);
   // Bounded by plan_moments (1/4 byte per logit); no pooled map is stored: the offsets and the
@@ -86,17 +86,19 @@ ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels
       using label_t = decltype(label_tag);
       const scalar_t* x = logits.const_data_ptr<scalar_t>();
       const label_t* l = labels.const_data_ptr<label_t>();
-      base_stats_kernel<scalar_t, acc_t, label_t><<<parts, kThreads, 0, stream>>>(
+      // (a) first_term: per-block sums (first_term_final_kernel adds them up below).
+      first_term_kernel<scalar_t, acc_t, label_t><<<parts, kThreads, 0, stream>>>(
           x, l, g, dv, part_sums[0].mutable_data_ptr<double>(),
           part_sums[1].mutable_data_ptr<double>(), part_nonfinite.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // (b) moment_sums, on the pooled maps of (a) computed from the logits tile by tile.
       dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
         constexpr int k = decltype(kind)::value;
-        plane_offsets_kernel<scalar_t, acc_t, label_t, k>
+        moment_sums_offsets_kernel<scalar_t, acc_t, label_t, k>
             <<<plan.plane_blocks, kThreads, 0, stream>>>(x, l, g, dv,
                                                           offsets.mutable_data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        moment_partials_kernel<scalar_t, acc_t, label_t, k>
+        moment_sums_partials_kernel<scalar_t, acc_t, label_t, k>
             <<<plan.moment_grid, kThreads, 0, stream>>>(
                 x, l, offsets.const_data_ptr<double>(), g, dv, plan.moments,
                 partials.mutable_data_ptr<double>());
@@ -104,12 +106,12 @@ ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels
       });
     });
   });
-  base_stats_final_kernel<<<1, kThreads, 0, stream>>>(
+  first_term_final_kernel<<<1, kThreads, 0, stream>>>(
       part_sums[0].const_data_ptr<double>(), part_sums[1].const_data_ptr<double>(),
       part_nonfinite.const_data_ptr<int64_t>(), parts, base_sum.mutable_data_ptr<double>(),
       base_count.mutable_data_ptr<double>(), nonfinite.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  moment_finalize_kernel<<<plan.finalize_blocks, kThreads, 0, stream>>>(
+  moment_sums_finalize_kernel<<<plan.finalize_blocks, kThreads, 0, stream>>>(
       partials.const_data_ptr<double>(), offsets.const_data_ptr<double>(), g, plan.moments,
       means.mutable_data_ptr<double>(), cov.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -154,10 +156,10 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
     // pooled maps (y, p, grad_pooled, max-pooling arg-max) fit in 1/16 of the logits' bytes.
     const BackwardPlan bp = plan_backward(g, logits.element_size(), sizeof(acc_t),
                                           records_argmax(g));
-    // Channel logsumexp for the CE gradient (softmax mode only).
+    // Channel log-sum-exp for the CE gradient (softmax mode only).
     Tensor lse = g.mode == kSoftmaxMode ? at::empty({g.N, g.H, g.W}, acc) : at::Tensor();
     if (lse.defined()) {
-      logsumexp_kernel<scalar_t, acc_t><<<plan.pixel_blocks, kThreads, 0, stream>>>(
+      first_term_lse_kernel<scalar_t, acc_t><<<plan.pixel_blocks, kThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), g, dv, lse.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -168,10 +170,11 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
       const label_t* l = labels.const_data_ptr<label_t>();
       const double* cf = coef_c.const_data_ptr<double>();
       const double* sh = shift_c.const_data_ptr<double>();
-      if (g.factor == 1) {
-        full_grad_kernel<scalar_t, acc_t, label_t, true><<<bp.full_blocks, kThreads, 0, stream>>>(
-            x, l, g, dv, block_of(g, bp, 0), cf, sh, nullptr, nullptr, lse_ptr,
-            base_scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>(), os);
+      if (g.factor == 1) {  // (d) pooled_grad_stencil fused into (e) full_res_grad
+        full_res_grad_kernel<scalar_t, acc_t, label_t, true>
+            <<<bp.full_blocks, kThreads, 0, stream>>>(
+                x, l, g, dv, block_of(g, bp, 0), cf, sh, nullptr, nullptr, lse_ptr,
+                base_scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>(), os);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -186,6 +189,7 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
       int32_t* arg = argmax.defined() ? argmax.mutable_data_ptr<int32_t>() : nullptr;
       for (int64_t k = 0; k < bp.blocks; ++k) {
         const PlaneBlock blk = block_of(g, bp, k);
+        // (a) pooled_maps, (d) pooled_grad_stencil, (e) pool_adjoint + full_res_grad.
         dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
           pooled_maps_kernel<scalar_t, acc_t, label_t, decltype(kind)::value>
               <<<bp.pooled_blocks, kThreads, 0, stream>>>(x, l, g, dv, blk,
@@ -193,11 +197,11 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
                                                           p.mutable_data_ptr<acc_t>(), arg);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-        pooled_grad_kernel<acc_t><<<bp.pooled_blocks, kThreads, 0, stream>>>(
+        pooled_grad_stencil_kernel<acc_t><<<bp.pooled_blocks, kThreads, 0, stream>>>(
             y.const_data_ptr<acc_t>(), p.const_data_ptr<acc_t>(), cf, sh, g, dv, blk,
             grad_pooled.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        full_grad_kernel<scalar_t, acc_t, label_t, false>
+        full_res_grad_kernel<scalar_t, acc_t, label_t, false>
             <<<bp.full_blocks, kThreads, 0, stream>>>(
                 x, l, g, dv, blk, cf, sh, grad_pooled.const_data_ptr<acc_t>(), arg, lse_ptr,
                 base_scale.const_data_ptr<double>(), grad.mutable_data_ptr<scalar_t>(), os);

@@ -1,16 +1,29 @@
 // CUDA kernels of the RMI loss stages (a), (b), (d), (e) as templates (stage (c), the float64
-// tiny-matrix stage, stays in Python torch: rmi_ext/linalg.py). Names follow
-// rmi_ext/torch_backend.py, whose plain-torch code is the semantics these kernels reproduce.
+// tiny-matrix stage, stays in Python torch: rmi_ext/linalg.py). Kernels are named after the
+// stages of rmi_ext/torch_backend.py, whose plain-torch code is the semantics they reproduce,
+// in the order of rmi_ext/function.py's autograd.Function (see docs/stages.md):
+//   (a) first_term: first_term_kernel + first_term_final_kernel (the BCE / CE sums, a two-level
+//       reduction); first_term_lse_kernel (softmax: the channel log-sum-exp, for the backward)
+//   (a) pooled_maps: pooled_py (per pooled pixel, used by every kernel below that reads the
+//       pooled maps); pooled_maps_kernel stores them for the backward at factor > 1
+//   (b) moment_sums: moment_sums_offsets_kernel -> moment_sums_partials_kernel ->
+//       moment_sums_finalize_kernel (plane offsets, tiled partial sums, means and covariances)
+//   (d) pooled_grad_stencil: pooled_grad_stencil_kernel (factor > 1)
+//   (e) pool_adjoint + full_res_grad: full_res_grad_kernel (pool_adjoint_at per pixel; at
+//       factor 1 the stencil of (d) is fused into it)
+// Each kernel's per-element function is named after it: first_term_at, pooled_maps_store,
+// moment_sums_finalize_at, pooled_grad_stencil_store, full_res_grad_store.
 //
 // Torch-free on purpose (only rmi_math.h, <cstdint> and the CUDA runtime): nvcc compile-checks
 // it without torch (csrc/cuda/check/compile_check.cu). The torch glue that checks arguments,
 // allocates and launches is csrc/cuda/rmi_cuda.cu.
 //
 // Every kernel is a grid-stride loop (or a block reduction) around a __host__ __device__
-// per-element function, the `*_at` functions below. csrc/cuda/check/emulate.cu runs those same
-// functions on the host, in the kernels' plans (moment tiles, blocks of planes), so the math
-// and the indexing are tested without a GPU (tests/test_cuda.py); only the loops, the block
-// reductions, the shared-memory staging's synchronisation and the launches are GPU-only.
+// per-element function, the `*_at` and `*_store` functions below. csrc/cuda/check/emulate.cu
+// runs those same functions on the host, in the kernels' plans (moment tiles, blocks of
+// planes), so the math and the indexing are tested without a GPU (tests/test_cuda.py); only
+// the loops, the block reductions, the shared-memory staging's synchronisation and the
+// launches are GPU-only.
 //
 // Types: scalar_t is the logits' type (float, double, or a 16-bit float: __half/__nv_bfloat16
 // here, at::Half/at::BFloat16 from the glue), acc_t the compute type (double for double
@@ -26,8 +39,8 @@
 //   forward, every factor: no pooled map is stored (the moment kernel computes the pooled Y and
 //     P of each tile from the logits into shared memory); the moment partials take at most
 //     1/4 byte, or one N C x entries float64 array when that is more (plan_moments);
-//   backward, factor 1: only the gradient (b); the fused full_grad pass recomputes P and Y of
-//     the stencil's neighbours from the logits;
+//   backward, factor 1: only the gradient (b); the fused full_res_grad pass recomputes P and
+//     Y of the stencil's neighbours from the logits;
 //   backward, factor s > 1: the gradient (b) plus the pooled maps y, p, grad_pooled (and the
 //     max-pooling arg-max) of one block of planes at a time: at most b / 16 (plan_backward),
 //     unless a single plane needs more (h w (3 sizeof(acc_t) + 4) bytes, about 12/s^2 or
@@ -48,9 +61,9 @@ namespace cuda {
 constexpr int kThreads = 256;               // every launch uses blocks of kThreads threads
 // Resident blocks per SM that ptxas must allow (__launch_bounds__ minBlocksPerMultiprocessor)
 // for the heaviest kernels: without the hint ptxas's own occupancy target spilled them
-// (moment_partials_kernel needs about 110 registers, 2 blocks allow 128; the fused
-// full_grad_kernel and the max-pooling plane_offsets_kernel about 70-80, 3 blocks allow 85).
-// tests/test_cuda.py asserts no spills.
+// (moment_sums_partials_kernel needs about 110 registers, 2 blocks allow 128; the fused
+// full_res_grad_kernel and the max-pooling moment_sums_offsets_kernel about 70-80, 3 blocks
+// allow 85). tests/test_cuda.py asserts no spills.
 constexpr int kMomentMinBlocks = 2;
 constexpr int kPixelMinBlocks = 3;
 constexpr int64_t kMaxReduceBlocks = 1024;  // blocks of the first-term reduction (fixed, so the
@@ -260,20 +273,20 @@ RMI_HD PY<acc_t> pixel_py(const scalar_t* logits, const label_t* labels, const P
 
 // First-term contribution of pixel q of [N, H, W]: loss summed over classes (BCE) or the
 // pixel's CE, 1 if the pixel counts, and the number of non-finite logits at the pixel.
-struct BaseStats {
+struct FirstTermSums {
   double sum;
   double count;
   int64_t nonfinite;
 };
 
 template <typename acc_t, typename scalar_t, typename label_t>
-RMI_HD BaseStats base_stats_at(int64_t q, const scalar_t* logits, const label_t* labels,
-                               const Problem& g, const Divisors& dv) {
+RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits, const label_t* labels,
+                                   const Problem& g, const Divisors& dv) {
   int64_t x, y;
   const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
   int64_t label = label_at(labels, g, n, y, x);
   bool valid = is_valid_label(label, g.C, g.ignore_index);
-  BaseStats s = {0.0, valid ? 1.0 : 0.0, 0};
+  FirstTermSums s = {0.0, valid ? 1.0 : 0.0, 0};
   for (int64_t c = 0; c < g.C; ++c) {
     acc_t v = logit_at<acc_t>(logits, g, n, c, y, x);
     if (!isfinite(v)) ++s.nonfinite;
@@ -366,9 +379,9 @@ RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const label_t* labels, const 
 // [block planes, h, w] (y_out, p_out hold the block only), and the max-pooling arg-max when
 // arg_out is not null (arg_out must be null unless pool is max with factor > 1).
 template <int kind, typename acc_t, typename scalar_t, typename label_t>
-RMI_HD void pooled_store(int64_t q, const scalar_t* logits, const label_t* labels,
-                         const Problem& g, const Divisors& dv, const PlaneBlock& blk,
-                         acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
+RMI_HD void pooled_maps_store(int64_t q, const scalar_t* logits, const label_t* labels,
+                              const Problem& g, const Divisors& dv, const PlaneBlock& blk,
+                              acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
   int64_t ox, oy, n, c;
   block_plane(blk, dv.h.divmod(dv.w.divmod(q, &ox), &oy), &n, &c);
   int32_t arg = 0;
@@ -391,6 +404,27 @@ RMI_HD void pooled_store(int64_t q, const scalar_t* logits, const label_t* label
 // shifted pooled Y and P of the tile (plus its R - 1 halo) from the logits and labels into
 // shared memory (pooled_py: at factor 1 a sigmoid per pixel), then each thread adds one
 // entry's products over the tile's windows from there. The partials are bounded (plan_moments).
+
+// Sums of the pooled Y and P of plane `plane` (of [N, C]) over its pooled pixels first,
+// first + step, ... (< h w), in double: one thread's share of moment_sums_offsets_kernel
+// (step = kThreads), or the whole plane (first 0, step 1); kind = pooled_kind(g).
+template <int kind, typename acc_t, typename scalar_t, typename label_t>
+RMI_HD PY<double> plane_sums_at(int64_t plane, int64_t first, int64_t step,
+                                const scalar_t* logits, const label_t* labels, const Problem& g,
+                                const Divisors& dv) {
+  int64_t c;
+  const int64_t n = dv.C.divmod(plane, &c);
+  PY<double> sum = {0.0, 0.0};
+  for (int64_t i = first; i < g.h * g.w; i += step) {
+    int64_t ox;
+    const int64_t oy = dv.w.divmod(i, &ox);
+    int32_t arg = 0;
+    const PY<acc_t> v = pooled_py<kind, acc_t>(logits, labels, g, dv, n, c, oy, ox, &arg);
+    sum.p += static_cast<double>(v.p);
+    sum.y += static_cast<double>(v.y);
+  }
+  return sum;
+}
 
 constexpr int kTileElems = 2048;   // staged map pixels per tile and map (2 x 16 KiB of doubles)
 constexpr int kTileMaxCols = 64;   // widest staged tile
@@ -563,9 +597,9 @@ RMI_HD double moment_total(const double* partials, int64_t plane, int64_t e,
 // Element q of [planes, d, d]: the centred Sy, Sp, B entries (i, j), cov [planes, 3, d, d]
 // (S - K mu_i mu_j, with mu the shifted means), and for j == 0 the means [planes, 2, d]
 // (mu_y, mu_p plus the offsets). The symmetric Sy, Sp are exactly symmetric.
-RMI_HD void moment_finalize_at(int64_t q, const double* partials, const double* offsets,
-                               const Problem& g, const MomentPlan& plan, double* means,
-                               double* cov) {
+RMI_HD void moment_sums_finalize_at(int64_t q, const double* partials, const double* offsets,
+                                    const Problem& g, const MomentPlan& plan, double* means,
+                                    double* cov) {
   const int64_t R = g.radius, d = R * R;
   const int64_t j = q % d, t = q / d;
   const int64_t i = t % d, plane = t / d;
@@ -668,9 +702,9 @@ RMI_HD double stencil_at(int64_t row, int64_t col, const Problem& g, const doubl
 // Backward, factor > 1: the stencil at local element q of a block's pooled maps [block planes,
 // h, w] (y, p and grad_pooled hold the block only). coef [N, C, 2, d, d], shift [N, C, d].
 template <typename acc_t>
-RMI_HD void pooled_grad_store(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
-                              const double* shift, const Problem& g, const Divisors& dv,
-                              const PlaneBlock& blk, acc_t* grad_pooled) {
+RMI_HD void pooled_grad_stencil_store(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
+                                      const double* shift, const Problem& g, const Divisors& dv,
+                                      const PlaneBlock& blk, acc_t* grad_pooled) {
   const int64_t d = g.radius * g.radius;
   int64_t col, row, n, c;
   const int64_t lp = dv.h.divmod(dv.w.divmod(q, &col), &row);
@@ -772,16 +806,16 @@ RMI_HD acc_t pool_adjoint_at(const Problem& g, const Divisors& dv, const acc_t* 
 // with lse [N, H, W] the channel logsumexp, unused in sigmoid mode). dloss/dP:
 //   fused (factor 1, the block is every plane): the stencil at the pixel, with P and Y
 //     recomputed from the logits and labels (stencil_at with a PixelSource); coef, shift as in
-//     pooled_grad_store; grad_pooled and argmax unused.
-//   else: the pooling adjoint of grad_pooled [block planes, h, w] (pooled_grad_store), with
-//     argmax [block planes, h, w] from pooled_store (max pooling; null otherwise).
+//     pooled_grad_stencil_store; grad_pooled and argmax unused.
+//   else: the pooling adjoint of grad_pooled [block planes, h, w] (pooled_grad_stencil_store),
+//     with argmax [block planes, h, w] from pooled_maps_store (max pooling; null otherwise).
 // base_scale points to one double; out is the whole gradient, written through os.
 template <bool fused, typename acc_t, typename scalar_t, typename label_t>
-RMI_HD void full_grad_store(int64_t q, const scalar_t* logits, const label_t* labels,
-                            const Problem& g, const Divisors& dv, const PlaneBlock& blk,
-                            const double* coef, const double* shift, const acc_t* grad_pooled,
-                            const int32_t* argmax, const acc_t* lse, const double* base_scale,
-                            scalar_t* out, const OutStrides& os) {
+RMI_HD void full_res_grad_store(int64_t q, const scalar_t* logits, const label_t* labels,
+                                const Problem& g, const Divisors& dv, const PlaneBlock& blk,
+                                const double* coef, const double* shift, const acc_t* grad_pooled,
+                                const int32_t* argmax, const acc_t* lse, const double* base_scale,
+                                scalar_t* out, const OutStrides& os) {
   int64_t dn, dc, y, x;
   if (os.channels_last)
     dn = dv.H.divmod(dv.W.divmod(blk.channel_div.divmod(q, &dc), &x), &y);
@@ -822,18 +856,18 @@ RMI_HD void full_grad_store(int64_t q, const scalar_t* logits, const label_t* la
 // any size: gridDim.x <= 2^30 (grid-stride loops and the plane loops cover the rest),
 // gridDim.y = moment chunks <= 65535, gridDim.z = ceil(entries / kThreads) <= 80.
 struct LaunchPlan {
-  unsigned int stats_blocks;     // base_stats_kernel: reduce_blocks(N H W), also its partials
-  unsigned int pixel_blocks;     // logsumexp_kernel over [N, H, W]
-  unsigned int plane_blocks;     // plane_offsets_kernel: a block per plane (then a loop)
-  unsigned int finalize_blocks;  // moment_finalize_kernel over [N, C, d, d]
+  unsigned int first_term_blocks;  // first_term_kernel: reduce_blocks(N H W), its partials
+  unsigned int pixel_blocks;       // first_term_lse_kernel over [N, H, W]
+  unsigned int plane_blocks;       // moment_sums_offsets_kernel: a block per plane (then a loop)
+  unsigned int finalize_blocks;    // moment_sums_finalize_kernel over [N, C, d, d]
   MomentPlan moments;
-  dim3 moment_grid;  // moment_partials_kernel: (plane_blocks, chunks, entry blocks)
+  dim3 moment_grid;  // moment_sums_partials_kernel: (plane_blocks, chunks, entry blocks)
 };
 
 inline LaunchPlan plan_launches(const Problem& g) {
   const int64_t planes = g.N * g.C;
   LaunchPlan plan;
-  plan.stats_blocks = reduce_blocks(g.N * g.H * g.W);
+  plan.first_term_blocks = reduce_blocks(g.N * g.H * g.W);
   plan.pixel_blocks = grid_blocks(g.N * g.H * g.W);
   plan.plane_blocks = static_cast<unsigned int>(planes < kMaxGridBlocks ? planes : kMaxGridBlocks);
   plan.finalize_blocks = grid_blocks(planes * g.d * g.d);
@@ -847,10 +881,10 @@ inline LaunchPlan plan_launches(const Problem& g) {
 // Bytes of backward scratch a call may hold besides the gradient: 1/16 of the logits' bytes.
 constexpr int64_t kScratchFraction = 16;
 
-// The backward in blocks of planes. Factor 1: one block of every plane, the fused full_grad
-// pass, no scratch. Factor > 1: per block, pooled_maps_kernel (y, p and the max-pooling
-// arg-max), pooled_grad_kernel (grad_pooled), full_grad_kernel; the scratch of a block,
-// scratch_planes x h x w x (3 acc_t + 4 bytes for an arg-max), fits in
+// The backward in blocks of planes. Factor 1: one block of every plane, the fused
+// full_res_grad pass, no scratch. Factor > 1: per block, pooled_maps_kernel (y, p and the
+// max-pooling arg-max), pooled_grad_stencil_kernel (grad_pooled), full_res_grad_kernel; the
+// scratch of a block, scratch_planes x h x w x (3 acc_t + 4 bytes for an arg-max), fits in
 // N C H W x logit_bytes / kScratchFraction, or holds one plane when a plane alone is bigger.
 struct BackwardPlan {
   int64_t images, channels;  // planes of a block: images x channels (channels == C or images == 1)
@@ -858,8 +892,9 @@ struct BackwardPlan {
   int64_t blocks_per_image;  // channel blocks per image (1 for whole-image blocks)
   int64_t scratch_planes;    // planes of the scratch maps (0: none)
   int64_t scratch_bytes;     // their bytes
-  unsigned int pooled_blocks;  // pooled_maps_kernel, pooled_grad_kernel over [block planes, h, w]
-  unsigned int full_blocks;    // full_grad_kernel over [block planes, H, W]
+  unsigned int pooled_blocks;  // pooled_maps_kernel, pooled_grad_stencil_kernel over
+                               // [block planes, h, w]
+  unsigned int full_blocks;    // full_res_grad_kernel over [block planes, H, W]
 };
 
 // max_block_planes > 0 caps the planes of a block (the tests use it to force small blocks).
@@ -931,13 +966,13 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
 // part_sum, part_count, part_nonfinite [gridDim.x]. Launch: reduce_blocks(N*H*W) x kThreads.
 template <typename scalar_t, typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kThreads)
-    base_stats_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
+    first_term_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
                       double* part_sum, double* part_count, int64_t* part_nonfinite) {
   __shared__ double smem[kThreads];
   __shared__ int64_t smem_i[kThreads];
-  BaseStats s = {0.0, 0.0, 0};
+  FirstTermSums s = {0.0, 0.0, 0};
   RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
-    BaseStats v = base_stats_at<acc_t>(q, logits, labels, g, dv);
+    FirstTermSums v = first_term_at<acc_t>(q, logits, labels, g, dv);
     s.sum += v.sum;
     s.count += v.count;
     s.nonfinite += v.nonfinite;
@@ -954,7 +989,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Stage (a), first term, level 2: the blocks' sums into 0-d outputs. Launch: 1 x kThreads.
 __global__ void __launch_bounds__(kThreads)
-    base_stats_final_kernel(const double* part_sum, const double* part_count,
+    first_term_final_kernel(const double* part_sum, const double* part_count,
                             const int64_t* part_nonfinite, int64_t parts, double* base_sum,
                             double* base_count, int64_t* nonfinite) {
   __shared__ double smem[kThreads];
@@ -976,26 +1011,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Stage (a), softmax mode: the channel log-sum-exp lse [N, H, W] of the CE gradient.
+// Launch: LaunchPlan::pixel_blocks x kThreads.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    first_term_lse_kernel(const scalar_t* logits, Problem g, Divisors dv, acc_t* lse) {
+  RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
+    int64_t x, y;
+    const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
+    lse[q] = logsumexp_at<acc_t>(logits, g, n, y, x);
+  }
+}
+
 // Backward (factor > 1), pooled maps of a block of planes: y_out, p_out [block planes, h, w],
-// and the max-pooling arg-max arg_out (same shape) when it is not null (see pooled_store);
+// and the max-pooling arg-max arg_out (same shape) when it is not null (see pooled_maps_store);
 // kind = pooled_kind(g). Launch: BackwardPlan::pooled_blocks x kThreads.
 template <typename scalar_t, typename acc_t, typename label_t, int kind>
 __global__ void __launch_bounds__(kThreads)
     pooled_maps_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
                        PlaneBlock blk, acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
   RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.h * g.w) {
-    pooled_store<kind, acc_t>(q, logits, labels, g, dv, blk, y_out, p_out, arg_out);
-  }
-}
-
-// Stage (a), softmax mode: channel logsumexp lse [N, H, W]. Launch: LaunchPlan::pixel_blocks.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    logsumexp_kernel(const scalar_t* logits, Problem g, Divisors dv, acc_t* lse) {
-  RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
-    int64_t x, y;
-    const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
-    lse[q] = logsumexp_at<acc_t>(logits, g, n, y, x);
+    pooled_maps_store<kind, acc_t>(q, logits, labels, g, dv, blk, y_out, p_out, arg_out);
   }
 }
 
@@ -1005,27 +1041,17 @@ __global__ void __launch_bounds__(kThreads)
 // (blocks loop over planes past 2^30).
 template <typename scalar_t, typename acc_t, typename label_t, int kind>
 __global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
-    plane_offsets_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
-                         double* offsets) {
+    moment_sums_offsets_kernel(const scalar_t* logits, const label_t* labels, Problem g,
+                               Divisors dv, double* offsets) {
   __shared__ double smem[kThreads];
-  const int64_t planes = g.N * g.C, plane_size = g.h * g.w;
-  for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {  // block-uniform
-    int64_t c;
-    const int64_t n = dv.C.divmod(plane, &c);
-    double sum_y = 0.0, sum_p = 0.0;
-    for (int64_t i = threadIdx.x; i < plane_size; i += kThreads) {
-      int64_t ox;
-      const int64_t oy = dv.w.divmod(i, &ox);
-      int32_t arg = 0;
-      const PY<acc_t> v = pooled_py<kind, acc_t>(logits, labels, g, dv, n, c, oy, ox, &arg);
-      sum_y += static_cast<double>(v.y);
-      sum_p += static_cast<double>(v.p);
-    }
-    sum_y = block_sum(sum_y, smem);
-    sum_p = block_sum(sum_p, smem);
+  const double plane_size = static_cast<double>(g.h * g.w);
+  for (int64_t plane = blockIdx.x; plane < g.N * g.C; plane += gridDim.x) {  // block-uniform
+    const PY<double> part =
+        plane_sums_at<kind, acc_t>(plane, threadIdx.x, kThreads, logits, labels, g, dv);
+    const double sum_y = block_sum(part.y, smem), sum_p = block_sum(part.p, smem);
     if (threadIdx.x == 0) {
-      offsets[2 * plane] = sum_y / static_cast<double>(plane_size);
-      offsets[2 * plane + 1] = sum_p / static_cast<double>(plane_size);
+      offsets[2 * plane] = sum_y / plane_size;
+      offsets[2 * plane + 1] = sum_p / plane_size;
     }
   }
 }
@@ -1037,9 +1063,9 @@ __global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
 // blocks loop over planes past 2^30.
 template <typename scalar_t, typename acc_t, typename label_t, int kind>
 __global__ void __launch_bounds__(kThreads, kMomentMinBlocks)
-    moment_partials_kernel(const scalar_t* logits, const label_t* labels,
-                           const double* offsets, Problem g, Divisors dv, MomentPlan plan,
-                           double* partials) {
+    moment_sums_partials_kernel(const scalar_t* logits, const label_t* labels,
+                                const double* offsets, Problem g, Divisors dv, MomentPlan plan,
+                                double* partials) {
   __shared__ double tile[2 * kTileElems];  // staged Y, then P
   const int64_t chunk = blockIdx.y;
   const int64_t e = static_cast<int64_t>(blockIdx.z) * kThreads + threadIdx.x;
@@ -1068,11 +1094,11 @@ __global__ void __launch_bounds__(kThreads, kMomentMinBlocks)
 // Stage (b), level 2: means [planes, 2, d], cov [planes, 3, d, d].
 // Launch: LaunchPlan::finalize_blocks x kThreads.
 __global__ void __launch_bounds__(kThreads)
-    moment_finalize_kernel(const double* partials, const double* offsets, Problem g,
-                           MomentPlan plan, double* means, double* cov) {
+    moment_sums_finalize_kernel(const double* partials, const double* offsets, Problem g,
+                                MomentPlan plan, double* means, double* cov) {
   const int64_t d = g.radius * g.radius;
   RMI_GRID_STRIDE_LOOP(q, g.N * g.C * d * d) {
-    moment_finalize_at(q, partials, offsets, g, plan, means, cov);
+    moment_sums_finalize_at(q, partials, offsets, g, plan, means, cov);
   }
 }
 
@@ -1080,24 +1106,25 @@ __global__ void __launch_bounds__(kThreads)
 // Launch: BackwardPlan::pooled_blocks x kThreads.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    pooled_grad_kernel(const acc_t* y, const acc_t* p, const double* coef, const double* shift,
-                       Problem g, Divisors dv, PlaneBlock blk, acc_t* grad_pooled) {
+    pooled_grad_stencil_kernel(const acc_t* y, const acc_t* p, const double* coef,
+                               const double* shift, Problem g, Divisors dv, PlaneBlock blk,
+                               acc_t* grad_pooled) {
   RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.h * g.w) {
-    pooled_grad_store(q, y, p, coef, shift, g, dv, blk, grad_pooled);
+    pooled_grad_stencil_store(q, y, p, coef, shift, g, dv, blk, grad_pooled);
   }
 }
 
 // Stage (e) (with stage (d) when fused, factor 1): the gradient of a block of planes through
-// strides os (see full_grad_store). Launch: BackwardPlan::full_blocks x kThreads.
+// strides os (see full_res_grad_store). Launch: BackwardPlan::full_blocks x kThreads.
 template <typename scalar_t, typename acc_t, typename label_t, bool fused>
 __global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
-    full_grad_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
-                     PlaneBlock blk, const double* coef, const double* shift,
-                     const acc_t* grad_pooled, const int32_t* argmax, const acc_t* lse,
-                     const double* base_scale, scalar_t* out, OutStrides os) {
+    full_res_grad_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
+                         PlaneBlock blk, const double* coef, const double* shift,
+                         const acc_t* grad_pooled, const int32_t* argmax, const acc_t* lse,
+                         const double* base_scale, scalar_t* out, OutStrides os) {
   RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.H * g.W) {
-    full_grad_store<fused, acc_t>(q, logits, labels, g, dv, blk, coef, shift, grad_pooled,
-                                  argmax, lse, base_scale, out, os);
+    full_res_grad_store<fused, acc_t>(q, logits, labels, g, dv, blk, coef, shift, grad_pooled,
+                                      argmax, lse, base_scale, out, os);
   }
 }
 

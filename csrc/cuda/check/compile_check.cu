@@ -22,15 +22,16 @@ template <typename scalar_t, typename acc_t, typename label_t, int kind>
 void instantiate_pool_kind() {
   const void* kernels[] = {
       reinterpret_cast<const void*>(&pooled_maps_kernel<scalar_t, acc_t, label_t, kind>),
-      reinterpret_cast<const void*>(&plane_offsets_kernel<scalar_t, acc_t, label_t, kind>),
-      reinterpret_cast<const void*>(&moment_partials_kernel<scalar_t, acc_t, label_t, kind>),
+      reinterpret_cast<const void*>(&moment_sums_offsets_kernel<scalar_t, acc_t, label_t, kind>),
+      reinterpret_cast<const void*>(&moment_sums_partials_kernel<scalar_t, acc_t, label_t, kind>),
   };
   (void)kernels;
   // Host side of the per-element functions (what check/emulate.cu runs).
-  auto store = &pooled_store<kind, acc_t, scalar_t, label_t>;
+  auto store = &pooled_maps_store<kind, acc_t, scalar_t, label_t>;
   auto py = &pooled_py<kind, acc_t, scalar_t, label_t>;
+  auto sums = &plane_sums_at<kind, acc_t, scalar_t, label_t>;
   auto stage = &moment_stage_at<kind, acc_t, scalar_t, label_t>;
-  (void)store, (void)py, (void)stage;
+  (void)store, (void)py, (void)sums, (void)stage;
 }
 
 template <typename scalar_t, typename acc_t, typename label_t>
@@ -39,16 +40,16 @@ void instantiate_with_labels() {
   instantiate_pool_kind<scalar_t, acc_t, label_t, kMaxPool>();
   instantiate_pool_kind<scalar_t, acc_t, label_t, kInterp>();
   const void* kernels[] = {
-      reinterpret_cast<const void*>(&base_stats_kernel<scalar_t, acc_t, label_t>),
-      reinterpret_cast<const void*>(&full_grad_kernel<scalar_t, acc_t, label_t, true>),
-      reinterpret_cast<const void*>(&full_grad_kernel<scalar_t, acc_t, label_t, false>),
+      reinterpret_cast<const void*>(&first_term_kernel<scalar_t, acc_t, label_t>),
+      reinterpret_cast<const void*>(&full_res_grad_kernel<scalar_t, acc_t, label_t, true>),
+      reinterpret_cast<const void*>(&full_res_grad_kernel<scalar_t, acc_t, label_t, false>),
   };
   (void)kernels;
-  auto stats = &base_stats_at<acc_t, scalar_t, label_t>;
-  auto fused = &full_grad_store<true, acc_t, scalar_t, label_t>;
-  auto grad = &full_grad_store<false, acc_t, scalar_t, label_t>;
+  auto first_term = &first_term_at<acc_t, scalar_t, label_t>;
+  auto fused = &full_res_grad_store<true, acc_t, scalar_t, label_t>;
+  auto grad = &full_res_grad_store<false, acc_t, scalar_t, label_t>;
   auto pixels = &stencil_at<PixelSource<acc_t, scalar_t, label_t>>;
-  (void)stats, (void)fused, (void)grad, (void)pixels;
+  (void)first_term, (void)fused, (void)grad, (void)pixels;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -57,15 +58,15 @@ void instantiate() {
   instantiate_with_labels<scalar_t, acc_t, int32_t>();
   instantiate_with_labels<scalar_t, acc_t, int64_t>();
   const void* kernels[] = {
-      reinterpret_cast<const void*>(&logsumexp_kernel<scalar_t, acc_t>),
-      reinterpret_cast<const void*>(&pooled_grad_kernel<acc_t>),
-      reinterpret_cast<const void*>(&base_stats_final_kernel),
-      reinterpret_cast<const void*>(&moment_finalize_kernel),
+      reinterpret_cast<const void*>(&first_term_lse_kernel<scalar_t, acc_t>),
+      reinterpret_cast<const void*>(&pooled_grad_stencil_kernel<acc_t>),
+      reinterpret_cast<const void*>(&first_term_final_kernel),
+      reinterpret_cast<const void*>(&moment_sums_finalize_kernel),
   };
   (void)kernels;
   auto lse = &logsumexp_at<acc_t, scalar_t>;
   auto accumulate = &moment_tile_accumulate;
-  auto stencil = &pooled_grad_store<acc_t>;
+  auto stencil = &pooled_grad_stencil_store<acc_t>;
   auto maps = &stencil_at<MapSource<acc_t>>;
   auto adjoint = &pool_adjoint_at<acc_t>;
   (void)lse, (void)accumulate, (void)stencil, (void)maps, (void)adjoint;

@@ -18,7 +18,9 @@
 //     scratch_bytes logits_bytes", "backward images channels blocks scratch_planes", and
 //     "decode ok|FAIL" (FastDivmod decoding of the last and of sampled elements of every flat
 //     index space against plain division, blocks' local spaces included).
-//   emulate --selftest   FastDivmod against plain 64-bit division on edge and random values.
+//   emulate --taps N_IN N_OUT [N_IN N_OUT ...]   prints the interp taps of those axes (see taps).
+//   emulate --selftest   FastDivmod against plain 64-bit division on edge and random values,
+//     and the kernels' precomputed interp scales against the per-call ones.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -84,10 +86,10 @@ std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const lab
   const int64_t R = g.radius, nw = g.w - R + 1;
   const Divisors dv = make_divisors(g);
   const LaunchPlan launch = plan_launches(g);
-  // (a) first term: base_stats_kernel + base_stats_final_kernel
-  BaseStats total = {0.0, 0.0, 0};
+  // (a) first term: first_term_kernel + first_term_final_kernel
+  FirstTermSums total = {0.0, 0.0, 0};
   for (int64_t q = 0; q < g.N * g.H * g.W; ++q) {
-    BaseStats s = base_stats_at<acc_t>(q, x, labels, g, dv);
+    FirstTermSums s = first_term_at<acc_t>(q, x, labels, g, dv);
     total.sum += s.sum;
     total.count += s.count;
     total.nonfinite += s.nonfinite;
@@ -97,23 +99,13 @@ std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const lab
   std::vector<double> partials(planes * plan.chunks * plan.entries);
   dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
     constexpr int k = decltype(kind)::value;
-    // (b) plane_offsets_kernel: pooled means from the logits
+    // (b) moment_sums_offsets_kernel: pooled means from the logits
     for (int64_t plane = 0; plane < planes; ++plane) {
-      int64_t c;
-      const int64_t n = dv.C.divmod(plane, &c);
-      double sy = 0.0, sp = 0.0;
-      for (int64_t i = 0; i < plane_size; ++i) {
-        int64_t ox;
-        const int64_t oy = dv.w.divmod(i, &ox);
-        int32_t arg = 0;
-        const PY<acc_t> v = pooled_py<k, acc_t>(x, labels, g, dv, n, c, oy, ox, &arg);
-        sy += static_cast<double>(v.y);
-        sp += static_cast<double>(v.p);
-      }
-      offsets[2 * plane] = sy / plane_size;
-      offsets[2 * plane + 1] = sp / plane_size;
+      const PY<double> sum = plane_sums_at<k, acc_t>(plane, 0, 1, x, labels, g, dv);
+      offsets[2 * plane] = sum.y / static_cast<double>(plane_size);
+      offsets[2 * plane + 1] = sum.p / static_cast<double>(plane_size);
     }
-    // (b) moment_partials_kernel: every (plane, chunk) walks its tiles in the kernel's order;
+    // (b) moment_sums_partials_kernel: every (plane, chunk) walks its tiles in the kernel's order;
     // a tile is staged (all its pixels, NaN elsewhere: a read of an unstaged pixel shows), then
     // every entry adds its products over the tile's windows.
     std::vector<double> tile(2 * kTileElems), acc(plan.entries);
@@ -146,10 +138,10 @@ std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const lab
       }
     }
   });
-  // (b) moment_finalize_kernel
+  // (b) moment_sums_finalize_kernel
   std::vector<double> means(planes * 2 * d), cov(planes * 3 * d * d);
   for (int64_t q = 0; q < planes * d * d; ++q)
-    moment_finalize_at(q, partials.data(), offsets.data(), g, plan, means.data(), cov.data());
+    moment_sums_finalize_at(q, partials.data(), offsets.data(), g, plan, means.data(), cov.data());
   std::vector<double> out = {total.sum, total.count, static_cast<double>(total.nonfinite)};
   out.insert(out.end(), means.begin(), means.end());
   out.insert(out.end(), cov.begin(), cov.end());
@@ -164,7 +156,7 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
   const std::vector<double> coef = read_array<double>(in, planes * 2 * d * d);
   const std::vector<double> shift = read_array<double>(in, planes * d);
   const Divisors dv = make_divisors(g);
-  // softmax mode: logsumexp_kernel (its index decoding)
+  // softmax mode: first_term_lse_kernel (its index decoding)
   std::vector<acc_t> lse;
   if (g.mode == rmi::kSoftmaxMode) {
     lse.resize(g.N * g.H * g.W);
@@ -190,18 +182,18 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
                                         hd[kMaxBlockPlanes]);
   const acc_t* lse_ptr = lse.empty() ? nullptr : lse.data();
   if (g.factor == 1) {
-    // full_grad_kernel<..., fused = true> over one block of every plane
+    // full_res_grad_kernel<..., fused = true> over one block of every plane
     if (bp.blocks != 1 || bp.scratch_planes != 0) fail("factor 1 must run as one fused block");
     const PlaneBlock blk = block_of(g, bp, 0);
     for (int64_t q = 0; q < blk.images * blk.channels * g.H * g.W; ++q)
-      full_grad_store<true, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
-                                   static_cast<const acc_t*>(nullptr), nullptr, lse_ptr,
-                                   base_scale.data(), grad.data(), os);
+      full_res_grad_store<true, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
+                                       static_cast<const acc_t*>(nullptr), nullptr, lse_ptr,
+                                       base_scale.data(), grad.data(), os);
   } else {
     // Per block of planes: pooled_maps_kernel (with the max-pooling arg-max as rmi_cuda.cu
-    // records it), pooled_grad_kernel, full_grad_kernel<..., fused = false>, on scratch of
-    // bp.scratch_planes planes reused by every block (filled with NaN / -1 before each block,
-    // so a read of another block's or an unwritten element shows).
+    // records it), pooled_grad_stencil_kernel, full_res_grad_kernel<..., fused = false>, on
+    // scratch of bp.scratch_planes planes reused by every block (filled with NaN / -1 before
+    // each block, so a read of another block's or an unwritten element shows).
     const int64_t scratch = bp.scratch_planes * plane_size;
     std::vector<acc_t> y(scratch), p(scratch), grad_pooled(scratch);
     std::vector<int32_t> argmax(records_argmax ? scratch : 0);
@@ -219,16 +211,16 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
       int32_t* arg = records_argmax ? argmax.data() : nullptr;
       dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
         for (int64_t q = 0; q < block_planes * plane_size; ++q)
-          pooled_store<decltype(kind)::value, acc_t>(q, x, labels, g, dv, blk, y.data(),
-                                                     p.data(), arg);
+          pooled_maps_store<decltype(kind)::value, acc_t>(q, x, labels, g, dv, blk, y.data(),
+                                                          p.data(), arg);
       });
       for (int64_t q = 0; q < block_planes * plane_size; ++q)
-        pooled_grad_store(q, y.data(), p.data(), coef.data(), shift.data(), g, dv, blk,
-                          grad_pooled.data());
+        pooled_grad_stencil_store(q, y.data(), p.data(), coef.data(), shift.data(), g, dv, blk,
+                                  grad_pooled.data());
       for (int64_t q = 0; q < block_planes * g.H * g.W; ++q)
-        full_grad_store<false, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
-                                      grad_pooled.data(), arg, lse_ptr, base_scale.data(),
-                                      grad.data(), os);
+        full_res_grad_store<false, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
+                                          grad_pooled.data(), arg, lse_ptr, base_scale.data(),
+                                          grad.data(), os);
     }
     if (covered != planes) fail("the blocks do not cover every plane once");
   }
@@ -281,25 +273,8 @@ void check_divmod(const FastDivmod& f, int64_t n) {
 }
 
 // The interp taps with the scales the kernels precompute (make_divisors: AxisScales) against
-// the per-element formulas they replaced (a division per call), bit for bit.
-int64_t old_nearest_source(int64_t o, int64_t n_in, int64_t n_out) {
-  if (n_out == n_in) return o;
-  if (n_out == 2 * n_in) return o >> 1;
-  float scale = static_cast<float>(n_in) / static_cast<float>(n_out);
-  int64_t src = static_cast<int64_t>(floorf(static_cast<float>(o) * scale));
-  return src < n_in - 1 ? src : n_in - 1;
-}
-
-template <typename T>
-rmi::LinearTap<T> old_linear_tap(int64_t o, int64_t n_in, int64_t n_out) {
-  T scale = n_out > 1 ? static_cast<T>(n_in - 1) / static_cast<T>(n_out - 1) : T(0);
-  T src = scale * static_cast<T>(o);
-  int64_t i0 = static_cast<int64_t>(src);
-  T w1 = src - static_cast<T>(i0);
-  w1 = w1 < T(0) ? T(0) : (w1 > T(1) ? T(1) : w1);
-  return {i0, i0 + (i0 < n_in - 1 ? 1 : 0), T(1) - w1, w1};
-}
-
+// the rmi_math.h overloads that compute the scale per call, bit for bit (torch's own taps are
+// compared with the kernels' by --taps in tests/test_cuda.py).
 template <typename T>
 bool same_tap(const rmi::LinearTap<T>& a, const rmi::LinearTap<T>& b) {
   return a.i0 == b.i0 && a.i1 == b.i1 && std::memcmp(&a.w0, &b.w0, sizeof(T)) == 0 &&
@@ -318,13 +293,11 @@ int64_t check_interp_scales() {
     const rmi::cuda::AxisScales sc = make_axis_scales(n_in, n_out);
     for (int64_t o = 0; o < n_out; ++o, ++checks) {
       const bool ok =
-          rmi::nearest_source(o, n_in, n_out, sc.nearest) == old_nearest_source(o, n_in, n_out) &&
-          rmi::nearest_source(o, n_in, n_out) == old_nearest_source(o, n_in, n_out) &&
+          rmi::nearest_source(o, n_in, n_out, sc.nearest) == rmi::nearest_source(o, n_in, n_out) &&
           same_tap(rmi::linear_tap<float>(o, n_in, sc.linear<float>()),
-                   old_linear_tap<float>(o, n_in, n_out)) &&
+                   rmi::linear_tap<float>(o, n_in, n_out)) &&
           same_tap(rmi::linear_tap<double>(o, n_in, sc.linear<double>()),
-                   old_linear_tap<double>(o, n_in, n_out)) &&
-          same_tap(rmi::linear_tap<float>(o, n_in, n_out), old_linear_tap<float>(o, n_in, n_out));
+                   rmi::linear_tap<double>(o, n_in, n_out));
       if (!ok && ++selftest_failures <= 10)
         std::printf("interp taps differ: o %lld, n_in %lld, n_out %lld\n",
                     static_cast<long long>(o), static_cast<long long>(n_in),
@@ -379,6 +352,32 @@ int selftest() {
   return selftest_failures == 0 ? 0 : 1;
 }
 
+// ---- --taps: the interp taps the kernels use ------------------------------------------------
+
+// For each pair (n_in, n_out) of argv: a line "axis n_in n_out", then per output index o the
+// nearest source and the bilinear (align_corners=True) taps in float and in double, with the
+// scales the kernels precompute (AxisScales): "o nearest i0 i1 w0 w1 i0 i1 w0 w1", weights in
+// hexadecimal (%a, exact). tests/test_cuda.py compares them with F.interpolate.
+int taps(int argc, char** argv) {
+  auto ll = [](int64_t x) { return static_cast<long long>(x); };
+  for (int i = 0; i + 1 < argc; i += 2) {
+    const int64_t n_in = std::strtoll(argv[i], nullptr, 10);
+    const int64_t n_out = std::strtoll(argv[i + 1], nullptr, 10);
+    if (n_in < 1 || n_out < 1) fail("--taps: sizes must be positive");
+    const AxisScales sc = make_axis_scales(n_in, n_out);
+    std::printf("axis %lld %lld\n", ll(n_in), ll(n_out));
+    for (int64_t o = 0; o < n_out; ++o) {
+      const rmi::LinearTap<float> f = rmi::linear_tap<float>(o, n_in, sc.linear<float>());
+      const rmi::LinearTap<double> d = rmi::linear_tap<double>(o, n_in, sc.linear<double>());
+      std::printf("%lld %lld %lld %lld %a %a %lld %lld %a %a\n", ll(o),
+                  ll(rmi::nearest_source(o, n_in, n_out, sc.nearest)), ll(f.i0), ll(f.i1),
+                  static_cast<double>(f.w0), static_cast<double>(f.w1), ll(d.i0), ll(d.i1), d.w0,
+                  d.w1);
+    }
+  }
+  return 0;
+}
+
 // ---- --plan: launch plan and index decoding at any size ----------------------------------------
 
 // Decodes flat index q of sizes [s0, s1, s2, s3] (last fastest) with the divisors f1..f3 of
@@ -421,16 +420,17 @@ int plan(int argc, char** argv) {
       plan_backward(g, logit_bytes, acc_bytes, g.pool == rmi::kMaxPool && g.factor > 1);
   const int64_t planes = g.N * g.C, block_planes = bp.images * bp.channels;
   auto ll = [](int64_t x) { return static_cast<long long>(x); };
-  std::printf("base_stats %u 1 1 %lld\n", lp.stats_blocks, ll(g.N * g.H * g.W));
-  std::printf("logsumexp %u 1 1 %lld\n", lp.pixel_blocks, ll(g.N * g.H * g.W));
+  std::printf("first_term %u 1 1 %lld\n", lp.first_term_blocks, ll(g.N * g.H * g.W));
+  std::printf("first_term_lse %u 1 1 %lld\n", lp.pixel_blocks, ll(g.N * g.H * g.W));
   if (g.factor > 1) {
     std::printf("pooled_maps %u 1 1 %lld\n", bp.pooled_blocks, ll(block_planes * g.h * g.w));
-    std::printf("pooled_grad %u 1 1 %lld\n", bp.pooled_blocks, ll(block_planes * g.h * g.w));
+    std::printf("pooled_grad_stencil %u 1 1 %lld\n", bp.pooled_blocks,
+                ll(block_planes * g.h * g.w));
   }
-  std::printf("full_grad %u 1 1 %lld\n", bp.full_blocks, ll(block_planes * g.H * g.W));
-  std::printf("plane_offsets %u 1 1 %lld\n", lp.plane_blocks, ll(planes));
-  std::printf("moment_finalize %u 1 1 %lld\n", lp.finalize_blocks, ll(planes * g.d * g.d));
-  std::printf("moment_partials %u %u %u %lld\n", lp.moment_grid.x, lp.moment_grid.y,
+  std::printf("full_res_grad %u 1 1 %lld\n", bp.full_blocks, ll(block_planes * g.H * g.W));
+  std::printf("moment_sums_offsets %u 1 1 %lld\n", lp.plane_blocks, ll(planes));
+  std::printf("moment_sums_finalize %u 1 1 %lld\n", lp.finalize_blocks, ll(planes * g.d * g.d));
+  std::printf("moment_sums_partials %u %u %u %lld\n", lp.moment_grid.x, lp.moment_grid.y,
               lp.moment_grid.z, ll(planes));
   const MomentPlan& m = lp.moments;
   std::printf("moments %lld %lld %lld %lld %lld %lld\n", ll(m.entries), ll(m.chunks),
@@ -452,10 +452,10 @@ int plan(int argc, char** argv) {
   }
   ok = ok && next == planes;
   std::printf("blocks %s\n", ok ? "ok" : "FAIL");
-  // The index spaces the kernels decode: [N, C, H, W] and [N, H, W, C] (full_grad of the
+  // The index spaces the kernels decode: [N, C, H, W] and [N, H, W, C] (full_res_grad of the
   // fused block), [N, H, W] (pixels), [N, C] planes x [h, w] (offsets), and the local spaces of
   // the first and the last backward blocks: [images, channels, H, W], [images, H, W, channels]
-  // (full_grad), [images, channels, h, w] (pooled maps, stencil).
+  // (full_res_grad), [images, channels, h, w] (pooled maps, stencil).
   const Divisors dv = make_divisors(g);
   std::mt19937_64 rng(7);
   const FastDivmod one = make_fast_divmod(g.N);
@@ -485,7 +485,11 @@ int main(int argc, char** argv) {
   if (argc == 2 && std::strcmp(argv[1], "--selftest") == 0) return selftest();
   if ((argc == 10 || argc == 11) && std::strcmp(argv[1], "--plan") == 0)
     return plan(argc - 2, argv + 2);
-  if (argc != 3) fail("usage: emulate IN OUT | --plan N C H W R S POOL K [BYTES] | --selftest");
+  if (argc >= 4 && argc % 2 == 0 && std::strcmp(argv[1], "--taps") == 0)
+    return taps(argc - 2, argv + 2);
+  if (argc != 3)
+    fail("usage: emulate IN OUT | --plan N C H W R S POOL K [BYTES] | --taps N_IN N_OUT ... |"
+         " --selftest");
   std::FILE* in = std::fopen(argv[1], "rb");
   if (!in) fail("cannot open IN");
   const std::vector<int64_t> hd = read_array<int64_t>(in, kHeaderWords);
