@@ -7,8 +7,13 @@ offset pairs on shifted slices of the pooled maps. Stage names match the other b
 (b) :func:`moment_sums`  (c) :mod:`rmi_ext.linalg`  (d) :func:`pooled_grad_stencil`
 (e) :func:`full_res_grad`, :func:`base_grad`
 
-:func:`forward_stats` and :func:`backward_grad` run them on chunks of (n, c) planes
-(:data:`CHUNK_ELEMENTS`), so the extra memory stays near the gradient's own size.
+:func:`forward_stats` and :func:`backward_grad` run them on :func:`row_blocks`: row ranges of a
+few images (all classes), sized so that the temporaries stay near ``logits_bytes / 8``. A block
+of pooled rows recomputes its halo (the ``R - 1`` rows a region reaches past it, and the rows a
+pooling window reaches past those); the avg / max pooling of a row slice pads its rows
+explicitly (zeros, which both pools treat as the full map's padding: ``P, Y >= 0``) so that it
+pools like the whole map. ``pool="interp"`` (bilinear, ``align_corners=True``) is not split
+into rows: its blocks are whole planes, class ranges of one image when an image is too big.
 """
 from __future__ import annotations
 
@@ -23,6 +28,81 @@ def compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+# ---- block sizes ---------------------------------------------------------------------------------
+
+#: A block's temporaries may take ``logits_bytes // BLOCK_BYTES_DIVISOR`` bytes (forward +
+#: backward then stay within 1.25x the logits, the gradient included), at least
+#: ``BLOCK_BYTES_FLOOR`` and at most the device's cap: a GPU gets large blocks (few launches),
+#: a CPU cache-sized ones.
+BLOCK_BYTES_DIVISOR = 8
+BLOCK_BYTES_FLOOR = 1 << 12
+BLOCK_BYTES_CAP = {"cpu": 1 << 23, "cuda": 1 << 31}
+DEFAULT_BLOCK_BYTES_CAP = 1 << 27
+#: Live temporaries per full-resolution element of a block, in compute-dtype elements (measured
+#: peak of :func:`backward_grad` at stride 1, where the pooled maps are full-size).
+TEMPS_PER_ELEMENT = 16
+
+
+def block_elements(shape, dtype: torch.dtype, device_type: str) -> int:
+    """Full-resolution elements one block of ``logits [N, C, H, W]`` may hold (their
+    temporaries: :data:`BLOCK_BYTES_DIVISOR`, :data:`TEMPS_PER_ELEMENT`)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    budget = shape[0] * shape[1] * shape[2] * shape[3] * itemsize // BLOCK_BYTES_DIVISOR
+    cap = BLOCK_BYTES_CAP.get(device_type, DEFAULT_BLOCK_BYTES_CAP)
+    budget = min(max(budget, BLOCK_BYTES_FLOOR), cap)
+    compute_itemsize = 8 if dtype == torch.float64 else 4
+    return max(1, budget // (TEMPS_PER_ELEMENT * compute_itemsize))
+
+
+def row_blocks(shape, elements: int, *, all_classes: bool = False, whole_planes: bool = False):
+    """``(n0, n1, c0, c1, r0, r1)`` blocks covering ``logits [N, C, H, W]`` once, of about
+    ``elements`` elements (at least one row): several whole images when one fits, else blocks
+    of one image, ordered by rows then classes: as many rows of one class as fit (long blocks:
+    little halo to recompute), then as many classes as fit. ``all_classes``: rows of every class
+    (the softmax); ``whole_planes``: never split rows (``interp``)."""
+    n, c, h, w = shape
+    if c * h * w <= elements:
+        per = elements // (c * h * w)
+        return [(n0, min(n, n0 + per), 0, c, 0, h) for n0 in range(0, n, per)]
+    if all_classes:
+        rows, per = max(1, elements // (c * w)), c
+    else:
+        rows = h if whole_planes else min(h, max(1, elements // w))
+        per = max(1, elements // (rows * w))
+    return [(i, i + 1, c0, min(c, c0 + per), r0, min(h, r0 + rows))
+            for i in range(n) for r0 in range(0, h, rows) for c0 in range(0, c, per)]
+
+
+def _splits_rows(cfg: RMIConfig) -> bool:
+    """Whether the RMI stages may work on row slices (not for bilinear downsampling)."""
+    return cfg.stride == 1 or cfg.pool != "interp"
+
+
+def _row_span(cfg: RMIConfig, i0: int, i1: int, height: int):
+    """Full-resolution rows ``[a, b)`` pooled into the pooled rows ``[i0, i1)``, the pooling's
+    padding included (rows outside ``[0, height)``); the whole map for ``interp``."""
+    s, k = cfg.stride, cfg.pool_size
+    if s == 1:
+        return i0, i1
+    if cfg.pool == "interp":
+        return 0, height
+    return i0 * s - k // 2, (i1 - 1) * s - k // 2 + k
+
+
+def _pooled_rows_touching(cfg: RMIConfig, j0: int, j1: int, pooled_height: int):
+    """Pooled rows ``[i0, i1)`` whose pooling windows touch the full-resolution rows ``[j0, j1)``
+    (possibly empty when ``pool_size < stride``); every pooled row for ``interp``."""
+    s, k = cfg.stride, cfg.pool_size
+    if s == 1:
+        return j0, j1
+    if cfg.pool == "interp":
+        return 0, pooled_height
+    i0 = max(0, -((k - 1 - j0 - k // 2) // s))  # ceil((j0 + k // 2 - k + 1) / s)
+    return i0, min(pooled_height, (j1 - 1 + k // 2) // s + 1)
+
+
+# ---- (a) first term ------------------------------------------------------------------------------
+
 def _label_maps(labels: torch.Tensor, num_classes: int, ignore_index: int):
     labels = labels.long()
     valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
@@ -35,48 +115,6 @@ def _onehot(labels, valid, num_classes, dtype, first=0):
     return ((labels.unsqueeze(1) == classes) & valid.unsqueeze(1)).to(dtype)
 
 
-def _probs(x: torch.Tensor, valid: torch.Tensor, cfg: RMIConfig):
-    """``P`` at full resolution and ``dP/dx`` (sigmoid mode: ``+1e-6``; softmax: clamp)."""
-    sig = torch.sigmoid(x)
-    m = valid.unsqueeze(1).to(x.dtype)
-    pm = sig * m
-    dpdx = pm * (1.0 - sig)
-    if cfg.mode == "sigmoid":
-        return pm + CLIP_MIN, dpdx
-    inside = (pm >= CLIP_MIN) & (pm <= 1.0)
-    return pm.clamp(CLIP_MIN, 1.0), dpdx * inside
-
-
-def _pool(t: torch.Tensor, cfg: RMIConfig, *, nearest: bool) -> torch.Tensor:
-    s, k = cfg.stride, cfg.pool_size
-    if s == 1:
-        return t
-    if cfg.pool == "avg":
-        return F.avg_pool2d(t, k, s, k // 2)
-    if cfg.pool == "max":
-        return F.max_pool2d(t, k, s, k // 2)
-    size = (t.shape[2] // s, t.shape[3] // s)
-    if nearest:
-        return F.interpolate(t, size=size, mode="nearest")
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=True)
-
-
-def _pool_adjoint(grad: torch.Tensor, p_full: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
-    """Adjoint of the downsampling of ``P``: pooled-size ``grad`` -> full-size gradient."""
-    s, k = cfg.stride, cfg.pool_size
-    if s == 1:
-        return grad
-    if cfg.pool == "avg":
-        return torch.ops.aten.avg_pool2d_backward(grad, p_full, [k, k], [s, s], [k // 2, k // 2],
-                                                  False, True, None)
-    if cfg.pool == "max":
-        _, idx = F.max_pool2d(p_full, k, s, k // 2, return_indices=True)
-        return torch.ops.aten.max_pool2d_with_indices_backward(
-            grad, p_full, [k, k], [s, s], [k // 2, k // 2], [1, 1], False, idx)
-    return torch.ops.aten.upsample_bilinear2d_backward(
-        grad, list(grad.shape[2:]), list(p_full.shape), True, None, None)
-
-
 def _base_loss(x, labels, valid, cfg: RMIConfig):
     """First-term loss summed over pixels (BCE summed over classes, or CE) and its pixel count.
 
@@ -85,52 +123,46 @@ def _base_loss(x, labels, valid, cfg: RMIConfig):
     """
     if cfg.mode == "sigmoid":
         y = _onehot(labels, valid, x.shape[1], x.dtype)
-        m = valid.unsqueeze(1).to(x.dtype)
-        return (F.binary_cross_entropy_with_logits(x, y, reduction="none") * m).sum(), valid.sum()
+        loss = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+        return loss.mul_(valid.unsqueeze(1)).sum(), valid.sum()
     target = torch.where(valid, labels, 0)
     nll = -torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
     return (nll * valid).sum(), valid.sum()
 
 
-def _base_loss_grad(x, labels, valid, cfg: RMIConfig):
-    """Per-pixel gradient of the summed first-term loss of :func:`_base_loss`."""
+def _base_loss_grad(x, labels, valid, cfg: RMIConfig, first: int = 0, lse=None):
+    """Per-pixel gradient of the summed first-term loss of :func:`_base_loss`, for the classes
+    ``first .. first + c - 1`` of ``x [N, c, H, W]`` (softmax: all of them, or ``lse [N, 1, H,
+    W]``, the log-sum-exp over all of them)."""
     if cfg.mode == "sigmoid":
-        y = _onehot(labels, valid, x.shape[1], x.dtype)
-        return (torch.sigmoid(x) - y) * valid.unsqueeze(1).to(x.dtype)
-    target = torch.where(valid, labels, 0)
-    grad = torch.softmax(x, dim=1) - _onehot(target, valid, x.shape[1], x.dtype)
-    return grad * valid.unsqueeze(1)
+        grad = torch.sigmoid(x)
+    else:
+        labels = torch.where(valid, labels, 0)
+        grad = torch.softmax(x, dim=1) if lse is None else torch.sub(x, lse).exp_()
+    return grad.sub_(_onehot(labels, valid, x.shape[1], x.dtype, first)).mul_(valid.unsqueeze(1))
 
 
-#: Full-resolution elements handled at once, by device type: the stages run on chunks of
-#: (n, c) planes so that temporaries stay small at every DF, DF 1 included. A GPU gets chunks of
-#: many images (a few hundred launches a step, not one chunk per plane); a CPU, cache-sized ones.
-CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
-
-
-def plane_chunks(shape, device_type: str):
-    """``(n0, n1, c0, c1)`` blocks of ``logits [N, C, H, W]`` of at most about the device's
-    ``CHUNK_ELEMENTS``: whole images (all classes) when one fits, else class ranges of one."""
-    n, c, h, w = shape
-    budget = CHUNK_ELEMENTS.get(device_type, DEFAULT_CHUNK_ELEMENTS)
-    if c * h * w <= budget:
-        per = budget // (c * h * w)
-        return [(n0, min(n, n0 + per), 0, c) for n0 in range(0, n, per)]
-    per = max(1, budget // (h * w))
-    return [(i, i + 1, c0, min(c, c0 + per)) for i in range(n) for c0 in range(0, c, per)]
+def _log_sum_exp(logits: torch.Tensor, elements: int) -> torch.Tensor:
+    """``[N, 1, H, W]`` log-sum-exp over the classes of ``logits [N, C, H, W]`` (compute dtype),
+    on blocks of rows of about ``elements`` elements."""
+    n, c, h, w = logits.shape
+    out = logits.new_empty((n, 1, h, w), dtype=compute_dtype(logits))
+    rows = max(1, elements // (n * c * w))
+    for r0 in range(0, h, rows):
+        out[:, :, r0:r0 + rows] = torch.logsumexp(logits[:, :, r0:r0 + rows].to(out.dtype), 1, True)
+    return out
 
 
 def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
     """Stage (a), first term: ``base_sum``, ``base_count`` (0-d float64) and ``nonfinite``
-    (0-d int64, number of non-finite logits), a few images at a time (:func:`plane_chunks`)."""
+    (0-d int64, number of non-finite logits), on row blocks of all classes (:func:`row_blocks`)."""
     base_sum = logits.new_zeros((), dtype=torch.float64)
     base_count = logits.new_zeros((), dtype=torch.float64)
     nonfinite = logits.new_zeros((), dtype=torch.int64)
-    images = sorted({(n0, n1) for n0, n1, _, _ in plane_chunks(logits.shape, logits.device.type)})
-    for n0, n1 in images:
-        x = logits[n0:n1].to(compute_dtype(logits))
-        lab, valid = _label_maps(labels[n0:n1], x.shape[1], cfg.ignore_index)
+    elements = block_elements(logits.shape, logits.dtype, logits.device.type)
+    for n0, n1, _, _, r0, r1 in row_blocks(logits.shape, elements, all_classes=True):
+        x = logits[n0:n1, :, r0:r1].to(compute_dtype(logits))
+        lab, valid = _label_maps(labels[n0:n1, r0:r1], x.shape[1], cfg.ignore_index)
         loss, count = _base_loss(x, lab, valid, cfg)
         base_sum += loss.double()
         base_count += count.double()
@@ -138,27 +170,91 @@ def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
     return base_sum, base_count, nonfinite
 
 
+# ---- (a) pooled maps -----------------------------------------------------------------------------
+
+def _probs(x: torch.Tensor, valid: torch.Tensor, cfg: RMIConfig, with_grad: bool = True):
+    """``P`` at full resolution and ``dP/dx`` (``None`` unless ``with_grad``; sigmoid mode:
+    ``+1e-6``; softmax: clamp), written in place where that saves a temporary."""
+    p = torch.sigmoid(x)
+    dpdx = (1.0 - p).mul_(p).mul_(valid.unsqueeze(1)) if with_grad else None
+    p.mul_(valid.unsqueeze(1))
+    if cfg.mode == "sigmoid":
+        return p.add_(CLIP_MIN), dpdx
+    if with_grad:
+        dpdx.mul_((p >= CLIP_MIN) & (p <= 1.0))
+    return p.clamp_(CLIP_MIN, 1.0), dpdx
+
+
 def _full_res_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig, first: int,
-                   num_classes: int | None):
-    """``Y``, ``P`` and ``dP/dx [N, c, H, W]`` (compute dtype) of ``logits [N, c, H, W]``, the
-    planes of classes ``first .. first + c - 1`` out of ``num_classes`` (default ``c``)."""
-    x = logits.to(compute_dtype(logits))
+                   num_classes: int | None, rows=None, with_grad: bool = True):
+    """``Y``, ``P`` and ``dP/dx [N, c, b - a, W]`` (compute dtype; ``dP/dx`` ``None`` unless
+    ``with_grad``) on the rows ``[a, b) = rows`` (default: all) of ``logits [N, c, H, W]``, the
+    planes of classes ``first .. first + c - 1`` out of ``num_classes`` (default ``c``). Rows
+    outside ``[0, H)`` are zeros (the pooling's padding)."""
+    height = logits.shape[2]
+    a, b = (0, height) if rows is None else rows
+    lo, hi = max(a, 0), min(b, height)
+    x = logits[:, :, lo:hi].to(compute_dtype(logits))
     num_classes = x.shape[1] if num_classes is None else num_classes
-    labels, valid = _label_maps(labels, num_classes, cfg.ignore_index)
-    p, dpdx = _probs(x, valid, cfg)
-    return _onehot(labels, valid, x.shape[1], x.dtype, first), p, dpdx
+    labels, valid = _label_maps(labels[:, lo:hi], num_classes, cfg.ignore_index)
+    p, dpdx = _probs(x, valid, cfg, with_grad)
+    maps = [_onehot(labels, valid, x.shape[1], x.dtype, first), p, dpdx]
+    if (lo - a) or (b - hi):
+        maps = [t if t is None else F.pad(t, (0, 0, lo - a, b - hi)) for t in maps]
+    return maps
 
 
-def _pool_maps(y: torch.Tensor, p: torch.Tensor, cfg: RMIConfig):
-    return _pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False)
+def _pool(t: torch.Tensor, cfg: RMIConfig, *, nearest: bool) -> torch.Tensor:
+    """Downsampling of ``t [N, c, b - a, W]``, the rows of :func:`_row_span` (padding rows
+    included: avg / max pool pad only the columns)."""
+    s, k = cfg.stride, cfg.pool_size
+    if s == 1:
+        return t
+    if cfg.pool == "avg":
+        return F.avg_pool2d(t, k, s, (0, k // 2))
+    if cfg.pool == "max":
+        return F.max_pool2d(t, k, s, (0, k // 2))
+    size = (t.shape[2] // s, t.shape[3] // s)
+    if nearest:
+        return F.interpolate(t, size=size, mode="nearest")
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=True)
+
+
+def _pool_adjoint(grad: torch.Tensor, p_full: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
+    """Adjoint of :func:`_pool` of ``P``: pooled-size ``grad`` -> gradient on the rows of
+    ``p_full`` (those of :func:`_row_span`, padding rows included)."""
+    s, k = cfg.stride, cfg.pool_size
+    if s == 1:
+        return grad
+    if cfg.pool == "avg":
+        return torch.ops.aten.avg_pool2d_backward(grad, p_full, [k, k], [s, s], [0, k // 2],
+                                                  False, True, None)
+    if cfg.pool == "max":
+        _, idx = F.max_pool2d(p_full, k, s, (0, k // 2), return_indices=True)
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, p_full, [k, k], [s, s], [0, k // 2], [1, 1], False, idx)
+    return torch.ops.aten.upsample_bilinear2d_backward(
+        grad, list(grad.shape[2:]), list(p_full.shape), True, None, None)
 
 
 def pooled_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig, first: int = 0,
-                num_classes: int | None = None):
-    """Stage (a), RMI part: pooled ``Y, P [N, c, h, w]`` (compute dtype) of ``logits [N, c, H, W]``,
-    the planes of classes ``first .. first + c - 1`` out of ``num_classes``."""
-    y, p, _ = _full_res_maps(logits, labels, cfg, first, num_classes)
-    return _pool_maps(y, p, cfg)
+                num_classes: int | None = None, rows=None, elements: int | None = None):
+    """Stage (a), RMI part: pooled ``Y, P [N, c, i1 - i0, w]`` (compute dtype) of ``logits
+    [N, c, H, W]``, the planes of classes ``first .. first + c - 1`` out of ``num_classes``, on
+    the pooled rows ``[i0, i1) = rows`` (default: all; only all for ``interp``), pooling about
+    ``elements`` full-resolution elements at a time (default: all)."""
+    n, c, height, width = logits.shape
+    i0, i1 = (0, cfg.pooled_size(height, width)[0]) if rows is None else rows
+    per = i1 - i0
+    if elements is not None and _splits_rows(cfg):
+        per = max(1, (elements // (n * c * width) - cfg.pool_size) // cfg.stride + 1)
+    maps = []
+    for k0 in range(i0, max(i1, i0 + 1), per):
+        span = _row_span(cfg, k0, min(i1, k0 + per), height)
+        y, p, _ = _full_res_maps(logits, labels, cfg, first, num_classes, span, with_grad=False)
+        maps.append((_pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False)))
+        del y, p
+    return maps[0] if len(maps) == 1 else [torch.cat(t, dim=2) for t in zip(*maps)]
 
 
 def prepare_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
@@ -166,10 +262,41 @@ def prepare_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
     return (*first_term_sums(logits, labels, cfg), *pooled_maps(logits, labels, cfg))
 
 
+# ---- (b) moments ---------------------------------------------------------------------------------
+
 def _shifted(t: torch.Tensor, radius: int):
     """The ``R*R`` shifted window views of ``t [..., h, w]``, offset ``i = dy*R + dx``."""
     nh, nw = t.shape[-2] - radius + 1, t.shape[-1] - radius + 1
     return [t[..., dy:dy + nh, dx:dx + nw] for dy in range(radius) for dx in range(radius)]
+
+
+def _window_sums(y: torch.Tensor, p: torch.Tensor, radius: int):
+    """Raw sums over the regions of ``y, p [N, C, h, w]`` (float64, already offset): ``sums
+    [N, C, 2, d]`` of ``y_i, p_i`` and ``prods [N, C, 3, d, d]`` of ``y_i y_j, p_i p_j, y_i p_j``."""
+    ys, ps = _shifted(y, radius), _shifted(p, radius)
+    d = radius * radius
+    n, c = y.shape[:2]
+    sums = torch.stack([torch.stack([t.sum(dim=(2, 3)) for t in ts], dim=-1) for ts in (ys, ps)],
+                       dim=2)
+    prods = y.new_empty(n, c, 3, d, d)
+    for i in range(d):
+        for j in range(d):
+            prods[:, :, 2, i, j] = (ys[i] * ps[j]).sum(dim=(2, 3))
+            if j >= i:
+                prods[:, :, 0, i, j] = prods[:, :, 0, j, i] = (ys[i] * ys[j]).sum(dim=(2, 3))
+                prods[:, :, 1, i, j] = prods[:, :, 1, j, i] = (ps[i] * ps[j]).sum(dim=(2, 3))
+    return sums, prods
+
+
+def _centred_moments(sums, prods, count: int, offsets):
+    """``means [N, C, 2, d]``, centred ``cov [N, C, 3, d, d]`` from :func:`_window_sums` over
+    ``count`` regions of maps offset by ``offsets [N, C, 2]`` (covariances do not change)."""
+    mu = sums / count
+    mu_y, mu_p = mu.unbind(dim=2)
+    outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
+    cov = prods - count * torch.stack((outer(mu_y, mu_y), outer(mu_p, mu_p), outer(mu_y, mu_p)),
+                                      dim=2)
+    return mu + offsets.unsqueeze(-1), cov
 
 
 def moment_sums(y: torch.Tensor, p: torch.Tensor, radius: int):
@@ -178,88 +305,128 @@ def moment_sums(y: torch.Tensor, p: torch.Tensor, radius: int):
     ``cov`` holds the centred ``Sy, Sp, B`` in float64. Each map is first shifted by its own
     plane mean (covariances do not change) so the raw-sum form loses no precision.
     """
-    y, p = y.double(), p.double()
-    y_off = y.mean(dim=(2, 3), keepdim=True)
-    p_off = p.mean(dim=(2, 3), keepdim=True)
-    ys, ps = _shifted(y - y_off, radius), _shifted(p - p_off, radius)
-    d = radius * radius
-    k = ys[0].shape[-1] * ys[0].shape[-2]
-    mu_y = torch.stack([t.sum(dim=(2, 3)) for t in ys], dim=-1) / k
-    mu_p = torch.stack([t.sum(dim=(2, 3)) for t in ps], dim=-1) / k
-    n, c = y.shape[:2]
-    cov = y.new_empty(n, c, 3, d, d)
-    for i in range(d):
-        for j in range(d):
-            cov[:, :, 2, i, j] = (ys[i] * ps[j]).sum(dim=(2, 3))
-            if j >= i:
-                cov[:, :, 0, i, j] = cov[:, :, 0, j, i] = (ys[i] * ys[j]).sum(dim=(2, 3))
-                cov[:, :, 1, i, j] = cov[:, :, 1, j, i] = (ps[i] * ps[j]).sum(dim=(2, 3))
-    outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
-    cov -= k * torch.stack((outer(mu_y, mu_y), outer(mu_p, mu_p), outer(mu_y, mu_p)), dim=2)
-    means = torch.stack((mu_y + y_off.view(n, c, 1), mu_p + p_off.view(n, c, 1)), dim=2)
-    return means, cov
+    offsets = torch.stack((y.double().mean(dim=(2, 3)), p.double().mean(dim=(2, 3))), dim=2)
+    sums, prods = _window_sums(y - offsets[:, :, :1, None], p - offsets[:, :, 1:, None], radius)
+    count = (y.shape[-2] - radius + 1) * (y.shape[-1] - radius + 1)
+    return _centred_moments(sums, prods, count, offsets)
 
+
+# ---- (d) pooled gradient, (e) full-resolution gradient -------------------------------------------
 
 def pooled_grad_stencil(y, p, coef, shift, radius: int) -> torch.Tensor:
     """Stage (d): ``dloss/dP`` on the pooled map ``[N, C, h, w]`` (float64).
 
     Window ``k`` gets ``g_k = Cp p_k + Cy y_k + c``; entry ``i`` of ``g_k`` lands on pixel
     ``k + o_i``. ``coef [N, C, 2, d, d]``, ``shift [N, C, d]`` from :mod:`rmi_ext.linalg`.
+    ``y, p`` may be float32 (read as float64, no copy).
     """
-    y, p = y.double(), p.double()
     ys, ps = _shifted(y, radius), _shifted(p, radius)
-    grad = torch.zeros_like(p)
+    grad = torch.zeros_like(p, dtype=torch.float64)
     grads = _shifted(grad, radius)
+    g_i = torch.empty_like(grads[0])
     d = radius * radius
     for i in range(d):
-        g_i = shift[:, :, i, None, None].expand_as(ps[0]).clone()
+        g_i.copy_(shift[:, :, i, None, None].expand_as(g_i))
         for j in range(d):
-            g_i += coef[:, :, 0, i, j, None, None] * ps[j] + coef[:, :, 1, i, j, None, None] * ys[j]
+            g_i.addcmul_(ps[j], coef[:, :, 0, i, j, None, None])
+            g_i.addcmul_(ys[j], coef[:, :, 1, i, j, None, None])
         grads[i] += g_i
     return grad
 
 
 def full_res_grad(grad_pooled, p_full, dpdx, cfg: RMIConfig) -> torch.Tensor:
     """Stage (e), RMI part: pooling adjoint of ``grad_pooled [N, c, h, w]`` times ``dP/dx``
-    (``P`` and ``dP/dx`` at full resolution, compute dtype)."""
-    return _pool_adjoint(grad_pooled.to(p_full.dtype), p_full, cfg) * dpdx
+    (``P`` and ``dP/dx`` on the full-resolution rows of :func:`_row_span`, compute dtype)."""
+    return _pool_adjoint(grad_pooled.to(p_full.dtype), p_full, cfg).mul_(dpdx)
 
 
-def base_grad(logits, labels, cfg: RMIConfig, base_scale) -> torch.Tensor:
-    """Stage (e), first term: ``base_scale`` times the BCE/CE gradient (compute dtype)."""
+def base_grad(logits, labels, cfg: RMIConfig, base_scale, first: int = 0,
+              num_classes: int | None = None, lse=None) -> torch.Tensor:
+    """Stage (e), first term: ``base_scale`` times the BCE/CE gradient (compute dtype) of
+    ``logits [N, c, H, W]``, classes ``first .. first + c - 1`` out of ``num_classes`` (default
+    ``c``; softmax with fewer: ``lse``, see :func:`_base_loss_grad`)."""
     x = logits.to(compute_dtype(logits))
-    labels, valid = _label_maps(labels, x.shape[1], cfg.ignore_index)
-    return base_scale.to(x.dtype) * _base_loss_grad(x, labels, valid, cfg)
+    num_classes = x.shape[1] if num_classes is None else num_classes
+    labels, valid = _label_maps(labels, num_classes, cfg.ignore_index)
+    return _base_loss_grad(x, labels, valid, cfg, first, lse).mul_(base_scale.to(x.dtype))
+
+
+def _rmi_grad_rows(logits, labels, cfg: RMIConfig, coef, shift, first: int, num_classes: int,
+                   rows, elements: int) -> torch.Tensor:
+    """Stages (a), (d), (e) of the RMI term on the full-resolution rows ``[j0, j1) = rows`` of
+    ``logits [N, c, H, W]`` (classes ``first ..``): ``[N, c, j1 - j0, W]``, compute dtype. The
+    pooled gradient on the pooled rows touching them needs the maps ``R - 1`` rows further
+    (pooled ``elements`` full-resolution elements at a time)."""
+    (j0, j1), radius = rows, cfg.radius
+    height, width = logits.shape[2:]
+    h = cfg.pooled_size(height, width)[0]
+    i0, i1 = _pooled_rows_touching(cfg, j0, j1, h)
+    out = logits.new_zeros((*logits.shape[:2], j1 - j0, width), dtype=compute_dtype(logits))
+    if i0 >= i1:  # rows no pooling window reaches (pool_size < stride)
+        return out
+    m0, m1 = max(0, i0 - radius + 1), min(h, i1 + radius - 1)  # pooled rows of the maps
+    y, p = pooled_maps(logits, labels, cfg, first, num_classes, (m0, m1), elements)
+    grad_pooled = pooled_grad_stencil(y, p, coef, shift, radius)[:, :, i0 - m0:i1 - m0]
+    del y, p
+    a, b = _row_span(cfg, i0, i1, height)  # the rows pooled into [i0, i1)
+    lo, hi = min(a, j0), max(b, j1)
+    _, p, dpdx = _full_res_maps(logits, labels, cfg, first, num_classes, (lo, hi))
+    grad = full_res_grad(grad_pooled, p[:, :, a - lo:b - lo], dpdx[:, :, a - lo:b - lo], cfg)
+    r0, r1 = max(a, j0), min(b, j1)
+    out[:, :, r0 - j0:r1 - j0] = grad[:, :, r0 - a:r1 - a]
+    return out
 
 
 # ---- the backend interface used by rmi_ext.function ---------------------------------------------
 
 def forward_stats(logits, labels, cfg: RMIConfig):
-    """Stages (a)+(b): ``(base_sum, base_count, nonfinite, means, cov)``, see :mod:`rmi_ext.function`."""
-    n, c = logits.shape[:2]
-    d = cfg.dim
+    """Stages (a)+(b): ``(base_sum, base_count, nonfinite, means, cov)``, see :mod:`rmi_ext.function`.
+
+    The region sums run over blocks of region rows, on maps offset by the plane means of the
+    first block (close to the plane's: the raw sums lose no precision)."""
+    n, c, height, width = logits.shape
+    radius, d = cfg.radius, cfg.radius * cfg.radius
     base_sum, base_count, nonfinite = first_term_sums(logits, labels, cfg)
     means = logits.new_empty((n, c, 2, d), dtype=torch.float64)
     cov = logits.new_empty((n, c, 3, d, d), dtype=torch.float64)
-    for n0, n1, c0, c1 in plane_chunks(logits.shape, logits.device.type):
-        y, p = pooled_maps(logits[n0:n1, c0:c1], labels[n0:n1], cfg, c0, c)
-        means[n0:n1, c0:c1], cov[n0:n1, c0:c1] = moment_sums(y, p, cfg.radius)
+    h, w = cfg.pooled_size(height, width)
+    regions = h - radius + 1  # region rows
+    splits = _splits_rows(cfg)
+    elements = block_elements(logits.shape, logits.dtype, logits.device.type)
+    blocks = row_blocks(logits.shape, elements, whole_planes=not splits)
+    for n0, n1, c0, c1, r0, r1 in [block for block in blocks if block[4] == 0]:
+        x, lab = logits[n0:n1, c0:c1], labels[n0:n1]
+        per = r1 * cfg.stride if splits else regions  # region rows (pooled maps: 1 / s^2)
+        sums = prods = offsets = None
+        for k0 in range(0, max(regions, 1), per):
+            rows = (k0, min(h, k0 + per + radius - 1)) if splits else None
+            y, p = pooled_maps(x, lab, cfg, c0, c, rows, elements)
+            if offsets is None:
+                offsets = torch.stack((y.double().mean(dim=(2, 3)), p.double().mean(dim=(2, 3))),
+                                      dim=2)
+            y = y - offsets[:, :, :1, None]
+            block = _window_sums(y, p - offsets[:, :, 1:, None], radius)
+            del y, p
+            sums, prods = block if sums is None else (sums + block[0], prods + block[1])
+        means[n0:n1, c0:c1], cov[n0:n1, c0:c1] = _centred_moments(
+            sums, prods, regions * (w - radius + 1), offsets)
     return base_sum, base_count, nonfinite, means, cov
 
 
 def backward_grad(logits, labels, cfg: RMIConfig, base_scale, coef, shift):
-    """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them),
-    a few images at a time, summed in the compute dtype and cast to the logits' dtype once."""
+    """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them) on
+    row blocks, summed in the compute dtype and cast to the logits' dtype once per block."""
     c = logits.shape[1]
     grad = torch.empty_like(logits)
-    chunks = plane_chunks(logits.shape, logits.device.type)
-    for n0, n1 in sorted({(n0, n1) for n0, n1, _, _ in chunks}):
-        lab = labels[n0:n1]
-        grad_i = base_grad(logits[n0:n1], lab, cfg, base_scale)
-        for c0, c1 in [(c0, c1) for m0, _, c0, c1 in chunks if m0 == n0]:
-            y, p, dpdx = _full_res_maps(logits[n0:n1, c0:c1], lab, cfg, c0, c)
-            grad_pooled = pooled_grad_stencil(*_pool_maps(y, p, cfg), coef[n0:n1, c0:c1],
-                                              shift[n0:n1, c0:c1], cfg.radius)
-            grad_i[:, c0:c1] += full_res_grad(grad_pooled, p, dpdx, cfg)
-        grad[n0:n1] = grad_i
+    elements = block_elements(logits.shape, logits.dtype, logits.device.type)
+    lse = None
+    for n0, n1, c0, c1, r0, r1 in row_blocks(logits.shape, elements,
+                                             whole_planes=not _splits_rows(cfg)):
+        x, lab = logits[n0:n1, :, r0:r1], labels[n0:n1, r0:r1]
+        if cfg.mode == "softmax" and c1 - c0 < c and c0 == 0:  # once per rows, for all classes
+            lse = _log_sum_exp(x, elements)
+        grad_i = base_grad(x[:, c0:c1], lab, cfg, base_scale, c0, c, None if c1 - c0 == c else lse)
+        grad_i += _rmi_grad_rows(logits[n0:n1, c0:c1], labels[n0:n1], cfg, coef[n0:n1, c0:c1],
+                                 shift[n0:n1, c0:c1], c0, c, (r0, r1), elements)
+        grad[n0:n1, c0:c1, r0:r1] = grad_i
     return grad

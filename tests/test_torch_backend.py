@@ -1,41 +1,105 @@
-"""Backend "torch" specifics: how its stages are chunked over (n, c) planes per device."""
+"""Backend "torch" specifics: how its stages are split into row blocks, and their memory."""
+import os
+import sys
+
+import pytest
 import torch
 
+import rmi_ext
 from conftest import make_inputs, rel_err
 from test_backends import run
 
 
-def test_torch_backend_chunks_cover_every_plane_once():
-    """plane_chunks: every (n, c) plane exactly once; a GPU gets whole images per chunk (a few
-    launches per stage), a CPU cache-sized class ranges."""
-    from rmi_ext.torch_backend import plane_chunks
+def test_torch_backend_blocks_cover_every_element_once():
+    """row_blocks: every (n, c, row) exactly once, for every flag; blocks of whole images when
+    one fits, at least one row; a GPU gets larger blocks than a CPU on a large input."""
+    from rmi_ext.torch_backend import block_elements, row_blocks
 
     for shape in ((16, 21, 513, 513), (8, 150, 129, 97), (3, 2, 9, 7), (1, 1, 4097, 4097)):
         for device in ("cpu", "cuda", "mps"):
-            seen = torch.zeros(shape[:2], dtype=torch.int64)
-            for n0, n1, c0, c1 in plane_chunks(shape, device):
-                seen[n0:n1, c0:c1] += 1
-            assert bool((seen == 1).all()), (shape, device)
-    assert len(plane_chunks((16, 21, 513, 513), "cuda")) == 3  # was 16 * 21 = 336 plane chunks
-    assert len(plane_chunks((16, 21, 513, 513), "cpu")) == 16 * 21
+            for flags in ({}, {"all_classes": True}, {"whole_planes": True}):
+                for elements in (1, 1000, block_elements(shape, torch.float32, device)):
+                    seen = torch.zeros(shape[:2] + shape[2:3], dtype=torch.int64)
+                    for n0, n1, c0, c1, r0, r1 in row_blocks(shape, elements, **flags):
+                        seen[n0:n1, c0:c1, r0:r1] += 1
+                        assert flags.get("all_classes") is not True or (c0, c1) == (0, shape[1])
+                        assert flags.get("whole_planes") is not True or (r0, r1) == (0, shape[2])
+                    assert bool((seen == 1).all()), (shape, device, flags, elements)
+    big = (16, 21, 513, 513)
+    assert block_elements(big, torch.float32, "cuda") > 4 * block_elements(big, torch.float32, "cpu")
+    assert len(row_blocks((5, 3, 21, 19), 10**6)) == 1  # small inputs: one block
 
 
-def test_torch_backend_gpu_chunking_matches_reference(monkeypatch):
-    """The GPU chunk size (several images per chunk) on CPU tensors: same numbers, and the
-    forward+backward runs a few hundred ops instead of one set per plane."""
+def test_torch_backend_block_size_matches_reference(monkeypatch):
+    """One block for everything vs blocks of one row of one class: same numbers, and one block
+    runs several times fewer ops."""
     from torch.profiler import ProfilerActivity, profile
 
     from rmi_ext import torch_backend
 
-    x, labels = make_inputs((5, 3, 21, 19), 21)
+    x, labels = make_inputs((2, 3, 21, 19), 21)
     ref_loss, ref_grad = run(x, labels, "reference", stride=2, radius=3)
-    plane_ops = {}
-    for budget in (21 * 19, torch_backend.CHUNK_ELEMENTS["cuda"]):  # one plane vs all images
-        monkeypatch.setitem(torch_backend.CHUNK_ELEMENTS, "cpu", budget)
+    ops = {}
+    for elements in (1, 10**9):
+        monkeypatch.setattr(torch_backend, "block_elements", lambda *args: elements)
         loss, grad = run(x, labels, "torch", stride=2, radius=3)
         assert rel_err(loss, ref_loss) <= 1e-10 and rel_err(grad, ref_grad) <= 1e-10
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             run(x, labels, "torch", stride=2, radius=3)
-        plane_ops[budget] = sum(e.name.startswith("aten::") for e in prof.events())
-    one_plane, all_images = plane_ops.values()
-    assert all_images * 5 < one_plane, plane_ops
+        ops[elements] = sum(e.name.startswith("aten::") for e in prof.events())
+    assert ops[10**9] * 5 < ops[1], ops
+
+
+def _tiny_block_cases():
+    cases = []
+    for mode in ("sigmoid", "softmax"):
+        for pool, stride, pool_size in (("avg", 1, None), ("avg", 2, None), ("avg", 3, 5),
+                                        ("avg", 4, 2), ("max", 2, 3), ("max", 4, 6),
+                                        ("interp", 3, None)):
+            cases.append(pytest.param(mode, pool, stride, pool_size,
+                                      id=f"{mode}-{pool}-s{stride}-k{pool_size}"))
+    return cases
+
+
+@pytest.mark.parametrize("mode,pool,stride,pool_size", _tiny_block_cases())
+def test_torch_backend_tiny_blocks_match_reference(monkeypatch, mode, pool, stride, pool_size):
+    """Blocks of 1-3 rows (and one class) against the reference, float64: the row halos, the
+    pooling windows cut by a block edge, the padded first / last rows."""
+    from rmi_ext import torch_backend
+
+    x, labels = make_inputs((1, 2, 41, 45), 7 * stride, mode=mode)
+    for radius in (2, 5):
+        opts = dict(mode=mode, pool=pool, stride=stride, pool_size=pool_size, radius=radius)
+        ref_loss, ref_grad = run(x, labels, "reference", **opts)
+        for elements in (1, 3 * 45):  # 1 row of 1 class, 3 rows of 1 class / 1 row of all
+            monkeypatch.setattr(torch_backend, "block_elements", lambda *args: elements)
+            loss, grad = run(x, labels, "torch", **opts)
+            assert rel_err(loss, ref_loss) <= 1e-10, (radius, elements)
+            assert rel_err(grad, ref_grad) <= 1e-10, (radius, elements)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 256, 256), (1, 21, 129, 129)])
+@pytest.mark.parametrize("stride", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # float16: as bfloat16
+def test_peak_memory_within_the_gradient_size(shape, stride, dtype):
+    """Forward + backward allocate at most 1.25x the logits in torch tensors, the gradient
+    included (issue 13), in both modes and avg / max pool: the row blocks keep the temporaries
+    near ``logits_bytes / 8``. Measured with the benchmarks' profiler probe."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    try:
+        from rmi_bench import peak_extra_bytes_torch
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    logits = (2 * torch.randn(shape)).to(dtype).requires_grad_()
+    labels = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    for mode in ("sigmoid", "softmax"):
+        for pool in ("avg", "max") if stride > 1 else ("avg",):
+            def fwd_bwd():
+                rmi_ext.rmi_loss(logits, labels, radius=3, stride=stride, pool=pool, mode=mode,
+                                 backend="torch").backward()
+                logits.grad = None
+
+            fwd_bwd()  # warm-up: one-time allocations
+            ratio = peak_extra_bytes_torch(fwd_bwd) / (logits.numel() * logits.element_size())
+            assert ratio <= 1.25, (mode, pool, ratio)
