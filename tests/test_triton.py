@@ -178,7 +178,7 @@ def _compiled_in_subprocess(cases_json):
     """:func:`_compile_cases` of the JSON list ``cases_json`` in a subprocess without
     ``TRITON_INTERPRET`` (compiled kernels): one per test, for all its cases. ``None`` where
     the compiled kernels cannot be built here (a skip)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = dict(os.environ, TRITON_INTERPRET="0")  # "0", not unset: conftest defaults it to 1
     here = os.path.dirname(os.path.abspath(__file__))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     script = ("import json, sys, test_triton; "
