@@ -8,12 +8,16 @@ offset pairs on shifted slices of the pooled maps. Stage names match the other b
 (e) :func:`full_res_grad`, :func:`base_grad`
 
 :func:`forward_stats` and :func:`backward_grad` run them on :func:`row_blocks`: row ranges of a
-few images (all classes), sized so that the temporaries stay near ``logits_bytes / 8``. A block
-of pooled rows recomputes its halo (the ``R - 1`` rows a region reaches past it, and the rows a
-pooling window reaches past those); the avg / max pooling of a row slice pads its rows
-explicitly (zeros, which both pools treat as the full map's padding: ``P, Y >= 0``) so that it
-pools like the whole map. ``pool="interp"`` (bilinear, ``align_corners=True``) is not split
-into rows: its blocks are whole planes, class ranges of one image when an image is too big.
+few images (all classes), sized so that the temporaries stay near ``logits_bytes / 8``. At
+stride > 1 (avg / max pool) stages (b) and (d) run once per :func:`plane_groups` group of whole
+planes (pooled maps built from row blocks; the full-resolution stage (e) reads the group's
+pooled gradient, row block by row block); otherwise (and when one plane's pooled maps do not
+fit) a block of pooled rows recomputes its halo (the ``R - 1`` rows a region reaches past
+it, and the rows a pooling window reaches past those); the avg / max pooling of a row slice
+pads its rows explicitly (zeros, which both pools treat as the full map's padding:
+``P, Y >= 0``) so that it pools like the whole map. ``pool="interp"`` (bilinear,
+``align_corners=True``) is not split into rows: its blocks are whole planes, class ranges of
+one image when an image is too big.
 """
 from __future__ import annotations
 
@@ -41,6 +45,10 @@ DEFAULT_BLOCK_BYTES_CAP = 1 << 27
 #: Live temporaries per full-resolution element of a block, in compute-dtype elements (measured
 #: peak of :func:`backward_grad` at stride 1, where the pooled maps are full-size).
 TEMPS_PER_ELEMENT = 16
+#: Float64 temporaries per pooled element of a group of planes: about 5 live in stages (b), (d)
+#: (the pooled maps, their offset float64 copies, one product; the gradient, one window's terms),
+#: twice that leaves room for the row blocks that build the maps or read the gradient.
+POOLED_TEMPS_PER_ELEMENT = 10
 
 
 def block_elements(shape, dtype: torch.dtype, device_type: str) -> int:
@@ -71,6 +79,24 @@ def row_blocks(shape, elements: int, *, all_classes: bool = False, whole_planes:
         per = max(1, elements // (rows * w))
     return [(i, i + 1, c0, min(c, c0 + per), r0, min(h, r0 + rows))
             for i in range(n) for r0 in range(0, h, rows) for c0 in range(0, c, per)]
+
+
+def plane_groups(shape, cfg: RMIConfig, elements: int):
+    """``(n0, n1, c0, c1)`` groups of whole planes of ``logits [N, C, H, W]`` whose pooled maps
+    (and the float64 temporaries of stages (b), (d) on them: :data:`POOLED_TEMPS_PER_ELEMENT`)
+    take no more than a block of ``elements`` full-resolution elements (:func:`block_elements`,
+    float32 temporaries): several whole images, or class ranges of one. ``None`` when the
+    stages run on :func:`row_blocks` instead: at stride 1 (pooled maps as large as the logits),
+    for ``interp`` (pooled from whole planes) and when one plane does not fit."""
+    if cfg.stride == 1 or cfg.pool == "interp":
+        return None
+    n, c, height, width = shape
+    h, w = cfg.pooled_size(height, width)
+    planes = elements * TEMPS_PER_ELEMENT // (2 * POOLED_TEMPS_PER_ELEMENT * h * w)
+    if planes < 1:
+        return None
+    blocks = row_blocks(shape, planes * height * width, whole_planes=True)
+    return [block[:4] for block in blocks]
 
 
 def _splits_rows(cfg: RMIConfig) -> bool:
@@ -248,13 +274,20 @@ def pooled_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig, firs
     per = i1 - i0
     if elements is not None and _splits_rows(cfg):
         per = max(1, (elements // (n * c * width) - cfg.pool_size) // cfg.stride + 1)
-    maps = []
-    for k0 in range(i0, max(i1, i0 + 1), per):
+    if per >= i1 - i0:
+        span = _row_span(cfg, i0, i1, height)
+        y, p, _ = _full_res_maps(logits, labels, cfg, first, num_classes, span, with_grad=False)
+        return _pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False)
+    out = None
+    for k0 in range(i0, i1, per):
         span = _row_span(cfg, k0, min(i1, k0 + per), height)
         y, p, _ = _full_res_maps(logits, labels, cfg, first, num_classes, span, with_grad=False)
-        maps.append((_pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False)))
+        y, p = _pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False)
+        if out is None:
+            out = [y.new_empty((n, c, i1 - i0, y.shape[3])) for _ in range(2)]
+        out[0][:, :, k0 - i0:k0 - i0 + per], out[1][:, :, k0 - i0:k0 - i0 + per] = y, p
         del y, p
-    return maps[0] if len(maps) == 1 else [torch.cat(t, dim=2) for t in zip(*maps)]
+    return out
 
 
 def prepare_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
@@ -351,23 +384,34 @@ def base_grad(logits, labels, cfg: RMIConfig, base_scale, first: int = 0,
     return _base_loss_grad(x, labels, valid, cfg, first, lse).mul_(base_scale.to(x.dtype))
 
 
-def _rmi_grad_rows(logits, labels, cfg: RMIConfig, coef, shift, first: int, num_classes: int,
-                   rows, elements: int) -> torch.Tensor:
-    """Stages (a), (d), (e) of the RMI term on the full-resolution rows ``[j0, j1) = rows`` of
-    ``logits [N, c, H, W]`` (classes ``first ..``): ``[N, c, j1 - j0, W]``, compute dtype. The
-    pooled gradient on the pooled rows touching them needs the maps ``R - 1`` rows further
-    (pooled ``elements`` full-resolution elements at a time)."""
-    (j0, j1), radius = rows, cfg.radius
+def _halo_pooled_grad(logits, labels, cfg: RMIConfig, coef, shift, first: int, num_classes: int,
+                      elements: int):
+    """``pooled_grad(i0, i1)``: stage (d) on the pooled rows ``[i0, i1)`` of ``logits [N, c, H,
+    W]`` (classes ``first ..``), from pooled maps recomputed ``R - 1`` rows further (pooled
+    ``elements`` full-resolution elements at a time)."""
+    radius = cfg.radius
+    h = cfg.pooled_size(*logits.shape[2:])[0]
+
+    def pooled_grad(i0, i1):
+        m0, m1 = max(0, i0 - radius + 1), min(h, i1 + radius - 1)  # pooled rows of the maps
+        y, p = pooled_maps(logits, labels, cfg, first, num_classes, (m0, m1), elements)
+        return pooled_grad_stencil(y, p, coef, shift, radius)[:, :, i0 - m0:i1 - m0]
+
+    return pooled_grad
+
+
+def _rmi_grad_rows(logits, labels, cfg: RMIConfig, pooled_grad, first: int, num_classes: int,
+                   rows) -> torch.Tensor:
+    """Stage (e) of the RMI term on the full-resolution rows ``[j0, j1) = rows`` of ``logits
+    [N, c, H, W]`` (classes ``first ..``): ``[N, c, j1 - j0, W]``, compute dtype, from
+    ``pooled_grad(i0, i1)``, the pooled gradient on the pooled rows touching them."""
+    j0, j1 = rows
     height, width = logits.shape[2:]
-    h = cfg.pooled_size(height, width)[0]
-    i0, i1 = _pooled_rows_touching(cfg, j0, j1, h)
+    i0, i1 = _pooled_rows_touching(cfg, j0, j1, cfg.pooled_size(height, width)[0])
     out = logits.new_zeros((*logits.shape[:2], j1 - j0, width), dtype=compute_dtype(logits))
     if i0 >= i1:  # rows no pooling window reaches (pool_size < stride)
         return out
-    m0, m1 = max(0, i0 - radius + 1), min(h, i1 + radius - 1)  # pooled rows of the maps
-    y, p = pooled_maps(logits, labels, cfg, first, num_classes, (m0, m1), elements)
-    grad_pooled = pooled_grad_stencil(y, p, coef, shift, radius)[:, :, i0 - m0:i1 - m0]
-    del y, p
+    grad_pooled = pooled_grad(i0, i1)
     a, b = _row_span(cfg, i0, i1, height)  # the rows pooled into [i0, i1)
     lo, hi = min(a, j0), max(b, j1)
     _, p, dpdx = _full_res_maps(logits, labels, cfg, first, num_classes, (lo, hi))
@@ -382,17 +426,26 @@ def _rmi_grad_rows(logits, labels, cfg: RMIConfig, coef, shift, first: int, num_
 def forward_stats(logits, labels, cfg: RMIConfig):
     """Stages (a)+(b): ``(base_sum, base_count, nonfinite, means, cov)``, see :mod:`rmi_ext.function`.
 
-    The region sums run over blocks of region rows, on maps offset by the plane means of the
-    first block (close to the plane's: the raw sums lose no precision)."""
+    At stride > 1 (avg / max pool), stage (b) runs once per :func:`plane_groups` group, on its
+    pooled maps built from row blocks. Otherwise the region sums run over blocks of region rows,
+    on maps offset by the plane means of the first block (close to the plane's: the raw sums
+    lose no precision)."""
     n, c, height, width = logits.shape
     radius, d = cfg.radius, cfg.radius * cfg.radius
     base_sum, base_count, nonfinite = first_term_sums(logits, labels, cfg)
     means = logits.new_empty((n, c, 2, d), dtype=torch.float64)
     cov = logits.new_empty((n, c, 3, d, d), dtype=torch.float64)
+    elements = block_elements(logits.shape, logits.dtype, logits.device.type)
+    groups = plane_groups(logits.shape, cfg, elements)
+    if groups is not None:
+        for n0, n1, c0, c1 in groups:
+            y, p = pooled_maps(logits[n0:n1, c0:c1], labels[n0:n1], cfg, c0, c, None, elements)
+            means[n0:n1, c0:c1], cov[n0:n1, c0:c1] = moment_sums(y, p, radius)
+            del y, p
+        return base_sum, base_count, nonfinite, means, cov
     h, w = cfg.pooled_size(height, width)
     regions = h - radius + 1  # region rows
     splits = _splits_rows(cfg)
-    elements = block_elements(logits.shape, logits.dtype, logits.device.type)
     blocks = row_blocks(logits.shape, elements, whole_planes=not splits)
     for n0, n1, c0, c1, r0, r1 in [block for block in blocks if block[4] == 0]:
         x, lab = logits[n0:n1, c0:c1], labels[n0:n1]
@@ -415,18 +468,38 @@ def forward_stats(logits, labels, cfg: RMIConfig):
 
 def backward_grad(logits, labels, cfg: RMIConfig, base_scale, coef, shift):
     """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them) on
-    row blocks, summed in the compute dtype and cast to the logits' dtype once per block."""
+    row blocks, summed in the compute dtype and cast to the logits' dtype once per block. At
+    stride > 1 (avg / max pool) stage (d) runs once per :func:`plane_groups` group and its row
+    blocks read the group's pooled gradient; otherwise each row block recomputes its halo."""
     c = logits.shape[1]
     grad = torch.empty_like(logits)
     elements = block_elements(logits.shape, logits.dtype, logits.device.type)
-    lse = None
-    for n0, n1, c0, c1, r0, r1 in row_blocks(logits.shape, elements,
-                                             whole_planes=not _splits_rows(cfg)):
-        x, lab = logits[n0:n1, :, r0:r1], labels[n0:n1, r0:r1]
-        if cfg.mode == "softmax" and c1 - c0 < c and c0 == 0:  # once per rows, for all classes
-            lse = _log_sum_exp(x, elements)
-        grad_i = base_grad(x[:, c0:c1], lab, cfg, base_scale, c0, c, None if c1 - c0 == c else lse)
-        grad_i += _rmi_grad_rows(logits[n0:n1, c0:c1], labels[n0:n1], cfg, coef[n0:n1, c0:c1],
-                                 shift[n0:n1, c0:c1], c0, c, (r0, r1), elements)
-        grad[n0:n1, c0:c1, r0:r1] = grad_i
+    groups = plane_groups(logits.shape, cfg, elements)
+    for g_n0, g_n1, g_c0, g_c1 in groups or [(0, logits.shape[0], 0, c)]:
+        x_g, lab_g = logits[g_n0:g_n1, g_c0:g_c1], labels[g_n0:g_n1]
+        group_grad = None
+        if groups is not None:
+            y, p = pooled_maps(x_g, lab_g, cfg, g_c0, c, None, elements)
+            group_grad = pooled_grad_stencil(y, p, coef[g_n0:g_n1, g_c0:g_c1],
+                                             shift[g_n0:g_n1, g_c0:g_c1], cfg.radius)
+            del y, p
+        lse = None
+        for n0, n1, c0, c1, r0, r1 in row_blocks(x_g.shape, elements,
+                                                 whole_planes=not _splits_rows(cfg)):
+            n0, n1, c0, c1 = n0 + g_n0, n1 + g_n0, c0 + g_c0, c1 + g_c0  # in the logits
+            x, lab = logits[n0:n1, :, r0:r1], labels[n0:n1, r0:r1]
+            if cfg.mode == "softmax" and c1 - c0 < c and c0 == g_c0:  # once per rows
+                lse = _log_sum_exp(x, elements)
+            grad_i = base_grad(x[:, c0:c1], lab, cfg, base_scale, c0, c,
+                               None if c1 - c0 == c else lse)
+            if group_grad is None:
+                pooled_grad = _halo_pooled_grad(logits[n0:n1, c0:c1], labels[n0:n1], cfg,
+                                                coef[n0:n1, c0:c1], shift[n0:n1, c0:c1], c0, c,
+                                                elements)
+            else:
+                block_grad = group_grad[n0 - g_n0:n1 - g_n0, c0 - g_c0:c1 - g_c0]
+                pooled_grad = lambda i0, i1, t=block_grad: t[:, :, i0:i1]
+            grad_i += _rmi_grad_rows(logits[n0:n1, c0:c1], labels[n0:n1], cfg, pooled_grad, c0, c,
+                                     (r0, r1))
+            grad[n0:n1, c0:c1, r0:r1] = grad_i
     return grad

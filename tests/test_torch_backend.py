@@ -12,22 +12,28 @@ from test_backends import run
 
 def test_torch_backend_blocks_cover_every_element_once():
     """row_blocks: every (n, c, row) exactly once, for every flag; blocks of whole images when
-    one fits, at least one row; a GPU gets larger blocks than a CPU on a large input."""
-    from rmi_ext.torch_backend import block_elements, row_blocks
+    one fits, at least one row; a GPU gets larger blocks (and at DF 4, at most 20 plane groups)
+    than a CPU on a large input."""
+    from rmi_ext._config import RMIConfig
+    from rmi_ext.torch_backend import block_elements, plane_groups, row_blocks
 
     for shape in ((16, 21, 513, 513), (8, 150, 129, 97), (3, 2, 9, 7), (1, 1, 4097, 4097)):
-        for device in ("cpu", "cuda", "mps"):
+        sizes = {block_elements(shape, torch.float32, device) for device in ("cpu", "cuda", "mps")}
+        for elements in sorted(sizes | {1, 1000}):
             for flags in ({}, {"all_classes": True}, {"whole_planes": True}):
-                for elements in (1, 1000, block_elements(shape, torch.float32, device)):
-                    seen = torch.zeros(shape[:2] + shape[2:3], dtype=torch.int64)
-                    for n0, n1, c0, c1, r0, r1 in row_blocks(shape, elements, **flags):
-                        seen[n0:n1, c0:c1, r0:r1] += 1
-                        assert flags.get("all_classes") is not True or (c0, c1) == (0, shape[1])
-                        assert flags.get("whole_planes") is not True or (r0, r1) == (0, shape[2])
-                    assert bool((seen == 1).all()), (shape, device, flags, elements)
+                seen = torch.zeros(shape[:2] + shape[2:3], dtype=torch.int64)
+                for n0, n1, c0, c1, r0, r1 in row_blocks(shape, elements, **flags):
+                    seen[n0:n1, c0:c1, r0:r1] += 1
+                    assert flags.get("all_classes") is not True or (c0, c1) == (0, shape[1])
+                    assert flags.get("whole_planes") is not True or (r0, r1) == (0, shape[2])
+                assert bool((seen == 1).all()), (shape, flags, elements)
     big = (16, 21, 513, 513)
     assert block_elements(big, torch.float32, "cuda") > 4 * block_elements(big, torch.float32, "cpu")
     assert len(row_blocks((5, 3, 21, 19), 10**6)) == 1  # small inputs: one block
+    # DF 4: stages (b), (d) once per group of whole planes, few groups on a GPU (issue 13)
+    groups = plane_groups(big, RMIConfig(stride=4), block_elements(big, torch.float32, "cuda"))
+    assert len(groups) <= 20 and sum((n1 - n0) * (c1 - c0) for n0, n1, c0, c1 in groups) == 16 * 21
+    assert plane_groups(big, RMIConfig(stride=1), 10**6) is None
 
 
 def test_torch_backend_block_size_matches_reference(monkeypatch):
@@ -38,14 +44,14 @@ def test_torch_backend_block_size_matches_reference(monkeypatch):
     from rmi_ext import torch_backend
 
     x, labels = make_inputs((2, 3, 21, 19), 21)
-    ref_loss, ref_grad = run(x, labels, "reference", stride=2, radius=3)
+    ref_loss, ref_grad = run(x, labels, "reference", stride=2, radius=2)
     ops = {}
     for elements in (1, 10**9):
         monkeypatch.setattr(torch_backend, "block_elements", lambda *args: elements)
-        loss, grad = run(x, labels, "torch", stride=2, radius=3)
+        loss, grad = run(x, labels, "torch", stride=2, radius=2)
         assert rel_err(loss, ref_loss) <= 1e-10 and rel_err(grad, ref_grad) <= 1e-10
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run(x, labels, "torch", stride=2, radius=3)
+            run(x, labels, "torch", stride=2, radius=2)
         ops[elements] = sum(e.name.startswith("aten::") for e in prof.events())
     assert ops[10**9] * 5 < ops[1], ops
 
@@ -63,28 +69,44 @@ def _tiny_block_cases():
 
 @pytest.mark.parametrize("mode,pool,stride,pool_size", _tiny_block_cases())
 def test_torch_backend_tiny_blocks_match_reference(monkeypatch, mode, pool, stride, pool_size):
-    """Blocks of 1-3 rows (and one class) against the reference, float64: the row halos, the
-    pooling windows cut by a block edge, the padded first / last rows."""
+    """Blocks of 1-3 rows (and one class) and small plane groups against the reference, float64:
+    the row halos, the pooling windows cut by a block edge, the padded first / last rows."""
     from rmi_ext import torch_backend
 
     x, labels = make_inputs((1, 2, 41, 45), 7 * stride, mode=mode)
     for radius in (2, 5):
         opts = dict(mode=mode, pool=pool, stride=stride, pool_size=pool_size, radius=radius)
         ref_loss, ref_grad = run(x, labels, "reference", **opts)
-        for elements in (1, 3 * 45):  # 1 row of 1 class, 3 rows of 1 class / 1 row of all
+        # 1 row of 1 class, 3 rows of 1 class / 1 row of all, plane groups (DF > 1) of 1-2
+        # planes whose pooled maps are built from blocks of a few rows
+        for elements in (1, 3 * 45, 700):
             monkeypatch.setattr(torch_backend, "block_elements", lambda *args: elements)
             loss, grad = run(x, labels, "torch", **opts)
             assert rel_err(loss, ref_loss) <= 1e-10, (radius, elements)
             assert rel_err(grad, ref_grad) <= 1e-10, (radius, elements)
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 256, 256), (1, 21, 129, 129)])
-@pytest.mark.parametrize("stride", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # float16: as bfloat16
-def test_peak_memory_within_the_gradient_size(shape, stride, dtype):
+def _peak_memory_cases():
+    """Every dtype, DF, mode and pool on a small image of 2 classes; the 21-class shape (one
+    block holds less than one row of all classes) for bfloat16 (the largest temporaries per
+    logits byte) at DF 1 softmax (the worst) and DF 4 avg (plane groups of one plane)."""
+    both = [("sigmoid", "avg"), ("softmax", "avg")]
+    worst = [("softmax", "avg"), ("sigmoid", "max")]  # at DF 4: each mode, each pool
+    cases = [((1, 2, 256, 256), 1, torch.float32, [("sigmoid", "avg")]),
+             ((1, 2, 256, 256), 1, torch.bfloat16, [("softmax", "avg")]),
+             ((1, 2, 256, 256), 4, torch.float32, worst),
+             ((1, 2, 256, 256), 4, torch.bfloat16, worst),
+             ((1, 21, 129, 129), 1, torch.bfloat16, [("softmax", "avg")]),
+             ((1, 21, 129, 129), 4, torch.bfloat16, both)]
+    return [pytest.param(*case, id=f"{'x'.join(map(str, shape))}-s{stride}-{str(dtype)[6:]}")
+            for case in cases for shape, stride, dtype, _ in [case]]
+
+
+@pytest.mark.parametrize("shape,stride,dtype,modes_pools", _peak_memory_cases())
+def test_peak_memory_within_the_gradient_size(shape, stride, dtype, modes_pools):
     """Forward + backward allocate at most 1.25x the logits in torch tensors, the gradient
-    included (issue 13), in both modes and avg / max pool: the row blocks keep the temporaries
-    near ``logits_bytes / 8``. Measured with the benchmarks' profiler probe."""
+    included (issue 13): the row blocks and plane groups keep the temporaries near
+    ``logits_bytes / 8``. Measured with the benchmarks' profiler probe."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     try:
         from rmi_bench import peak_extra_bytes_torch
@@ -93,13 +115,12 @@ def test_peak_memory_within_the_gradient_size(shape, stride, dtype):
     torch.manual_seed(0)
     logits = (2 * torch.randn(shape)).to(dtype).requires_grad_()
     labels = torch.randint(0, shape[1], (shape[0], *shape[2:]))
-    for mode in ("sigmoid", "softmax"):
-        for pool in ("avg", "max") if stride > 1 else ("avg",):
-            def fwd_bwd():
-                rmi_ext.rmi_loss(logits, labels, radius=3, stride=stride, pool=pool, mode=mode,
-                                 backend="torch").backward()
-                logits.grad = None
+    for mode, pool in modes_pools:
+        def fwd_bwd():
+            rmi_ext.rmi_loss(logits, labels, radius=3, stride=stride, pool=pool, mode=mode,
+                             backend="torch").backward()
+            logits.grad = None
 
-            fwd_bwd()  # warm-up: one-time allocations
-            ratio = peak_extra_bytes_torch(fwd_bwd) / (logits.numel() * logits.element_size())
-            assert ratio <= 1.25, (mode, pool, ratio)
+        fwd_bwd()  # warm-up: one-time allocations
+        ratio = peak_extra_bytes_torch(fwd_bwd) / (logits.numel() * logits.element_size())
+        assert ratio <= 1.25, (mode, pool, ratio)
