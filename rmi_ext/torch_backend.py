@@ -284,7 +284,8 @@ def pooled_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig, firs
         y, p, _ = _full_res_maps(logits, labels, cfg, first, num_classes, span, with_grad=False)
         y, p = _pool(y, cfg, nearest=True), _pool(p, cfg, nearest=False)
         if out is None:
-            out = [y.new_empty((n, c, i1 - i0, y.shape[3])) for _ in range(2)]
+            shape = (n, c, i1 - i0, y.shape[3])
+            out = [y.new_empty(shape), y.new_empty(shape)]  # no closure over y: see `del`
         out[0][:, :, k0 - i0:k0 - i0 + per], out[1][:, :, k0 - i0:k0 - i0 + per] = y, p
         del y, p
     return out
