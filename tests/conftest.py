@@ -11,7 +11,7 @@ reference under one tolerance table.
 * ``rel_err``: ``max |a - b| / max |b|`` (plain ``|a - b| / |b|`` for scalars).
 
 Interpreted Triton is ~50x slower than the other CPU backends: on it (a ``backend`` parameter
-"triton" with a CPU ``device`` or none), each test runs every ``INTERPRETED_SAMPLE``-th of its
+"triton" with a CPU ``device`` or none), each test runs every ``INTERPRETED_SAMPLE``-th (8) of its
 parametrised cases (a fixed choice by the case's name), unless the test is marked
 ``@pytest.mark.every_case``; compiled on a GPU every case runs.
 ``RMI_TEST_INTERPRETED_SAMPLE=1`` runs them all.
@@ -49,7 +49,7 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4),
        torch.float16: (1e-5, 2e-3), torch.bfloat16: (1e-5, 1.6e-2)}
 
 FAST_BACKENDS = {"cpu": ("torch", "cpu", "triton"), "cuda": ("torch", "cuda", "triton")}
-INTERPRETED_SAMPLE = int(os.environ.get("RMI_TEST_INTERPRETED_SAMPLE", "4"))
+INTERPRETED_SAMPLE = int(os.environ.get("RMI_TEST_INTERPRETED_SAMPLE", "8"))
 
 #: ``(loss_err / tol, grad_err / tol, loss_err, grad_err, dtype)`` of every :func:`compare`;
 #: printed at the end of the run when ``RMI_TEST_REPORT=1``.
