@@ -70,12 +70,12 @@ def auto_backend(device) -> str:
         if reason is None:
             return name
         if _load(name)[0] is not None and _device_reason(name, device) is None:
-            _warn_once(f"rmi_ext: backend 'auto' skips {name!r} on {device}: {reason}")
+            warn_once(f"rmi_ext: backend 'auto' skips {name!r} on {device}: {reason}")
     return "torch"
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 

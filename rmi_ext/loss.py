@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ._config import RMIConfig, check_inputs, make_config
-from ._dispatch import LOADED, _warn_once, resolve_backend
+from ._dispatch import LOADED, warn_once, resolve_backend
 from .function import RMIFunction
 from .reference import reference_terms
 
@@ -32,7 +32,7 @@ def _backend_for(backend: str, cfg: RMIConfig, device: torch.device) -> str:
         return name
     why = "3-D logits [N, C, D, H, W]" if cfg.rank == 3 else "per-axis radius/stride/pool_size"
     if backend == "auto":
-        _warn_once(f"rmi_ext: backend 'auto' uses the slow 'reference' backend for {why}: "
+        warn_once(f"rmi_ext: backend 'auto' uses the slow 'reference' backend for {why}: "
                    f"backend {name!r} does not support them yet")
         return "reference"
     raise ValueError(f"rmi_loss backend {name!r} does not support {why} yet; use "

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import rmi_ext
 import volume_oracle as vo
 from conftest import fast_backends, rel_err
-from rmi_ext._dispatch import LOADED, _warn_once, resolve_backend
+from rmi_ext._dispatch import LOADED, warn_once, resolve_backend
 from rmi_ext.reference import region_vectors
 
 VOLUME = (2, 3, 7, 9, 8)
@@ -260,7 +260,7 @@ def test_auto_uses_reference_with_one_warning(shape, opts, why):
     resolve_backend("auto", "cpu")  # loads the backend "auto" picks
     if not _unsupported_fast_backends():
         pytest.skip("every fast backend supports volumes")
-    _warn_once.cache_clear()
+    warn_once.cache_clear()
     with pytest.warns(RuntimeWarning, match=f"uses the slow 'reference' backend for {why}"):
         got = rmi_ext.rmi_loss_terms(x, labels, **opts)
     with warnings.catch_warnings():
