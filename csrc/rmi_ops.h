@@ -94,11 +94,15 @@ inline Problem check_inputs(const char* op, const Tensor& logits, const Tensor& 
   const int64_t x_strides[4] = {logits.stride(0), logits.stride(1), logits.stride(2),
                                 logits.stride(3)};
   const int64_t l_strides[3] = {labels.stride(0), labels.stride(1), labels.stride(2)};
-  const Problem p = make_problem(sizes, x_strides, l_strides, radius, stride, parse_pool(pool),
-                                 pool_size, ignore_index, parse_mode(mode));
-  TORCH_CHECK(p.h >= radius && p.w >= radius, op, ": the downsampled map is ", p.h, "x", p.w,
+  const Problem p = make_planar_problem(sizes, x_strides, l_strides, radius, stride,
+                                        parse_pool(pool), pool_size, ignore_index,
+                                        parse_mode(mode));
+  TORCH_CHECK(p.h() >= radius && p.w() >= radius, op, ": the downsampled map is ", p.h(), "x",
+              p.w(),
               " (input ", h, "x", w, ", stride ", stride, ", pool '", pool, "'), smaller than",
               " the region radius ", radius, ": no region fits; use a smaller stride or radius");
+  TORCH_CHECK(p.d <= kMaxRegionLength, op, ": the region holds ", p.d, " pixels, more than ",
+              kMaxRegionLength);
   return p;
 }
 

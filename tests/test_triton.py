@@ -175,18 +175,25 @@ def _compile_cases(cases):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_in_subprocess(cases_json):
-    """:func:`_compile_cases` of the JSON list ``cases_json`` in a subprocess without
-    ``TRITON_INTERPRET`` (compiled kernels): one per test, for all its cases. ``None`` where
-    the compiled kernels cannot be built here (a skip)."""
+    """:func:`_compile_cases` of the JSON list ``cases_json`` in subprocesses without
+    ``TRITON_INTERPRET`` (compiled kernels), one per core, each compiling every other case:
+    one batch per test, for all its cases."""
     env = dict(os.environ, TRITON_INTERPRET="0")  # "0", not unset: conftest defaults it to 1
     here = os.path.dirname(os.path.abspath(__file__))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     script = ("import json, sys, test_triton; "
               "print(json.dumps(test_triton._compile_cases(json.loads(sys.argv[1]))))")
-    proc = subprocess.run([sys.executable, "-c", script, cases_json], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    cases = json.loads(cases_json)
+    workers = max(1, min(len(cases), os.cpu_count() or 1, 4))
+    procs = [subprocess.Popen([sys.executable, "-c", script, json.dumps(cases[i::workers])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(workers)]
+    results = [None] * len(cases)
+    for i, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, out[-4000:] + err[-4000:]
+        results[i::workers] = json.loads(out.strip().splitlines()[-1])
+    return results
 
 
 SM90_CASES = [

@@ -89,7 +89,7 @@ struct PixelInfo {
 template <typename logit_t, typename T>
 PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels) {
   PixelInfo<T> info;
-  const int64_t HW = p.H * p.W, rows = p.N * p.H;
+  const int64_t HW = p.H() * p.W(), rows = p.N * p.H();
   info.cls.resize(p.N * HW);
   if (p.mode == rmi::kSoftmaxMode) info.lse.resize(p.N * HW);
   std::vector<double> row_count(rows, 0.0), row_ce(rows, 0.0);
@@ -97,12 +97,12 @@ PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels
     const auto* lab = labels.data_ptr<scalar_t>();
     const int64_t lN = labels.stride(0), lH = labels.stride(1), lW = labels.stride(2);
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> mx(p.W), sum(p.W);
+      std::vector<T> mx(p.W()), sum(p.W());
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / p.H, r = row % p.H;
-        int32_t* cls = info.cls.data() + n * HW + r * p.W;
+        const int64_t n = row / p.H(), r = row % p.H();
+        int32_t* cls = info.cls.data() + n * HW + r * p.W();
         double count = 0.0;
-        for (int64_t col = 0; col < p.W; ++col) {
+        for (int64_t col = 0; col < p.W(); ++col) {
           const int64_t label = static_cast<int64_t>(lab[n * lN + r * lH + col * lW]);
           const bool valid = rmi::is_valid_label(label, p.C, p.ignore_index);
           cls[col] = valid ? static_cast<int32_t>(label) : -1;
@@ -114,14 +114,14 @@ PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
         std::fill(sum.begin(), sum.end(), T(0));
         for (int64_t c = 0; c < p.C; ++c)
-          for (int64_t col = 0; col < p.W; ++col)
+          for (int64_t col = 0; col < p.W(); ++col)
             mx[col] = std::max(mx[col], static_cast<T>(xr[c * p.xs[1] + col * p.xs[3]]));
         for (int64_t c = 0; c < p.C; ++c)
-          for (int64_t col = 0; col < p.W; ++col)
+          for (int64_t col = 0; col < p.W(); ++col)
             sum[col] += exp_nonpos(static_cast<T>(xr[c * p.xs[1] + col * p.xs[3]]) - mx[col]);
-        T* lse = info.lse.data() + n * HW + r * p.W;
+        T* lse = info.lse.data() + n * HW + r * p.W();
         double ce = 0.0;
-        for (int64_t col = 0; col < p.W; ++col) {
+        for (int64_t col = 0; col < p.W(); ++col) {
           lse[col] = mx[col] + std::log(sum[col]);
           if (cls[col] >= 0) ce += lse[col] - static_cast<T>(xr[cls[col] * p.xs[1] + col * p.xs[3]]);
         }
@@ -153,13 +153,14 @@ struct PlaneScratch {
   std::vector<int64_t> argmax;   // [h*w] max pooling: the full-resolution index of each maximum
 
   void resize(const Problem& p, bool backward) {
-    sig.resize(p.H * p.W), yp.resize(p.h * p.w), pp.resize(p.h * p.w);
-    row_a.resize(p.W), row_b.resize(p.W);
-    if (p.factor > 1 && p.pool == rmi::kAvgPool) rows_p.resize(p.h * p.W), rows_y.resize(p.h * p.W);
-    if (p.factor > 1 && p.pool == rmi::kMaxPool) argmax.resize(p.h * p.w);
+    sig.resize(p.H() * p.W()), yp.resize(p.h() * p.w()), pp.resize(p.h() * p.w());
+    row_a.resize(p.W()), row_b.resize(p.W());
+    if (p.factor() > 1 && p.pool == rmi::kAvgPool)
+      rows_p.resize(p.h() * p.W()), rows_y.resize(p.h() * p.W());
+    if (p.factor() > 1 && p.pool == rmi::kMaxPool) argmax.resize(p.h() * p.w());
     if (!backward) return;
-    grad_pp.resize(p.h * p.w);
-    if (p.factor > 1 && p.pool != rmi::kAvgPool) grad_full.resize(p.H * p.W);
+    grad_pp.resize(p.h() * p.w());
+    if (p.factor() > 1 && p.pool != rmi::kAvgPool) grad_full.resize(p.H() * p.W());
   }
 };
 
@@ -195,11 +196,13 @@ void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const int32_t* cls
 template <RowExtras kExtras, typename scalar_t, typename T>
 void sigmoid_rows(const Problem& p, const scalar_t* xp, const int32_t* cls, int32_t c, T* sig,
                   double* bce, int64_t* bad) {
-  for (int64_t r = 0; r < p.H; ++r) {
+  for (int64_t r = 0; r < p.H(); ++r) {
     if (p.xs[3] == 1)
-      sigmoid_row<1, kExtras>(xp + r * p.xs[2], 1, p.W, cls + r * p.W, c, sig + r * p.W, bce, bad);
+      sigmoid_row<1, kExtras>(xp + r * p.xs[2], 1, p.W(), cls + r * p.W(), c, sig + r * p.W(),
+                              bce, bad);
     else
-      sigmoid_row<0, kExtras>(xp + r * p.xs[2], p.xs[3], p.W, cls + r * p.W, c, sig + r * p.W, bce, bad);
+      sigmoid_row<0, kExtras>(xp + r * p.xs[2], p.xs[3], p.W(), cls + r * p.W(), c,
+                              sig + r * p.W(), bce, bad);
   }
 }
 
@@ -223,9 +226,9 @@ double first_term_plane(const Problem& p, const scalar_t* xp, const int32_t* cls
 
 // Pooled rows whose average-pool window holds input row r: [*lo, *hi] (empty when lo > hi).
 inline void pooled_rows_of(int64_t r, const Problem& p, int64_t* lo, int64_t* hi) {
-  const int64_t pad = p.kernel / 2, below = r + pad - p.kernel;  // oy > below / s
-  *lo = below < 0 ? 0 : below / p.factor + 1;
-  *hi = std::min(p.h - 1, (r + pad) / p.factor);
+  const int64_t pad = p.kernel() / 2, below = r + pad - p.kernel();  // oy > below / s
+  *lo = below < 0 ? 0 : below / p.factor() + 1;
+  *hi = std::min(p.h() - 1, (r + pad) / p.factor());
 }
 
 // P and Y of one full-resolution row of class c (vectorised).
@@ -234,13 +237,13 @@ void prob_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, T* 
   // One loop per mode: a mode test inside the loop would stop it from vectorising.
   if (p.mode == rmi::kSigmoidMode) {
 #pragma omp simd
-    for (int64_t col = 0; col < p.W; ++col) {
+    for (int64_t col = 0; col < p.W(); ++col) {
       prow[col] = rmi::rmi_prob(sig[col], cls[col] >= 0, rmi::kSigmoidMode);
       yrow[col] = cls[col] == c ? T(1) : T(0);
     }
   } else {
 #pragma omp simd
-    for (int64_t col = 0; col < p.W; ++col) {
+    for (int64_t col = 0; col < p.W(); ++col) {
       prow[col] = rmi::rmi_prob(sig[col], cls[col] >= 0, rmi::kSoftmaxMode);
       yrow[col] = cls[col] == c ? T(1) : T(0);
     }
@@ -255,53 +258,55 @@ void pooled_maps_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScr
   const int32_t cc = static_cast<int32_t>(c);
   T* prow = s.row_a.data();
   T* yrow = s.row_b.data();
-  if (p.factor == 1) {  // the pooled maps are the full-resolution ones
-    for (int64_t r = 0; r < p.H; ++r)
-      prob_row(p, sig + r * p.W, cls + r * p.W, cc, s.pp.data() + r * p.W, s.yp.data() + r * p.W);
+  if (p.factor() == 1) {  // the pooled maps are the full-resolution ones
+    for (int64_t r = 0; r < p.H(); ++r)
+      prob_row(p, sig + r * p.W(), cls + r * p.W(), cc, s.pp.data() + r * p.W(),
+               s.yp.data() + r * p.W());
     return;
   }
-  const int64_t k = p.kernel, st = p.factor;
+  const int64_t k = p.kernel(), st = p.factor();
   if (p.pool == rmi::kAvgPool) {
     // Sum the rows of each pooled row's window first (vector adds over W), then the columns.
     std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
     std::fill(s.rows_y.begin(), s.rows_y.end(), T(0));
-    for (int64_t r = 0; r < p.H; ++r) {
+    for (int64_t r = 0; r < p.H(); ++r) {
       int64_t oy_lo, oy_hi;
       pooled_rows_of(r, p, &oy_lo, &oy_hi);
       if (oy_lo > oy_hi) continue;
-      prob_row(p, sig + r * p.W, cls + r * p.W, cc, prow, yrow);
+      prob_row(p, sig + r * p.W(), cls + r * p.W(), cc, prow, yrow);
       for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
-        T* ap = s.rows_p.data() + oy * p.W;
-        T* ay = s.rows_y.data() + oy * p.W;
+        T* ap = s.rows_p.data() + oy * p.W();
+        T* ay = s.rows_y.data() + oy * p.W();
 #pragma omp simd
-        for (int64_t col = 0; col < p.W; ++col) ap[col] += prow[col], ay[col] += yrow[col];
+        for (int64_t col = 0; col < p.W(); ++col) ap[col] += prow[col], ay[col] += yrow[col];
       }
     }
     const double inv_area = 1.0 / static_cast<double>(k * k);
-    for (int64_t oy = 0; oy < p.h; ++oy) {
-      const T* ap = s.rows_p.data() + oy * p.W;
-      const T* ay = s.rows_y.data() + oy * p.W;
-      for (int64_t ox = 0; ox < p.w; ++ox) {
+    for (int64_t oy = 0; oy < p.h(); ++oy) {
+      const T* ap = s.rows_p.data() + oy * p.W();
+      const T* ay = s.rows_y.data() + oy * p.W();
+      for (int64_t ox = 0; ox < p.w(); ++ox) {
         int64_t x0, x1;
-        rmi::pool_window(ox, p.W, k, st, &x0, &x1);
+        rmi::pool_window(ox, p.W(), k, st, &x0, &x1);
         T sp = T(0), sy = T(0);
         for (int64_t xx = x0; xx < x1; ++xx) sp += ap[xx], sy += ay[xx];
-        s.pp[oy * p.w + ox] = static_cast<T>(static_cast<double>(sp) * inv_area);
-        s.yp[oy * p.w + ox] = static_cast<T>(static_cast<double>(sy) * inv_area);
+        s.pp[oy * p.w() + ox] = static_cast<T>(static_cast<double>(sp) * inv_area);
+        s.yp[oy * p.w() + ox] = static_cast<T>(static_cast<double>(sy) * inv_area);
       }
     }
     return;
   }
   if (p.pool == rmi::kInterp) {  // P bilinear (align_corners=True), Y nearest
-    for (int64_t oy = 0; oy < p.h; ++oy) {
-      const auto ty = rmi::linear_tap<T>(oy, p.H, p.h);
-      const int64_t src_row = rmi::nearest_source(oy, p.H, p.h) * p.W;
-      for (int64_t ox = 0; ox < p.w; ++ox) {
-        const auto tx = rmi::linear_tap<T>(ox, p.W, p.w);
-        const T top = tx.w0 * prob(ty.i0 * p.W + tx.i0) + tx.w1 * prob(ty.i0 * p.W + tx.i1);
-        const T bottom = tx.w0 * prob(ty.i1 * p.W + tx.i0) + tx.w1 * prob(ty.i1 * p.W + tx.i1);
-        s.pp[oy * p.w + ox] = ty.w0 * top + ty.w1 * bottom;
-        s.yp[oy * p.w + ox] = cls[src_row + rmi::nearest_source(ox, p.W, p.w)] == c ? T(1) : T(0);
+    for (int64_t oy = 0; oy < p.h(); ++oy) {
+      const auto ty = rmi::linear_tap<T>(oy, p.H(), p.h());
+      const int64_t src_row = rmi::nearest_source(oy, p.H(), p.h()) * p.W();
+      for (int64_t ox = 0; ox < p.w(); ++ox) {
+        const auto tx = rmi::linear_tap<T>(ox, p.W(), p.w());
+        const T top = tx.w0 * prob(ty.i0 * p.W() + tx.i0) + tx.w1 * prob(ty.i0 * p.W() + tx.i1);
+        const T bottom = tx.w0 * prob(ty.i1 * p.W() + tx.i0) + tx.w1 * prob(ty.i1 * p.W() + tx.i1);
+        s.pp[oy * p.w() + ox] = ty.w0 * top + ty.w1 * bottom;
+        s.yp[oy * p.w() + ox] =
+            cls[src_row + rmi::nearest_source(ox, p.W(), p.w())] == c ? T(1) : T(0);
       }
     }
     return;
@@ -309,25 +314,25 @@ void pooled_maps_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScr
   // Max pooling (-inf padding): P the window maximum, Y whether any window pixel is class c;
   // s.argmax keeps where the maximum is (the first in row-major window order, as max_pool2d
   // picks it) for the backward's pooling adjoint.
-  for (int64_t oy = 0; oy < p.h; ++oy) {
+  for (int64_t oy = 0; oy < p.h(); ++oy) {
     int64_t y0, y1;
-    rmi::pool_window(oy, p.H, k, st, &y0, &y1);
-    for (int64_t ox = 0; ox < p.w; ++ox) {
+    rmi::pool_window(oy, p.H(), k, st, &y0, &y1);
+    for (int64_t ox = 0; ox < p.w(); ++ox) {
       int64_t x0, x1;
-      rmi::pool_window(ox, p.W, k, st, &x0, &x1);
+      rmi::pool_window(ox, p.W(), k, st, &x0, &x1);
       T best = -std::numeric_limits<T>::infinity();
-      int64_t arg = y0 * p.W + x0;
+      int64_t arg = y0 * p.W() + x0;
       bool any = false;
       for (int64_t yy = y0; yy < y1; ++yy)
         for (int64_t xx = x0; xx < x1; ++xx) {
-          const int64_t u = yy * p.W + xx;
+          const int64_t u = yy * p.W() + xx;
           const T v = prob(u);
           if (v > best) best = v, arg = u;
           any = any || cls[u] == c;
         }
-      s.pp[oy * p.w + ox] = best;
-      s.yp[oy * p.w + ox] = any ? T(1) : T(0);
-      s.argmax[oy * p.w + ox] = arg;
+      s.pp[oy * p.w() + ox] = best;
+      s.yp[oy * p.w() + ox] = any ? T(1) : T(0);
+      s.argmax[oy * p.w() + ox] = arg;
     }
   }
 }
@@ -412,7 +417,7 @@ template <typename M>
 void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, double* means, double* cov,
                    std::vector<double>& tables) {
-  const int64_t cells = g.cells(), nsx = g.sx.count(), L = g.lags.count, w = p.w, h = p.h;
+  const int64_t cells = g.cells(), nsx = g.sx.count(), L = g.lags.count, w = p.w(), h = p.h();
   // tables: [L][cells] for Y.P, Y.Y, P.P, then [cells] sums of Y and P.
   tables.assign(3 * L * cells + 2 * cells, 0.0);
   double* t_yp = tables.data();
@@ -459,7 +464,7 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
       }
     }
   }
-  const int64_t R = p.radius, d = p.d;
+  const int64_t R = p.radius(), d = p.d;
   const double K = static_cast<double>((h - R + 1) * (w - R + 1));
   std::vector<double> mu_y(d), mu_p(d);  // means of the centred maps
   for (int64_t i = 0; i < d; ++i) {
@@ -493,8 +498,8 @@ template <typename M>
 void pooled_grad_stencil_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, const double* cp, const double* cy,
                    const double* shift, M* out, std::vector<double>& tables) {
-  const int64_t R = p.radius, d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
-  const int64_t w = p.w, h = p.h, P = R + 1;  // prefix tables are P x P, P = R + 1
+  const int64_t R = p.radius(), d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
+  const int64_t w = p.w(), h = p.h(), P = R + 1;  // prefix tables are P x P, P = R + 1
   tables.assign(2 * L * cells + cells + 3 * P * P, 0.0);
   double* k_p = tables.data();
   double* k_y = k_p + L * cells;
@@ -565,20 +570,21 @@ template <typename T>
 void pool_adjoint_plane(const Problem& p, PlaneScratch<T>& s) {
   std::fill(s.grad_full.begin(), s.grad_full.end(), T(0));
   T* out = s.grad_full.data();
-  for (int64_t oy = 0; oy < p.h; ++oy) {
-    for (int64_t ox = 0; ox < p.w; ++ox) {
-      const double gpool = s.grad_pp[oy * p.w + ox];
+  for (int64_t oy = 0; oy < p.h(); ++oy) {
+    for (int64_t ox = 0; ox < p.w(); ++ox) {
+      const double gpool = s.grad_pp[oy * p.w() + ox];
       if (p.pool == rmi::kInterp) {
-        const auto ty = rmi::linear_tap<T>(oy, p.H, p.h);
-        const auto tx = rmi::linear_tap<T>(ox, p.W, p.w);
+        const auto ty = rmi::linear_tap<T>(oy, p.H(), p.h());
+        const auto tx = rmi::linear_tap<T>(ox, p.W(), p.w());
         const T gv = static_cast<T>(gpool);
-        out[ty.i0 * p.W + tx.i0] += ty.w0 * tx.w0 * gv;
-        out[ty.i0 * p.W + tx.i1] += ty.w0 * tx.w1 * gv;
-        out[ty.i1 * p.W + tx.i0] += ty.w1 * tx.w0 * gv;
-        out[ty.i1 * p.W + tx.i1] += ty.w1 * tx.w1 * gv;
+        out[ty.i0 * p.W() + tx.i0] += ty.w0 * tx.w0 * gv;
+        out[ty.i0 * p.W() + tx.i1] += ty.w0 * tx.w1 * gv;
+        out[ty.i1 * p.W() + tx.i0] += ty.w1 * tx.w0 * gv;
+        out[ty.i1 * p.W() + tx.i1] += ty.w1 * tx.w1 * gv;
         continue;
       }
-      out[s.argmax[oy * p.w + ox]] += static_cast<T>(gpool);  // max: where pooled_maps_plane found it
+      // max: where pooled_maps_plane found it
+      out[s.argmax[oy * p.w() + ox]] += static_cast<T>(gpool);
     }
   }
 }
@@ -588,13 +594,13 @@ void pool_adjoint_plane(const Problem& p, PlaneScratch<T>& s) {
 template <typename T>
 void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
   std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
-  const double inv_area = 1.0 / static_cast<double>(p.kernel * p.kernel);
-  for (int64_t oy = 0; oy < p.h; ++oy) {
-    T* row = s.rows_p.data() + oy * p.W;
-    for (int64_t ox = 0; ox < p.w; ++ox) {
-      const T v = static_cast<T>(s.grad_pp[oy * p.w + ox] * inv_area);
+  const double inv_area = 1.0 / static_cast<double>(p.kernel() * p.kernel());
+  for (int64_t oy = 0; oy < p.h(); ++oy) {
+    T* row = s.rows_p.data() + oy * p.W();
+    for (int64_t ox = 0; ox < p.w(); ++ox) {
+      const T v = static_cast<T>(s.grad_pp[oy * p.w() + ox] * inv_area);
       int64_t x0, x1;
-      rmi::pool_window(ox, p.W, p.kernel, p.factor, &x0, &x1);
+      rmi::pool_window(ox, p.W(), p.kernel(), p.factor(), &x0, &x1);
       for (int64_t xx = x0; xx < x1; ++xx) row[xx] += v;
     }
   }
@@ -603,21 +609,21 @@ void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
 // dloss/dP of full-resolution row r into grow[], from the pooled-map gradient.
 template <typename T>
 void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
-  if (p.factor == 1) {
-    std::copy(s.grad_pp.begin() + r * p.W, s.grad_pp.begin() + (r + 1) * p.W, grow);
+  if (p.factor() == 1) {
+    std::copy(s.grad_pp.begin() + r * p.W(), s.grad_pp.begin() + (r + 1) * p.W(), grow);
     return;
   }
   if (p.pool != rmi::kAvgPool) {
-    std::copy(s.grad_full.begin() + r * p.W, s.grad_full.begin() + (r + 1) * p.W, grow);
+    std::copy(s.grad_full.begin() + r * p.W(), s.grad_full.begin() + (r + 1) * p.W(), grow);
     return;
   }
-  std::fill(grow, grow + p.W, T(0));
+  std::fill(grow, grow + p.W(), T(0));
   int64_t oy_lo, oy_hi;
   pooled_rows_of(r, p, &oy_lo, &oy_hi);
   for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
-    const T* row = s.rows_p.data() + oy * p.W;
+    const T* row = s.rows_p.data() + oy * p.W();
 #pragma omp simd
-    for (int64_t col = 0; col < p.W; ++col) grow[col] += row[col];
+    for (int64_t col = 0; col < p.W(); ++col) grow[col] += row[col];
   }
 }
 
@@ -630,7 +636,7 @@ void full_res_grad_row(const Problem& p, const T* sig, const int32_t* cls, int32
   gstep = kStep == 1 ? 1 : gstep;
   if (lse == nullptr) {  // sigmoid mode: BCE gradient
 #pragma omp simd
-    for (int64_t col = 0; col < p.W; ++col) {
+    for (int64_t col = 0; col < p.W(); ++col) {
       const bool valid = cls[col] >= 0;
       const T base = valid ? bscale * (sig[col] - (cls[col] == c ? T(1) : T(0))) : T(0);
       const T slope = rmi::rmi_prob_slope(sig[col], valid, rmi::kSigmoidMode);
@@ -639,7 +645,7 @@ void full_res_grad_row(const Problem& p, const T* sig, const int32_t* cls, int32
     return;
   }
 #pragma omp simd
-  for (int64_t col = 0; col < p.W; ++col) {  // softmax mode: CE gradient
+  for (int64_t col = 0; col < p.W(); ++col) {  // softmax mode: CE gradient
     const bool valid = cls[col] >= 0;
     const T prob = exp_nonpos(static_cast<T>(xr[col * xstep]) - lse[col]);
     const T base = valid ? bscale * (prob - (cls[col] == c ? T(1) : T(0))) : T(0);
@@ -668,7 +674,7 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
     using T = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
-    const MomentGeometry geom(p.h, p.w, p.radius);
+    const MomentGeometry geom(p.h(), p.w(), p.radius());
     const int64_t planes = p.N * p.C;
     std::vector<double> plane_bce(planes, 0.0);
     std::vector<int64_t> plane_bad(planes, 0);
@@ -680,7 +686,7 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
       std::vector<double> tables;
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
-        const int32_t* cls = info.cls.data() + n * p.H * p.W;
+        const int32_t* cls = info.cls.data() + n * p.H() * p.W();
         plane_bce[plane] = first_term_plane(p, x + n * p.xs[0] + c * p.xs[1], cls, c, s, &plane_bad[plane]);
         pooled_maps_plane(p, cls, c, s);
         const double y_shift = centre(s.yp), p_shift = centre(s.pp);
@@ -715,7 +721,7 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* gout = grad.data_ptr<scalar_t>();
     const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
-    const MomentGeometry geom(p.h, p.w, p.radius);
+    const MomentGeometry geom(p.h(), p.w(), p.radius());
     const double* coef_p = coef_c.const_data_ptr<double>();
     const double* shift_p = shift_c.const_data_ptr<double>();
     const T bscale = static_cast<T>(scale);
@@ -723,11 +729,11 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
       PlaneScratch<T> s;
       s.resize(p, /*backward=*/true);
       std::vector<double> tables;
-      std::vector<T> grow(p.W);
+      std::vector<T> grow(p.W());
       const bool unit_stride = p.xs[3] == 1 && gW == 1;
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
-        const int32_t* cls = info.cls.data() + n * p.H * p.W;
+        const int32_t* cls = info.cls.data() + n * p.H() * p.W();
         const scalar_t* xp = x + n * p.xs[0] + c * p.xs[1];
         first_term_plane(p, xp, cls, c, s, nullptr);
         pooled_maps_plane(p, cls, c, s);
@@ -735,13 +741,13 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
         const double* cp = coef_p + plane * 2 * p.d * p.d;
         pooled_grad_stencil_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift, cp, cp + p.d * p.d,
                       shift_p + plane * p.d, s.grad_pp.data(), tables);
-        if (p.factor > 1 && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
-        if (p.factor > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
-        const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * p.H * p.W : nullptr;
+        if (p.factor() > 1 && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
+        if (p.factor() > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
+        const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * p.H() * p.W() : nullptr;
         scalar_t* gp = gout + n * gN + c * gC;
-        for (int64_t r = 0; r < p.H; ++r) {
+        for (int64_t r = 0; r < p.H(); ++r) {
           grad_prob_row(p, r, s, grow.data());
-          const int64_t u = r * p.W;
+          const int64_t u = r * p.W();
           const T* lse_r = lse ? lse + u : nullptr;
           if (unit_stride)
             full_res_grad_row<1>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.xs[2], lse_r, bscale, gp + r * gH, 1);

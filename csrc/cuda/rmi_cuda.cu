@@ -52,7 +52,7 @@ void dispatch_labels(const Tensor& labels, F&& f) {
 }
 
 // Whether the backward records the max-pooling arg-max (an int32 per pooled element).
-bool records_argmax(const Problem& g) { return g.pool == kMaxPool && g.factor > 1; }
+bool records_argmax(const Problem& g) { return g.pool == kMaxPool && g.factor() > 1; }
 
 ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels_in,
                                       int64_t radius, int64_t stride, c10::string_view pool,
@@ -128,9 +128,10 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
   check_backward_inputs(g, logits, base_scale, coef, shift);
   if (records_argmax(g)) {
     // The arg-max is an int32 position in the window clipped to the map (max_window_arg).
-    const int64_t rows = g.kernel < g.H ? g.kernel : g.H, cols = g.kernel < g.W ? g.kernel : g.W;
+    const int64_t rows = g.kernel() < g.H() ? g.kernel() : g.H(),
+                  cols = g.kernel() < g.W() ? g.kernel() : g.W();
     TORCH_CHECK(rows * cols <= INT32_MAX, "rmi_ext::backward_grad: max pooling windows of ",
-                rows, "x", cols, " pixels (pool_size ", g.kernel, ", input ", g.H, "x", g.W,
+                rows, "x", cols, " pixels (pool_size ", g.kernel(), ", input ", g.H(), "x", g.W(),
                 ") are not supported: a window must hold fewer than 2^31 pixels");
   }
   const c10::cuda::CUDAGuard device_guard(logits.device());
@@ -157,7 +158,7 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
     const BackwardPlan bp = plan_backward(g, logits.element_size(), sizeof(acc_t),
                                           records_argmax(g));
     // Channel log-sum-exp for the CE gradient (softmax mode only).
-    Tensor lse = g.mode == kSoftmaxMode ? at::empty({g.N, g.H, g.W}, acc) : at::Tensor();
+    Tensor lse = g.mode == kSoftmaxMode ? at::empty({g.N, g.H(), g.W()}, acc) : at::Tensor();
     if (lse.defined()) {
       first_term_lse_kernel<scalar_t, acc_t><<<plan.pixel_blocks, kThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), g, dv, lse.mutable_data_ptr<acc_t>());
@@ -170,7 +171,7 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
       const label_t* l = labels.const_data_ptr<label_t>();
       const double* cf = coef_c.const_data_ptr<double>();
       const double* sh = shift_c.const_data_ptr<double>();
-      if (g.factor == 1) {  // (d) pooled_grad_stencil fused into (e) full_res_grad
+      if (g.factor() == 1) {  // (d) pooled_grad_stencil fused into (e) full_res_grad
         full_res_grad_kernel<scalar_t, acc_t, label_t, true>
             <<<bp.full_blocks, kThreads, 0, stream>>>(
                 x, l, g, dv, block_of(g, bp, 0), cf, sh, nullptr, nullptr, lse_ptr,
@@ -179,11 +180,11 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
         return;
       }
       // Scratch of one block, reused by every block (kernels run in stream order).
-      Tensor y = at::empty({bp.scratch_planes, g.h, g.w}, acc), p = at::empty_like(y);
+      Tensor y = at::empty({bp.scratch_planes, g.h(), g.w()}, acc), p = at::empty_like(y);
       Tensor grad_pooled = at::empty_like(y);
       // Max pooling: where each window has its maximum, recorded by the pooled-maps pass, so
       // the full-resolution pass does not rescan the windows.
-      Tensor argmax = records_argmax(g) ? at::empty({bp.scratch_planes, g.h, g.w},
+      Tensor argmax = records_argmax(g) ? at::empty({bp.scratch_planes, g.h(), g.w()},
                                                     logits.options().dtype(at::kInt))
                                         : Tensor();
       int32_t* arg = argmax.defined() ? argmax.mutable_data_ptr<int32_t>() : nullptr;

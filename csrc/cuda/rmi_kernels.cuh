@@ -183,10 +183,10 @@ struct Divisors {
 };
 
 inline Divisors make_divisors(const Problem& g) {
-  return {make_fast_divmod(g.W),      make_fast_divmod(g.H),
-          make_fast_divmod(g.C),      make_fast_divmod(g.w),
-          make_fast_divmod(g.h),      make_fast_divmod(g.factor),
-          make_axis_scales(g.H, g.h), make_axis_scales(g.W, g.w)};
+  return {make_fast_divmod(g.W()),      make_fast_divmod(g.H()),
+          make_fast_divmod(g.C),      make_fast_divmod(g.w()),
+          make_fast_divmod(g.h()),      make_fast_divmod(g.factor()),
+          make_axis_scales(g.H(), g.h()), make_axis_scales(g.W(), g.w())};
 }
 
 // A block of (n, c) planes that a backward launch covers: images [n0, n0 + images) x channels
@@ -302,7 +302,7 @@ RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits, const labe
 // The pooled maps are computed by one instantiation per pool kind (a compile-time `kind`):
 // with the three kinds in one kernel, ptxas spilled (it hoists each kind's loop invariants out
 // of the grid-stride loop). Factor 1 (the identity) runs in any kind; pooled_kind() picks one.
-inline int pooled_kind(const Problem& g) { return g.factor == 1 ? int(kAvgPool) : g.pool; }
+inline int pooled_kind(const Problem& g) { return g.factor() == 1 ? int(kAvgPool) : g.pool; }
 
 // Calls f(std::integral_constant<int, kind>{}) for a pool kind (host side).
 template <typename F>
@@ -326,23 +326,23 @@ template <int kind, typename acc_t, typename scalar_t, typename label_t>
 RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const label_t* labels, const Problem& g,
                            const Divisors& dv, int64_t n, int64_t c, int64_t oy, int64_t ox,
                            int32_t* arg) {
-  if (g.factor == 1) return pixel_py<acc_t>(logits, labels, g, n, c, oy, ox);
+  if (g.factor() == 1) return pixel_py<acc_t>(logits, labels, g, n, c, oy, ox);
   if (kind == kInterp) {
-    LinearTap<acc_t> ty = linear_tap<acc_t>(oy, g.H, dv.sh.linear<acc_t>());
-    LinearTap<acc_t> tx = linear_tap<acc_t>(ox, g.W, dv.sw.linear<acc_t>());
+    LinearTap<acc_t> ty = linear_tap<acc_t>(oy, g.H(), dv.sh.linear<acc_t>());
+    LinearTap<acc_t> tx = linear_tap<acc_t>(ox, g.W(), dv.sw.linear<acc_t>());
     acc_t p00 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i0, tx.i0).p;
     acc_t p01 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i0, tx.i1).p;
     acc_t p10 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i1, tx.i0).p;
     acc_t p11 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i1, tx.i1).p;
     acc_t p = ty.w0 * (tx.w0 * p00 + tx.w1 * p01) + ty.w1 * (tx.w0 * p10 + tx.w1 * p11);
-    const int64_t sy = nearest_source(oy, g.H, g.h, dv.sh.nearest);
-    const int64_t sx = nearest_source(ox, g.W, g.w, dv.sw.nearest);
+    const int64_t sy = nearest_source(oy, g.H(), g.h(), dv.sh.nearest);
+    const int64_t sx = nearest_source(ox, g.W(), g.w(), dv.sw.nearest);
     acc_t y = pixel_py<acc_t>(logits, labels, g, n, c, sy, sx).y;
     return {p, y};
   }
   int64_t y0, y1, x0, x1;
-  pool_window(oy, g.H, g.kernel, g.factor, &y0, &y1);
-  pool_window(ox, g.W, g.kernel, g.factor, &x0, &x1);
+  pool_window(oy, g.H(), g.kernel(), g.factor(), &y0, &y1);
+  pool_window(ox, g.W(), g.kernel(), g.factor(), &x0, &x1);
   const scalar_t* x_plane = logits + n * g.xs[0] + c * g.xs[1];
   const label_t* l_image = labels + n * g.ls[0];
   if (kind == kAvgPool) {
@@ -356,7 +356,7 @@ RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const label_t* labels, const 
         sum.y += v.y;
       }
     }
-    acc_t area = static_cast<acc_t>(g.kernel * g.kernel);
+    acc_t area = static_cast<acc_t>(g.kernel() * g.kernel());
     return {sum.p / area, sum.y / area};
   }
   // Max: P's first maximum in row-major order (windows are never empty: pixel 0 sets it).
@@ -415,7 +415,7 @@ RMI_HD PY<double> plane_sums_at(int64_t plane, int64_t first, int64_t step,
   int64_t c;
   const int64_t n = dv.C.divmod(plane, &c);
   PY<double> sum = {0.0, 0.0};
-  for (int64_t i = first; i < g.h * g.w; i += step) {
+  for (int64_t i = first; i < g.h() * g.w(); i += step) {
     int64_t ox;
     const int64_t oy = dv.w.divmod(i, &ox);
     int32_t arg = 0;
@@ -510,7 +510,7 @@ struct ChunkTiles {
 };
 
 RMI_HD ChunkTiles chunk_tiles(const Problem& g, const MomentPlan& plan, int64_t chunk) {
-  const int64_t R = g.radius, nh = g.h - R + 1, nw = g.w - R + 1;
+  const int64_t R = g.radius(), nh = g.h() - R + 1, nw = g.w() - R + 1;
   const int64_t a_begin = chunk * plan.rows_per_chunk;
   const int64_t a_end = a_begin + plan.rows_per_chunk < nh ? a_begin + plan.rows_per_chunk : nh;
   const int64_t col_tiles = ceil_div(nw, plan.tile_cols - R + 1);
@@ -543,7 +543,7 @@ RMI_HD void moment_stage_at(int idx, const MomentTile& t, int64_t n, int64_t c, 
                             double op, const scalar_t* logits, const label_t* labels,
                             const Problem& g, const Divisors& dv, const MomentPlan& plan,
                             double* tile) {
-  const int cols = tile_cols_of(t, g.radius);
+  const int cols = tile_cols_of(t, g.radius());
   const int r = idx / cols, col = idx - r * cols;
   int32_t arg = 0;
   const PY<acc_t> v =
@@ -600,10 +600,10 @@ RMI_HD double moment_total(const double* partials, int64_t plane, int64_t e,
 RMI_HD void moment_sums_finalize_at(int64_t q, const double* partials, const double* offsets,
                                     const Problem& g, const MomentPlan& plan, double* means,
                                     double* cov) {
-  const int64_t R = g.radius, d = R * R;
+  const int64_t R = g.radius(), d = R * R;
   const int64_t j = q % d, t = q / d;
   const int64_t i = t % d, plane = t / d;
-  const double k = static_cast<double>((g.h - R + 1) * (g.w - R + 1));
+  const double k = static_cast<double>((g.h() - R + 1) * (g.w() - R + 1));
   const int64_t lo = i < j ? i : j, hi = i < j ? j : i;
   const int64_t packed = d * (d + 1) / 2;
   const double mu_y_i = moment_total(partials, plane, i, plan) / k;
@@ -662,12 +662,12 @@ struct PixelSource {  // factor 1: P and Y of plane (n, c) from the logits and l
 template <typename Source>
 RMI_HD double stencil_at(int64_t row, int64_t col, const Problem& g, const double* coef_plane,
                          const double* shift_plane, const Source& src) {
-  const int R = static_cast<int>(g.radius), d = R * R;
+  const int R = static_cast<int>(g.radius()), d = R * R;
   const double* cp = coef_plane;
   const double* cy = coef_plane + d * d;
   // Offsets (iy, ix) of this pixel in the valid windows (row - iy, col - ix), 0 <= row - iy <=
   // h - R: inclusive ranges.
-  const int64_t below = g.h - 1 - row, right = g.w - 1 - col;  // pixels after this one
+  const int64_t below = g.h() - 1 - row, right = g.w() - 1 - col;  // pixels after this one
   const int iy_lo = below < R - 1 ? R - 1 - static_cast<int>(below) : 0;
   const int iy_hi = row < R - 1 ? static_cast<int>(row) : R - 1;
   const int ix_lo = right < R - 1 ? R - 1 - static_cast<int>(right) : 0;
@@ -705,12 +705,12 @@ template <typename acc_t>
 RMI_HD void pooled_grad_stencil_store(int64_t q, const acc_t* y, const acc_t* p, const double* coef,
                                       const double* shift, const Problem& g, const Divisors& dv,
                                       const PlaneBlock& blk, acc_t* grad_pooled) {
-  const int64_t d = g.radius * g.radius;
+  const int64_t d = g.radius() * g.radius();
   int64_t col, row, n, c;
   const int64_t lp = dv.h.divmod(dv.w.divmod(q, &col), &row);
   block_plane(blk, lp, &n, &c);
-  const int64_t plane = n * g.C + c, size = g.h * g.w;
-  const MapSource<acc_t> src = {y + lp * size, p + lp * size, g.w};
+  const int64_t plane = n * g.C + c, size = g.h() * g.w();
+  const MapSource<acc_t> src = {y + lp * size, p + lp * size, g.w()};
   grad_pooled[q] = static_cast<acc_t>(
       stencil_at(row, col, g, coef + plane * 2 * d * d, shift + plane * d, src));
 }
@@ -766,35 +766,35 @@ RMI_HD acc_t pool_adjoint_at(const Problem& g, const Divisors& dv, const acc_t* 
   acc_t sum = acc_t(0);
   if (g.pool == kInterp) {
     const acc_t scale_y = dv.sh.linear<acc_t>(), scale_x = dv.sw.linear<acc_t>();
-    taps_holding(y, g.H, g.h, &oy0, &oy1);
-    taps_holding(x, g.W, g.w, &ox0, &ox1);
+    taps_holding(y, g.H(), g.h(), &oy0, &oy1);
+    taps_holding(x, g.W(), g.w(), &ox0, &ox1);
     for (int64_t oy = oy0; oy <= oy1; ++oy) {
-      const acc_t wy = tap_weight<acc_t>(oy, y, g.H, scale_y);
+      const acc_t wy = tap_weight<acc_t>(oy, y, g.H(), scale_y);
       if (wy == acc_t(0)) continue;
       for (int64_t ox = ox0; ox <= ox1; ++ox) {
-        const acc_t wx = tap_weight<acc_t>(ox, x, g.W, scale_x);
-        if (wx != acc_t(0)) sum += wy * wx * grad_plane[oy * g.w + ox];
+        const acc_t wx = tap_weight<acc_t>(ox, x, g.W(), scale_x);
+        if (wx != acc_t(0)) sum += wy * wx * grad_plane[oy * g.w() + ox];
       }
     }
     return sum;
   }
-  windows_holding(y, g.h, g.kernel, dv.factor, &oy0, &oy1);
-  windows_holding(x, g.w, g.kernel, dv.factor, &ox0, &ox1);
+  windows_holding(y, g.h(), g.kernel(), dv.factor, &oy0, &oy1);
+  windows_holding(x, g.w(), g.kernel(), dv.factor, &ox0, &ox1);
   if (g.pool == kAvgPool) {
     for (int64_t oy = oy0; oy <= oy1; ++oy)
-      for (int64_t ox = ox0; ox <= ox1; ++ox) sum += grad_plane[oy * g.w + ox];
-    return sum / static_cast<acc_t>(g.kernel * g.kernel);
+      for (int64_t ox = ox0; ox <= ox1; ++ox) sum += grad_plane[oy * g.w() + ox];
+    return sum / static_cast<acc_t>(g.kernel() * g.kernel());
   }
   // Max: the gradient goes to the window's first maximum of P in row-major order, recorded by
   // pooled_py in the backward's pooled-maps pass.
   for (int64_t oy = oy0; oy <= oy1; ++oy) {
     int64_t y0, y1;
-    pool_window(oy, g.H, g.kernel, g.factor, &y0, &y1);
+    pool_window(oy, g.H(), g.kernel(), g.factor(), &y0, &y1);
     for (int64_t ox = ox0; ox <= ox1; ++ox) {
       int64_t x0, x1;
-      pool_window(ox, g.W, g.kernel, g.factor, &x0, &x1);
-      if (arg_plane[oy * g.w + ox] == max_window_arg(y, x, y0, x0, x1))
-        sum += grad_plane[oy * g.w + ox];
+      pool_window(ox, g.W(), g.kernel(), g.factor(), &x0, &x1);
+      if (arg_plane[oy * g.w() + ox] == max_window_arg(y, x, y0, x0, x1))
+        sum += grad_plane[oy * g.w() + ox];
     }
   }
   return sum;
@@ -830,20 +830,20 @@ RMI_HD void full_res_grad_store(int64_t q, const scalar_t* logits, const label_t
   acc_t grad_p = acc_t(0);
   if (slope != acc_t(0)) {
     if (fused) {
-      const int64_t plane = n * g.C + c, d = g.radius * g.radius;
+      const int64_t plane = n * g.C + c, d = g.radius() * g.radius();
       const PixelSource<acc_t, scalar_t, label_t> src = {logits + n * g.xs[0] + c * g.xs[1],
                                                          labels + n * g.ls[0], &g, c};
       grad_p = static_cast<acc_t>(
           stencil_at(y, x, g, coef + plane * 2 * d * d, shift + plane * d, src));
     } else {
-      const int64_t at = (dn * blk.channels + dc) * g.h * g.w;
+      const int64_t at = (dn * blk.channels + dc) * g.h() * g.w();
       grad_p = pool_adjoint_at<acc_t>(g, dv, grad_pooled + at,
                                       argmax != nullptr ? argmax + at : nullptr, y, x);
     }
   }
   acc_t base = acc_t(0);
   if (valid) {
-    const acc_t prob = g.mode == kSigmoidMode ? sig : exp(v - lse[(n * g.H + y) * g.W + x]);
+    const acc_t prob = g.mode == kSigmoidMode ? sig : exp(v - lse[(n * g.H() + y) * g.W() + x]);
     base = prob - (label == c ? acc_t(1) : acc_t(0));
   }
   const acc_t value = grad_p * slope + static_cast<acc_t>(*base_scale) * base;
@@ -867,12 +867,12 @@ struct LaunchPlan {
 inline LaunchPlan plan_launches(const Problem& g) {
   const int64_t planes = g.N * g.C;
   LaunchPlan plan;
-  plan.first_term_blocks = reduce_blocks(g.N * g.H * g.W);
-  plan.pixel_blocks = grid_blocks(g.N * g.H * g.W);
+  plan.first_term_blocks = reduce_blocks(g.N * g.H() * g.W());
+  plan.pixel_blocks = grid_blocks(g.N * g.H() * g.W());
   plan.plane_blocks = static_cast<unsigned int>(planes < kMaxGridBlocks ? planes : kMaxGridBlocks);
   plan.finalize_blocks = grid_blocks(planes * g.d * g.d);
-  plan.moments = plan_moments(planes, g.h - g.radius + 1, g.w - g.radius + 1, g.radius,
-                              planes * g.H * g.W / 32);
+  plan.moments = plan_moments(planes, g.h() - g.radius() + 1, g.w() - g.radius() + 1, g.radius(),
+                              planes * g.H() * g.W() / 32);
   plan.moment_grid = dim3(plan.plane_blocks, static_cast<unsigned int>(plan.moments.chunks),
                           static_cast<unsigned int>(ceil_div(plan.moments.entries, kThreads)));
   return plan;
@@ -903,9 +903,9 @@ inline BackwardPlan plan_backward(const Problem& g, int64_t logit_bytes, int64_t
   BackwardPlan plan;
   const int64_t planes = g.N * g.C;
   int64_t per_block = planes;
-  if (g.factor > 1) {
-    const int64_t plane_bytes = g.h * g.w * (3 * acc_bytes + (argmax ? 4 : 0));
-    const int64_t budget = planes * g.H * g.W * logit_bytes / kScratchFraction;
+  if (g.factor() > 1) {
+    const int64_t plane_bytes = g.h() * g.w() * (3 * acc_bytes + (argmax ? 4 : 0));
+    const int64_t budget = planes * g.H() * g.W() * logit_bytes / kScratchFraction;
     per_block = budget / plane_bytes;
   }
   if (max_block_planes > 0 && per_block > max_block_planes) per_block = max_block_planes;
@@ -922,10 +922,10 @@ inline BackwardPlan plan_backward(const Problem& g, int64_t logit_bytes, int64_t
     plan.blocks = g.N * plan.blocks_per_image;
   }
   const int64_t block_planes = plan.images * plan.channels;
-  plan.scratch_planes = g.factor > 1 ? block_planes : 0;
-  plan.scratch_bytes = plan.scratch_planes * g.h * g.w * (3 * acc_bytes + (argmax ? 4 : 0));
-  plan.pooled_blocks = grid_blocks(block_planes * g.h * g.w);
-  plan.full_blocks = grid_blocks(block_planes * g.H * g.W);
+  plan.scratch_planes = g.factor() > 1 ? block_planes : 0;
+  plan.scratch_bytes = plan.scratch_planes * g.h() * g.w() * (3 * acc_bytes + (argmax ? 4 : 0));
+  plan.pooled_blocks = grid_blocks(block_planes * g.h() * g.w());
+  plan.full_blocks = grid_blocks(block_planes * g.H() * g.W());
   return plan;
 }
 
@@ -971,7 +971,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ double smem[kThreads];
   __shared__ int64_t smem_i[kThreads];
   FirstTermSums s = {0.0, 0.0, 0};
-  RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
+  RMI_GRID_STRIDE_LOOP(q, g.N * g.H() * g.W()) {
     FirstTermSums v = first_term_at<acc_t>(q, logits, labels, g, dv);
     s.sum += v.sum;
     s.count += v.count;
@@ -1016,7 +1016,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     first_term_lse_kernel(const scalar_t* logits, Problem g, Divisors dv, acc_t* lse) {
-  RMI_GRID_STRIDE_LOOP(q, g.N * g.H * g.W) {
+  RMI_GRID_STRIDE_LOOP(q, g.N * g.H() * g.W()) {
     int64_t x, y;
     const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
     lse[q] = logsumexp_at<acc_t>(logits, g, n, y, x);
@@ -1030,7 +1030,7 @@ template <typename scalar_t, typename acc_t, typename label_t, int kind>
 __global__ void __launch_bounds__(kThreads)
     pooled_maps_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
                        PlaneBlock blk, acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
-  RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.h * g.w) {
+  RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.h() * g.w()) {
     pooled_maps_store<kind, acc_t>(q, logits, labels, g, dv, blk, y_out, p_out, arg_out);
   }
 }
@@ -1044,7 +1044,7 @@ __global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
     moment_sums_offsets_kernel(const scalar_t* logits, const label_t* labels, Problem g,
                                Divisors dv, double* offsets) {
   __shared__ double smem[kThreads];
-  const double plane_size = static_cast<double>(g.h * g.w);
+  const double plane_size = static_cast<double>(g.h() * g.w());
   for (int64_t plane = blockIdx.x; plane < g.N * g.C; plane += gridDim.x) {  // block-uniform
     const PY<double> part =
         plane_sums_at<kind, acc_t>(plane, threadIdx.x, kThreads, logits, labels, g, dv);
@@ -1070,8 +1070,8 @@ __global__ void __launch_bounds__(kThreads, kMomentMinBlocks)
   const int64_t chunk = blockIdx.y;
   const int64_t e = static_cast<int64_t>(blockIdx.z) * kThreads + threadIdx.x;
   const bool active = e < plan.entries;  // every thread stages; active ones sum an entry
-  const EntryTaps taps = entry_taps(moment_entry(active ? e : 0, g.radius * g.radius), plan,
-                                    g.radius);
+  const EntryTaps taps = entry_taps(moment_entry(active ? e : 0, g.radius() * g.radius()), plan,
+                                    g.radius());
   const ChunkTiles ct = chunk_tiles(g, plan, chunk);
   for (int64_t plane = blockIdx.x; plane < g.N * g.C; plane += gridDim.x) {  // block-uniform
     int64_t c;
@@ -1079,8 +1079,8 @@ __global__ void __launch_bounds__(kThreads, kMomentMinBlocks)
     const double oy = offsets[2 * plane], op = offsets[2 * plane + 1];
     double acc = 0.0;
     for (int64_t t = 0; t < ct.count; ++t) {
-      const MomentTile tl = moment_tile(ct, t, plan, g.radius);
-      const int pixels = tile_rows_of(tl, g.radius) * tile_cols_of(tl, g.radius);
+      const MomentTile tl = moment_tile(ct, t, plan, g.radius());
+      const int pixels = tile_rows_of(tl, g.radius()) * tile_cols_of(tl, g.radius());
       for (int idx = threadIdx.x; idx < pixels; idx += kThreads)
         moment_stage_at<kind, acc_t>(idx, tl, n, c, oy, op, logits, labels, g, dv, plan, tile);
       __syncthreads();
@@ -1096,7 +1096,7 @@ __global__ void __launch_bounds__(kThreads, kMomentMinBlocks)
 __global__ void __launch_bounds__(kThreads)
     moment_sums_finalize_kernel(const double* partials, const double* offsets, Problem g,
                                 MomentPlan plan, double* means, double* cov) {
-  const int64_t d = g.radius * g.radius;
+  const int64_t d = g.radius() * g.radius();
   RMI_GRID_STRIDE_LOOP(q, g.N * g.C * d * d) {
     moment_sums_finalize_at(q, partials, offsets, g, plan, means, cov);
   }
@@ -1109,7 +1109,7 @@ __global__ void __launch_bounds__(kThreads)
     pooled_grad_stencil_kernel(const acc_t* y, const acc_t* p, const double* coef,
                                const double* shift, Problem g, Divisors dv, PlaneBlock blk,
                                acc_t* grad_pooled) {
-  RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.h * g.w) {
+  RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.h() * g.w()) {
     pooled_grad_stencil_store(q, y, p, coef, shift, g, dv, blk, grad_pooled);
   }
 }
@@ -1122,7 +1122,7 @@ __global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
                          PlaneBlock blk, const double* coef, const double* shift,
                          const acc_t* grad_pooled, const int32_t* argmax, const acc_t* lse,
                          const double* base_scale, scalar_t* out, OutStrides os) {
-  RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.H * g.W) {
+  RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.H() * g.W()) {
     full_res_grad_store<fused, acc_t>(q, logits, labels, g, dv, blk, coef, shift, grad_pooled,
                                       argmax, lse, base_scale, out, os);
   }

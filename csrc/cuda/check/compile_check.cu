@@ -78,7 +78,8 @@ void instantiate() {
 LaunchPlan check_host_helpers() {
   const int64_t sizes[4] = {2, 3, 17, 19}, x_strides[4] = {969, 323, 19, 1};
   const int64_t l_strides[3] = {323, 19, 1};
-  Problem g = make_problem(sizes, x_strides, l_strides, 3, 4, kAvgPool, 4, 255, kSigmoidMode);
+  Problem g =
+      make_planar_problem(sizes, x_strides, l_strides, 3, 4, kAvgPool, 4, 255, kSigmoidMode);
   LaunchPlan plan = plan_launches(g);
   const Divisors dv = make_divisors(g);
   const BackwardPlan bp = plan_backward(g, 2, 4, true);

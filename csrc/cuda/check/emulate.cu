@@ -38,7 +38,7 @@
 namespace {
 
 using namespace rmi::cuda;
-using rmi::make_problem;
+using rmi::make_planar_problem;
 using rmi::Problem;
 
 enum Field {
@@ -82,13 +82,13 @@ double to_double(__nv_bfloat16 v) { return static_cast<double>(static_cast<float
 
 template <typename scalar_t, typename acc_t, typename label_t>
 std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const label_t* labels) {
-  const int64_t planes = g.N * g.C, plane_size = g.h * g.w, d = g.radius * g.radius;
-  const int64_t R = g.radius, nw = g.w - R + 1;
+  const int64_t planes = g.N * g.C, plane_size = g.h() * g.w(), d = g.radius() * g.radius();
+  const int64_t R = g.radius(), nw = g.w() - R + 1;
   const Divisors dv = make_divisors(g);
   const LaunchPlan launch = plan_launches(g);
   // (a) first term: first_term_kernel + first_term_final_kernel
   FirstTermSums total = {0.0, 0.0, 0};
-  for (int64_t q = 0; q < g.N * g.H * g.W; ++q) {
+  for (int64_t q = 0; q < g.N * g.H() * g.W(); ++q) {
     FirstTermSums s = first_term_at<acc_t>(q, x, labels, g, dv);
     total.sum += s.sum;
     total.count += s.count;
@@ -151,7 +151,7 @@ std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const lab
 template <typename scalar_t, typename acc_t, typename label_t>
 std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const scalar_t* x,
                                   const label_t* labels, std::FILE* in) {
-  const int64_t planes = g.N * g.C, plane_size = g.h * g.w, d = g.radius * g.radius;
+  const int64_t planes = g.N * g.C, plane_size = g.h() * g.w(), d = g.radius() * g.radius();
   const std::vector<double> base_scale = read_array<double>(in, 1);
   const std::vector<double> coef = read_array<double>(in, planes * 2 * d * d);
   const std::vector<double> shift = read_array<double>(in, planes * d);
@@ -159,8 +159,8 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
   // softmax mode: first_term_lse_kernel (its index decoding)
   std::vector<acc_t> lse;
   if (g.mode == rmi::kSoftmaxMode) {
-    lse.resize(g.N * g.H * g.W);
-    for (int64_t q = 0; q < g.N * g.H * g.W; ++q) {
+    lse.resize(g.N * g.H() * g.W());
+    for (int64_t q = 0; q < g.N * g.H() * g.W(); ++q) {
       int64_t xx, yy;
       const int64_t n = dv.H.divmod(dv.W.divmod(q, &xx), &yy);
       lse[q] = logsumexp_at<acc_t>(x, g, n, yy, xx);
@@ -170,22 +170,22 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
   OutStrides os;
   os.channels_last = hd[kChannelsLastOut] != 0;
   if (os.channels_last) {
-    os.s[0] = g.C * g.H * g.W, os.s[1] = 1, os.s[2] = g.W * g.C, os.s[3] = g.C;
+    os.s[0] = g.C * g.H() * g.W(), os.s[1] = 1, os.s[2] = g.W() * g.C, os.s[3] = g.C;
   } else {
-    os.s[0] = g.C * g.H * g.W, os.s[1] = g.H * g.W, os.s[2] = g.W, os.s[3] = 1;
+    os.s[0] = g.C * g.H() * g.W(), os.s[1] = g.H() * g.W(), os.s[2] = g.W(), os.s[3] = 1;
   }
-  const int64_t numel = g.N * g.C * g.H * g.W;
+  const int64_t numel = g.N * g.C * g.H() * g.W();
   // Unwritten elements stay NaN: a block that misses an element shows.
   std::vector<scalar_t> grad(numel, static_cast<scalar_t>(std::nanf("")));
-  const bool records_argmax = g.pool == rmi::kMaxPool && g.factor > 1;
+  const bool records_argmax = g.pool == rmi::kMaxPool && g.factor() > 1;
   const BackwardPlan bp = plan_backward(g, sizeof(scalar_t), sizeof(acc_t), records_argmax,
                                         hd[kMaxBlockPlanes]);
   const acc_t* lse_ptr = lse.empty() ? nullptr : lse.data();
-  if (g.factor == 1) {
+  if (g.factor() == 1) {
     // full_res_grad_kernel<..., fused = true> over one block of every plane
     if (bp.blocks != 1 || bp.scratch_planes != 0) fail("factor 1 must run as one fused block");
     const PlaneBlock blk = block_of(g, bp, 0);
-    for (int64_t q = 0; q < blk.images * blk.channels * g.H * g.W; ++q)
+    for (int64_t q = 0; q < blk.images * blk.channels * g.H() * g.W(); ++q)
       full_res_grad_store<true, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
                                        static_cast<const acc_t*>(nullptr), nullptr, lse_ptr,
                                        base_scale.data(), grad.data(), os);
@@ -217,7 +217,7 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
       for (int64_t q = 0; q < block_planes * plane_size; ++q)
         pooled_grad_stencil_store(q, y.data(), p.data(), coef.data(), shift.data(), g, dv, blk,
                                   grad_pooled.data());
-      for (int64_t q = 0; q < block_planes * g.H * g.W; ++q)
+      for (int64_t q = 0; q < block_planes * g.H() * g.W(); ++q)
         full_res_grad_store<false, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
                                           grad_pooled.data(), arg, lse_ptr, base_scale.data(),
                                           grad.data(), os);
@@ -227,8 +227,8 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
   std::vector<double> out(numel);  // logical [N, C, H, W] order
   for (int64_t n = 0, q = 0; n < g.N; ++n)
     for (int64_t c = 0; c < g.C; ++c)
-      for (int64_t h = 0; h < g.H; ++h)
-        for (int64_t w = 0; w < g.W; ++w, ++q)
+      for (int64_t h = 0; h < g.H(); ++h)
+        for (int64_t w = 0; w < g.W(); ++w, ++q)
           out[q] = to_double(grad[n * os.s[0] + c * os.s[1] + h * os.s[2] + w * os.s[3]]);
   return out;
 }
@@ -238,10 +238,10 @@ std::vector<double> run(const int64_t* hd, std::FILE* in) {
   const std::vector<scalar_t> x = read_array<scalar_t>(in, hd[kXStorage]);
   const std::vector<label_t> labels = read_array<label_t>(in, hd[kLStorage]);
   const int64_t sizes[4] = {hd[kN], hd[kC], hd[kH], hd[kW]};
-  const Problem g = make_problem(sizes, hd + kXStride0, hd + kLStride0, hd[kRadius],
-                                 hd[kStride], static_cast<int>(hd[kPool]), hd[kPoolSize],
-                                 hd[kIgnoreIndex], static_cast<int>(hd[kMode]));
-  if (g.h < g.radius || g.w < g.radius) fail("pooled map smaller than the region");
+  const Problem g = make_planar_problem(sizes, hd + kXStride0, hd + kLStride0, hd[kRadius],
+                                        hd[kStride], static_cast<int>(hd[kPool]), hd[kPoolSize],
+                                        hd[kIgnoreIndex], static_cast<int>(hd[kMode]));
+  if (g.h() < g.radius() || g.w() < g.radius()) fail("pooled map smaller than the region");
   if (hd[kOp] == 0) return forward_stats<scalar_t, acc_t, label_t>(g, x.data(), labels.data());
   return backward_grad<scalar_t, acc_t, label_t>(hd, g, x.data(), labels.data(), in);
 }
@@ -412,31 +412,31 @@ int plan(int argc, char** argv) {
   const int64_t sizes[4] = {v[0], v[1], v[2], v[3]};
   const int64_t x_strides[4] = {v[1] * v[2] * v[3], v[2] * v[3], v[3], 1};
   const int64_t l_strides[3] = {v[2] * v[3], v[3], 1};
-  const Problem g = make_problem(sizes, x_strides, l_strides, v[4], v[5], static_cast<int>(v[6]),
-                                 v[7], 255, rmi::kSigmoidMode);
-  if (g.h < g.radius || g.w < g.radius) fail("pooled map smaller than the region");
+  const Problem g = make_planar_problem(sizes, x_strides, l_strides, v[4], v[5],
+                                        static_cast<int>(v[6]), v[7], 255, rmi::kSigmoidMode);
+  if (g.h() < g.radius() || g.w() < g.radius()) fail("pooled map smaller than the region");
   const LaunchPlan lp = plan_launches(g);
   const BackwardPlan bp =
-      plan_backward(g, logit_bytes, acc_bytes, g.pool == rmi::kMaxPool && g.factor > 1);
+      plan_backward(g, logit_bytes, acc_bytes, g.pool == rmi::kMaxPool && g.factor() > 1);
   const int64_t planes = g.N * g.C, block_planes = bp.images * bp.channels;
   auto ll = [](int64_t x) { return static_cast<long long>(x); };
-  std::printf("first_term %u 1 1 %lld\n", lp.first_term_blocks, ll(g.N * g.H * g.W));
-  std::printf("first_term_lse %u 1 1 %lld\n", lp.pixel_blocks, ll(g.N * g.H * g.W));
-  if (g.factor > 1) {
-    std::printf("pooled_maps %u 1 1 %lld\n", bp.pooled_blocks, ll(block_planes * g.h * g.w));
+  std::printf("first_term %u 1 1 %lld\n", lp.first_term_blocks, ll(g.N * g.H() * g.W()));
+  std::printf("first_term_lse %u 1 1 %lld\n", lp.pixel_blocks, ll(g.N * g.H() * g.W()));
+  if (g.factor() > 1) {
+    std::printf("pooled_maps %u 1 1 %lld\n", bp.pooled_blocks, ll(block_planes * g.h() * g.w()));
     std::printf("pooled_grad_stencil %u 1 1 %lld\n", bp.pooled_blocks,
-                ll(block_planes * g.h * g.w));
+                ll(block_planes * g.h() * g.w()));
   }
-  std::printf("full_res_grad %u 1 1 %lld\n", bp.full_blocks, ll(block_planes * g.H * g.W));
+  std::printf("full_res_grad %u 1 1 %lld\n", bp.full_blocks, ll(block_planes * g.H() * g.W()));
   std::printf("moment_sums_offsets %u 1 1 %lld\n", lp.plane_blocks, ll(planes));
   std::printf("moment_sums_finalize %u 1 1 %lld\n", lp.finalize_blocks, ll(planes * g.d * g.d));
   std::printf("moment_sums_partials %u %u %u %lld\n", lp.moment_grid.x, lp.moment_grid.y,
               lp.moment_grid.z, ll(planes));
   const MomentPlan& m = lp.moments;
   std::printf("moments %lld %lld %lld %lld %lld %lld\n", ll(m.entries), ll(m.chunks),
-              ll(m.rows_per_chunk), ll(g.h - g.radius + 1), ll(m.tile_rows), ll(m.tile_cols));
+              ll(m.rows_per_chunk), ll(g.h() - g.radius() + 1), ll(m.tile_rows), ll(m.tile_cols));
   std::printf("memory %lld %lld %lld\n", ll(planes * m.chunks * m.entries * 8),
-              ll(bp.scratch_bytes), ll(planes * g.H * g.W * logit_bytes));
+              ll(bp.scratch_bytes), ll(planes * g.H() * g.W() * logit_bytes));
   std::printf("backward %lld %lld %lld %lld\n", ll(bp.images), ll(bp.channels), ll(bp.blocks),
               ll(bp.scratch_planes));
   // Every block of the backward plan in order: they must tile the planes exactly.
@@ -459,16 +459,16 @@ int plan(int argc, char** argv) {
   const Divisors dv = make_divisors(g);
   std::mt19937_64 rng(7);
   const FastDivmod one = make_fast_divmod(g.N);
-  const int64_t pixels[4] = {1, g.N, g.H, g.W}, offsets[4] = {1, planes, g.h, g.w};
+  const int64_t pixels[4] = {1, g.N, g.H(), g.W()}, offsets[4] = {1, planes, g.h(), g.w()};
   const FastDivmod* f_pixels[4] = {nullptr, &one, &dv.H, &dv.W};
   const FastDivmod planes_div = make_fast_divmod(planes);
   const FastDivmod* f_offsets[4] = {nullptr, &planes_div, &dv.h, &dv.w};
   ok = decode_space_ok(pixels, f_pixels, rng) && decode_space_ok(offsets, f_offsets, rng);
   for (int64_t k : {int64_t(0), bp.blocks - 1}) {
     const PlaneBlock blk = block_of(g, bp, k);
-    const int64_t nchw[4] = {blk.images, blk.channels, g.H, g.W};
-    const int64_t nhwc[4] = {blk.images, g.H, g.W, blk.channels};
-    const int64_t pooled[4] = {blk.images, blk.channels, g.h, g.w};
+    const int64_t nchw[4] = {blk.images, blk.channels, g.H(), g.W()};
+    const int64_t nhwc[4] = {blk.images, g.H(), g.W(), blk.channels};
+    const int64_t pooled[4] = {blk.images, blk.channels, g.h(), g.w()};
     const FastDivmod* f_nchw[4] = {nullptr, &blk.channel_div, &dv.H, &dv.W};
     const FastDivmod* f_nhwc[4] = {nullptr, &dv.H, &dv.W, &blk.channel_div};
     const FastDivmod* f_pooled[4] = {nullptr, &blk.channel_div, &dv.h, &dv.w};
