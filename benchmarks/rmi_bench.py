@@ -12,6 +12,7 @@ import ctypes
 import gc
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -30,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class Case:
-    """``logits [N, C, H, W]`` float32 with ``rmi_loss(radius=, stride=, pool=)``."""
+    """``logits [N, C, H, W]`` (or a volume ``[N, C, D, H, W]``) float32 with
+    ``rmi_loss(radius=, stride=, pool=)``."""
 
     shape: tuple
     stride: int
@@ -41,8 +43,13 @@ class Case:
 
     @property
     def id(self) -> str:
-        n, _, h, _ = self.shape
-        return f"{h}b{n}-df{self.stride}-r{self.radius}-{self.pool}"
+        n, spatial = self.shape[0], self.shape[2:]
+        size = str(spatial[0]) if len(spatial) == 2 else "vol" + "x".join(map(str, spatial))
+        return f"{size}b{n}-df{self.stride}-r{self.radius}-{self.pool}"
+
+    @property
+    def is_volume(self) -> bool:
+        return len(self.shape) == 5
 
     @property
     def options(self) -> dict:
@@ -50,18 +57,19 @@ class Case:
 
     @property
     def logits_bytes(self) -> int:
-        n, c, h, w = self.shape
-        return n * c * h * w * 4
+        return math.prod(self.shape) * 4
 
 
 PAPER = (4, 21, 513, 513)  # the paper's setting (VOC, 21 classes, 513 crops), batch cut to 4
 SMALL = (2, 21, 257, 257)
+VOLUME = (2, 4, 96, 96, 96)  # a 3-D segmentation batch (issue "Volumes")
 CASES = [
     Case(PAPER, 4, 3, "avg", compile=True),
     Case((16, 21, 513, 513), 4, 3, "avg", compile=True, full=True),  # the paper's full batch
     *(Case(SMALL, s, 3, "avg", compile=True) for s in (1, 2, 4)),  # DF sweep
     *(Case(SMALL, 4, r, "avg") for r in (2, 5, 7)),  # R sweep (R 3 is above)
     *(Case(SMALL, 4, 3, pool) for pool in ("max", "interp")),  # pool modes (avg is above)
+    *(Case(VOLUME, s, 3, "avg") for s in (1, 2)),  # volumes at DF 1 and 2
 ]
 CASES_BY_ID = {case.id: case for case in CASES}
 
@@ -89,24 +97,29 @@ def why_unavailable(backend: str, case: Case, device: str, compile_all: bool = F
             import rmi  # noqa: F401
         except ImportError:
             return "rmi-pytorch is not installed (pip install rmi-pytorch)"
+        if case.is_volume:
+            return "rmi-pytorch is 2-D only"
         if case.pool not in ("avg", "max"):
             return f"rmi-pytorch has no {case.pool!r} pooling (only 'avg' and 'max')"
         return None
     available = rmi_ext.backend_info(device)["available"][backend]
     if available is not True:
         return available
+    if case.is_volume and backend not in rmi_ext.backend_info(device)["volumes"]:
+        return f"backend {backend!r} does not compute volumes"
     if backend == "triton" and not device.startswith("cuda"):
         return "the Triton interpreter on CPU (TRITON_INTERPRET=1) is for tests, not timing"
     return None
 
 
 def random_inputs(shape, device: str, seed: int = 0):
-    """``logits`` float32 ``[N, C, H, W]`` (requires grad) and ``labels`` int64 ``[N, H, W]`` in
-    ``[0, C)`` (every label valid), drawn on the CPU from ``seed``, then moved: deterministic."""
+    """``logits`` float32 ``[N, C, *spatial]`` (requires grad) and ``labels`` int64 ``[N,
+    *spatial]`` in ``[0, C)`` (every label valid), drawn on the CPU from ``seed``, then moved:
+    deterministic."""
     gen = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
+    n, c, *spatial = shape
     logits = torch.randn(tuple(shape), generator=gen).to(device).requires_grad_()
-    labels = torch.randint(0, c, (n, h, w), generator=gen).to(device)
+    labels = torch.randint(0, c, (n, *spatial), generator=gen).to(device)
     return logits, labels
 
 

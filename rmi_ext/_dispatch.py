@@ -106,11 +106,32 @@ def resolve_backend(name: str, device: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
+def supports_volumes(name: str) -> bool:
+    """Whether backend ``name`` computes volumes and per-axis options (its module sets
+    ``supports_volumes = True``; the reference always does). ``False`` if it cannot load."""
+    return name == "reference" or bool(getattr(_load(name)[0], "supports_volumes", False))
+
+
+@torch.compiler.assume_constant_result
+def auto_volume_backend(device: str) -> str:
+    """What ``"auto"`` runs for volumes and per-axis options on ``device``: the fastest
+    available backend that :func:`supports_volumes`, else ``"reference"``."""
+    device = torch.device(device)
+    for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        if supports_volumes(name) and why_unavailable(name, device) is None:
+            return name
+    return "reference"
+
+
 def backend_info(device="cpu") -> dict:
-    """What runs on ``device``: ``{"device", "auto", "available": {name: True or reason}}``."""
+    """What runs on ``device``: ``{"device", "auto", "auto_volumes", "available": {name: True or
+    reason}, "volumes": [names that compute volumes and per-axis options]}``."""
     device = torch.device(device)
     available = {}
     for name in BACKENDS[1:]:
         reason = why_unavailable(name, device)
         available[name] = True if reason is None else reason
-    return {"device": str(device), "auto": auto_backend(device), "available": available}
+    return {"device": str(device), "auto": auto_backend(device),
+            "auto_volumes": auto_volume_backend(device), "available": available,
+            "volumes": [name for name in BACKENDS[1:] if supports_volumes(name)]}

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ._config import RMIConfig, check_inputs, make_config
-from ._dispatch import LOADED, warn_once, resolve_backend
+from ._dispatch import (auto_volume_backend, backend_info, resolve_backend, supports_volumes,
+                        warn_once)
 from .function import RMIFunction
 from .reference import reference_terms
 
@@ -23,20 +24,22 @@ class RMITerms(NamedTuple):
 
 def _backend_for(backend: str, cfg: RMIConfig, device: torch.device) -> str:
     """The backend that runs: :func:`resolve_backend`, except for volumes and per-axis options
-    (``cfg`` resolved, not :attr:`~RMIConfig.is_planar_isotropic`), which run on backends whose
-    module sets ``supports_volumes = True``: ``"auto"`` falls back to ``"reference"`` with a
-    one-time warning, a named fast backend without it raises ValueError."""
-    name = resolve_backend(backend, str(device))
-    if (name == "reference" or cfg.is_planar_isotropic
-            or getattr(LOADED[name], "supports_volumes", False)):
+    (``cfg`` resolved, not :attr:`~RMIConfig.is_planar_isotropic`), which run on the backends
+    that :func:`supports_volumes`: ``"auto"`` takes the fastest of them
+    (:func:`auto_volume_backend`), a named backend without them raises ValueError."""
+    if cfg.is_planar_isotropic:
+        return resolve_backend(backend, str(device))
+    name = auto_volume_backend(str(device)) if backend == "auto" else backend
+    name = resolve_backend(name, str(device))
+    if supports_volumes(name):
+        if name == "reference" and backend == "auto":
+            warn_once("rmi_ext: backend 'auto' uses the slow 'reference' backend for volumes "
+                      "and per-axis options: no fused backend that computes them runs here")
         return name
     why = "3-D logits [N, C, D, H, W]" if cfg.rank == 3 else "per-axis radius/stride/pool_size"
-    if backend == "auto":
-        warn_once(f"rmi_ext: backend 'auto' uses the slow 'reference' backend for {why}: "
-                   f"backend {name!r} does not support them yet")
-        return "reference"
-    raise ValueError(f"rmi_loss backend {name!r} does not support {why} yet; use "
-                     f"backend='reference' (or 'auto') for now")
+    able = [b for b in backend_info(device)["volumes"] if b != "reference"]
+    raise ValueError(f"rmi_loss backend {name!r} does not support {why} yet; use one of "
+                     f"{able + ['reference', 'auto']}")
 
 
 def rmi_loss_terms(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
@@ -86,8 +89,10 @@ def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
             sync on CUDA), ``"nan"`` make the loss and the gradient NaN (no sync: AMP's
             GradScaler then skips the step), ``"auto"`` (default) raise on CPU, NaN on CUDA.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
-            Volumes and per-axis options (unequal sides) run on ``"reference"`` for now:
-            ``"auto"`` uses it with a one-time warning, a fast backend raises ValueError.
+            Volumes and per-axis options (unequal sides) run on ``"torch"`` (fused, any
+            device) and ``"reference"``: ``"auto"`` picks ``"torch"``
+            (``backend_info(device)["auto_volumes"]``), a planar-only backend (``"cpu"``,
+            ``"cuda"``, ``"triton"``) raises ValueError.
 
     Returns:
         0-d tensor, float32 (float64 for float64 logits). Gradients flow to ``logits``.

@@ -29,7 +29,8 @@ def test_torch_backend_blocks_cover_every_element_once():
                 assert bool((seen == 1).all()), (shape, flags, elements)
     big = (16, 21, 513, 513)
     assert block_elements(big, torch.float32, "cuda") > 4 * block_elements(big, torch.float32, "cpu")
-    assert len(row_blocks((5, 3, 21, 19), 10**6)) == 1  # small inputs: one block
+    for small in ((2, 3, 21, 19), (1, 4, 32, 32)):  # up to 4096 elements: one block
+        assert len(row_blocks(small, block_elements(small, torch.float32, "cpu"))) == 1
     # DF 4: stages (b), (d) once per group of whole planes, few groups on a GPU (issue 13)
     groups = plane_groups(big, RMIConfig(stride=4), block_elements(big, torch.float32, "cuda"))
     assert len(groups) <= 20 and sum((n1 - n0) * (c1 - c0) for n0, n1, c0, c1 in groups) == 16 * 21
@@ -92,12 +93,13 @@ def _peak_memory_cases():
     logits byte) at DF 1 softmax (the worst) and DF 4 avg (plane groups of one plane)."""
     both = [("sigmoid", "avg"), ("softmax", "avg")]
     worst = [("softmax", "avg"), ("sigmoid", "max")]  # at DF 4: each mode, each pool
-    cases = [((1, 2, 256, 256), 1, torch.float32, [("sigmoid", "avg")]),
-             ((1, 2, 256, 256), 1, torch.bfloat16, [("softmax", "avg")]),
-             ((1, 2, 256, 256), 4, torch.float32, worst),
-             ((1, 2, 256, 256), 4, torch.bfloat16, worst),
-             ((1, 21, 129, 129), 1, torch.bfloat16, [("softmax", "avg")]),
-             ((1, 21, 129, 129), 4, torch.bfloat16, both)]
+    # Logits of at least 2 MiB: on smaller ones BLOCK_BYTES_FLOOR sets the block size.
+    cases = [((1, 8, 256, 256), 1, torch.float32, [("sigmoid", "avg")]),
+             ((1, 16, 256, 256), 1, torch.bfloat16, [("softmax", "avg")]),
+             ((1, 8, 256, 256), 4, torch.float32, worst),
+             ((1, 16, 256, 256), 4, torch.bfloat16, worst),
+             ((1, 21, 257, 257), 1, torch.bfloat16, [("softmax", "avg")]),
+             ((1, 21, 257, 257), 4, torch.bfloat16, both)]
     return [pytest.param(*case, id=f"{'x'.join(map(str, shape))}-s{stride}-{str(dtype)[6:]}")
             for case in cases for shape, stride, dtype, _ in [case]]
 

@@ -1,8 +1,11 @@
 """Volumes ``[N, C, D, H, W]`` and per-axis radius / stride / pool size (RMI_SPEC.md section 5):
-the reference against the independent numpy oracle (``volume_oracle``), the options' checks and
-how the API routes such inputs while the fast backends are 2-D only."""
+the reference against the independent numpy oracle (``volume_oracle``), the options' checks, the
+``"torch"`` backend against the reference (values, row blocks, memory) and how the API routes
+such inputs to the backends that support them (``supports_volumes``)."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -12,8 +15,8 @@ import torch.nn.functional as F
 
 import rmi_ext
 import volume_oracle as vo
-from conftest import fast_backends, rel_err
-from rmi_ext._dispatch import LOADED, warn_once, resolve_backend
+from conftest import compare, fast_backends, rel_err, run
+from rmi_ext._dispatch import warn_once
 from rmi_ext.reference import region_vectors
 
 VOLUME = (2, 3, 7, 9, 8)
@@ -170,25 +173,173 @@ def test_all_ignored_volume(mode):
     rmi_ext.rmi_loss(x, labels, radius=(1, 2, 2), stride=(1, 2, 2), mode=mode,
                      backend="reference").backward()
     assert torch.isfinite(x.grad).all()
+    for radius, stride in (((1, 2, 2), (1, 2, 2)), (2, 1)):  # plane groups, row blocks
+        compare("torch", x, labels, radius=radius, stride=stride, mode=mode)
 
 
-def test_volume_gradcheck():
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_volume_gradcheck(backend):
     x, labels = volume_inputs((1, 2, 3, 5, 4), 6)
     x.requires_grad_(True)
     for opts in (dict(radius=(1, 2, 2), stride=(1, 2, 1), pool="avg"),
-                 dict(radius=(2, 1, 2), stride=1), dict(radius=(1, 2, 2), stride=2, pool="interp")):
+                 dict(radius=(2, 1, 2), stride=1, mode="softmax"),
+                 dict(radius=(1, 2, 2), stride=2, pool="interp"),
+                 dict(radius=(2, 2, 1), stride=(2, 1, 2), pool="max", pool_size=(3, 3, 1))):
+        valid = (labels >= 0) & (labels < 2)  # softmax: cross_entropy wants a class or 255
+        lab = labels if opts.get("mode") != "softmax" else torch.where(valid, labels, 255)
         assert torch.autograd.gradcheck(
-            lambda t: rmi_ext.rmi_loss(t, labels, backend="reference", **opts), (x,))
+            lambda t: rmi_ext.rmi_loss(t, lab, backend=backend, **opts), (x,))
+
+
+# ---- backend "torch" vs the reference --------------------------------------------------------
+
+
+TORCH_VOLUME_CASES = [  # (radius, stride, pool, pool_size)
+    ((1, 3, 3), (1, 2, 2), "avg", None),
+    ((2, 2, 2), (2, 2, 2), "avg", None),
+    (3, (1, 1, 1), "avg", None),  # DF 1, d = 27
+    (3, (1, 2, 2), "max", None),
+    ((1, 3, 3), 1, "max", None),
+    ((2, 2, 2), (2, 2, 2), "max", 3),
+    ((2, 2, 2), (1, 2, 2), "interp", None),
+    (2, (2, 2, 2), "interp", None),
+    ((2, 2, 3), (2, 1, 2), "max", (3, 1, 5)),
+    ((1, 2, 2), (1, 2, 2), "avg", (3, 3, 3)),  # kernel 3 on the stride-1 axis D
+]
+
+
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("radius,stride,pool,pool_size", TORCH_VOLUME_CASES)
+def test_torch_volume_matches_reference(mode, radius, stride, pool, pool_size):
+    """float64 volumes with ignored voxels (and labels outside ``[0, C)`` in sigmoid mode):
+    loss and gradient within 1e-10 of the reference."""
+    seed = 30 + TORCH_VOLUME_CASES.index((radius, stride, pool, pool_size))
+    x, labels = volume_inputs(VOLUME, seed, mode=mode)
+    compare("torch", x, labels, radius=radius, stride=stride, pool=pool, pool_size=pool_size,
+            mode=mode, weight_lambda=(0.5, 0.3, 0.8)[seed % 3], lambda_way=seed % 2)
+
+
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("radius,stride,pool,pool_size", PLANAR_CASES)
+def test_torch_planar_per_axis_matches_reference(mode, radius, stride, pool, pool_size):
+    seed = 50 + PLANAR_CASES.index((radius, stride, pool, pool_size))
+    x, labels = volume_inputs((2, 3, 13, 11), seed, mode=mode)
+    compare("torch", x, labels, radius=radius, stride=stride, pool=pool, pool_size=pool_size,
+            mode=mode, lambda_way=seed % 2)
+
+
+TINY_BLOCK_CASES = [  # (shape, radius, stride, pool, pool_size)
+    ((1, 2, 11, 9, 8), 3, 1, "avg", None),  # halos of 2 planes
+    ((1, 2, 11, 9, 8), (2, 2, 2), (2, 2, 2), "avg", 3),  # windows across block edges
+    ((1, 2, 11, 9, 8), (2, 3, 2), (3, 2, 2), "max", (2, 3, 3)),  # planes no window reaches
+    ((1, 2, 11, 9, 8), (2, 2, 2), (1, 2, 2), "avg", (3, 3, 3)),
+    ((1, 2, 11, 9, 8), (2, 2, 2), (2, 2, 2), "interp", None),
+    ((1, 2, 23, 19), (3, 2), (2, 3), "max", (3, 5)),
+    ((1, 2, 23, 19), (2, 4), (1, 2), "avg", None),
+]
+
+
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("shape,radius,stride,pool,pool_size", TINY_BLOCK_CASES)
+def test_torch_volume_tiny_blocks_match_reference(monkeypatch, mode, shape, radius, stride,
+                                                  pool, pool_size):
+    """Blocks of one row (a plane ``H x W`` of a volume) of one class, of a few rows, and small
+    plane groups (DF > 1) against the reference in float64: halos along the first axis, pooling
+    windows cut by a block edge."""
+    from rmi_ext import torch_backend
+
+    seed = 60 + TINY_BLOCK_CASES.index((shape, radius, stride, pool, pool_size))
+    x, labels = volume_inputs(shape, seed, mode=mode)
+    opts = dict(radius=radius, stride=stride, pool=pool, pool_size=pool_size, mode=mode)
+    ref_loss, ref_grad = run(x, labels, "reference", **opts)
+    for elements in (1, 150, 300, 1000):  # one row, 2-4 rows or planes groups, whole classes
+        monkeypatch.setattr(torch_backend, "block_elements", lambda *args: elements)
+        loss, grad = run(x, labels, "torch", **opts)
+        assert rel_err(loss, ref_loss) <= 1e-10, elements
+        assert rel_err(grad, ref_grad) <= 1e-10, elements
+
+
+def test_torch_volume_blocks_cover_every_plane_once():
+    """row_blocks / plane_groups on volumes: every (n, c, first-axis index) exactly once; plane
+    groups only when pooling (avg / max) and when a pooled volume fits."""
+    from rmi_ext._config import make_config
+    from rmi_ext.torch_backend import plane_groups, row_blocks
+
+    shape = (3, 4, 10, 9, 8)
+    for elements in (1, 72, 500, 3000, 10**6):
+        for flags in ({}, {"all_classes": True}, {"whole_planes": True}):
+            seen = torch.zeros(shape[:3], dtype=torch.int64)
+            for n0, n1, c0, c1, r0, r1 in row_blocks(shape, elements, **flags):
+                seen[n0:n1, c0:c1, r0:r1] += 1
+            assert bool((seen == 1).all()), (flags, elements)
+    cfg = make_config(radius=(1, 2, 2), stride=(1, 2, 2))
+    groups = plane_groups(shape, cfg, 3000)
+    assert sum((n1 - n0) * (c1 - c0) for n0, n1, c0, c1 in groups) == 3 * 4 and len(groups) > 1
+    assert plane_groups(shape, cfg, 10) is None
+    assert plane_groups(shape, make_config(radius=2, stride=(1, 1, 1), pool_size=3), 10**6) is None
+    assert plane_groups(shape, make_config(radius=2, stride=2, pool="interp"), 10**6) is None
+
+
+@pytest.mark.parametrize("ignore_index", [255, 1])
+def test_torch_volume_ignore_index(ignore_index):
+    x, labels = volume_inputs((2, 3, 5, 6, 6), 4, mode="softmax", ignore_frac=0.0)
+    labels[:, 0] = ignore_index
+    for mode in ("sigmoid", "softmax"):
+        compare("torch", x, labels, radius=(1, 2, 2), stride=(1, 2, 2),
+                ignore_index=ignore_index, mode=mode)
+
+
+@pytest.mark.parametrize("mode,pool", [("sigmoid", "avg"), ("softmax", "max"),
+                                       ("sigmoid", "interp")])
+def test_torch_volume_float32(mode, pool):
+    """float32 logits: loss within 1e-5, gradient within 1e-4 of the float32 reference."""
+    x, labels = volume_inputs(VOLUME, 13, mode=mode, dtype=torch.float32)
+    for radius, stride in (((1, 3, 3), (1, 2, 2)), (2, 1)):
+        compare("torch", x, labels, radius=radius, stride=stride, pool=pool, mode=mode)
+
+
+def _peak_extra_bytes(fn) -> int:
+    """The benchmarks' profiler probe (running sum of the ``[memory]`` events) of ``fn()``."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    try:
+        from rmi_bench import peak_extra_bytes_torch
+    finally:
+        sys.path.pop(0)
+    return peak_extra_bytes_torch(fn)
+
+
+@pytest.mark.parametrize("stride,mode,pool", [(1, "softmax", "max"), (2, "softmax", "max"),
+                                              (2, "sigmoid", "avg")])
+def test_torch_volume_peak_memory(stride, mode, pool):
+    """Forward + backward of a float32 volume allocate at most 1.5x the logits in torch tensors,
+    the gradient included: blocks of one plane of ``D`` (one class) with halos of ``R - 1``
+    planes; the stencil writes only its block's rows."""
+    torch.manual_seed(0)
+    logits = (2 * torch.randn(1, 2, 64, 64, 64)).requires_grad_()  # 2 MiB: blocks of 1/8,
+    labels = torch.randint(0, 2, (1, 64, 64, 64))  # see torch_backend.BLOCK_BYTES_FLOOR
+
+    def fwd_bwd():
+        rmi_ext.rmi_loss(logits, labels, radius=2, stride=stride, pool=pool, mode=mode,
+                         backend="torch").backward()
+        logits.grad = None
+
+    fwd_bwd()  # warm-up: one-time allocations
+    ratio = _peak_extra_bytes(fwd_bwd) / (logits.numel() * logits.element_size())
+    assert ratio <= 1.5, ratio
 
 
 # ---- memory formats and shapes -------------------------------------------------------------
 
 
-def test_volume_memory_formats_and_strides():
+@pytest.mark.parametrize("backend,tol,grad_tol", [("reference", 1e-13, 1e-12),
+                                                  ("torch", 1e-10, 1e-10)])
+def test_volume_memory_formats_and_strides(backend, tol, grad_tol):
+    """channels_last_3d logits and strided logits / labels: the reference's numbers on the
+    contiguous tensors (the gradient keeps the logits' memory format)."""
     x, labels = volume_inputs(VOLUME, 7)
-    opts = dict(radius=(1, 3, 3), stride=(1, 2, 2), backend="reference")
+    opts = dict(radius=(1, 3, 3), stride=(1, 2, 2), backend=backend)
     x.requires_grad_(True)
-    want = rmi_ext.rmi_loss(x, labels, **opts)
+    want = rmi_ext.rmi_loss(x, labels, **dict(opts, backend="reference"))
     (want_grad,) = torch.autograd.grad(want, x)
     channels_last = x.detach().to(memory_format=torch.channels_last_3d).requires_grad_(True)
     big = torch.zeros(2, 5, 9, 9, 16, dtype=torch.float64)
@@ -200,7 +351,9 @@ def test_volume_memory_formats_and_strides():
         assert not logits.is_contiguous() or not lab.is_contiguous()
         got = rmi_ext.rmi_loss(logits, lab, **opts)
         (grad,) = torch.autograd.grad(got, logits)
-        assert rel_err(got, want) < 1e-13 and rel_err(grad, want_grad) < 1e-12
+        assert rel_err(got, want) < tol and rel_err(grad, want_grad) < grad_tol
+        if logits is channels_last and backend == "torch":
+            assert grad.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 @pytest.mark.parametrize("shape,opts,sizes", [
@@ -245,41 +398,42 @@ def test_int_radius_too_large_for_a_volume():
         rmi_ext.RMILoss(radius=(1, 3, 3), stride=(2, 2))
 
 
-def _unsupported_fast_backends():
-    return [b for b in fast_backends()
-            if not getattr(LOADED.get(b), "supports_volumes", False)]
-
-
-@pytest.mark.parametrize("shape,opts,why", [
-    ((1, 2, 4, 8, 8), dict(radius=2, stride=2), "3-D logits"),
-    ((1, 2, 8, 8), dict(radius=(2, 3), stride=2), "per-axis"),
-    ((1, 2, 8, 8), dict(radius=2, stride=(1, 2)), "per-axis"),
+@pytest.mark.parametrize("shape,opts", [
+    ((1, 2, 4, 8, 8), dict(radius=2, stride=2)),
+    ((1, 2, 8, 8), dict(radius=(2, 3), stride=2)),
+    ((1, 2, 8, 8), dict(radius=2, stride=(1, 2))),
 ])
-def test_auto_uses_reference_with_one_warning(shape, opts, why):
+def test_auto_uses_the_fastest_backend_that_computes_volumes(shape, opts):
+    """"auto" for volumes / per-axis options: the first backend of the auto order that
+    computes them ("torch" on CPU, the C++ kernels being planar), the reference's numbers, and
+    no warning (the slow reference is never picked while "torch" runs)."""
     x, labels = volume_inputs(shape, 10)
-    resolve_backend("auto", "cpu")  # loads the backend "auto" picks
-    if not _unsupported_fast_backends():
-        pytest.skip("every fast backend supports volumes")
+    info = rmi_ext.backend_info("cpu")
+    assert info["auto_volumes"] == "torch" and "cpu" not in info["volumes"]
     warn_once.cache_clear()
-    with pytest.warns(RuntimeWarning, match=f"uses the slow 'reference' backend for {why}"):
-        got = rmi_ext.rmi_loss_terms(x, labels, **opts)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = rmi_ext.RMILoss(**opts)(x, labels)  # the warning is shown once
-    want = rmi_ext.rmi_loss_terms(x, labels, backend="reference", **opts)
-    assert all(torch.equal(a, b) for a, b in zip(got, want)) and torch.equal(again, want.loss)
+        got = rmi_ext.rmi_loss_terms(x, labels, **opts)
+    want = rmi_ext.rmi_loss_terms(x, labels, backend="torch", **opts)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    compare("torch", x, labels, **opts)
 
 
 @pytest.mark.parametrize("backend", fast_backends())
-def test_fast_backend_rejects_volumes_for_now(backend):
+def test_fast_backend_volume_routing(backend):
+    """A named fast backend computes volumes and per-axis options when its module sets
+    ``supports_volumes`` ("torch": the reference's numbers), else raises ValueError naming the
+    backends that do."""
     x, labels = volume_inputs((1, 2, 4, 8, 8), 11)
-    resolve_backend(backend, "cpu")  # loads it
-    if backend not in _unsupported_fast_backends():
-        pytest.skip(f"backend {backend!r} supports volumes")
+    supported = backend in rmi_ext.backend_info("cpu")["volumes"]
+    assert supported == (backend == "torch")  # the C++ and Triton kernels are planar
     for xs, lab, opts in ((x, labels, dict(radius=2, stride=2)),
                           (x[:, :, 0], labels[:, 0], dict(radius=(2, 3), stride=2))):
-        with pytest.raises(ValueError, match=f"backend '{backend}' does not support .* "
-                                             f"backend='reference'"):
+        if supported:
+            compare(backend, xs, lab, **opts)
+            continue
+        with pytest.raises(ValueError, match=f"backend '{backend}' does not support .*'torch', "
+                                             f"'reference', 'auto'"):
             rmi_ext.rmi_loss(xs, lab, backend=backend, **opts)
 
 
@@ -292,3 +446,20 @@ def test_volume_module_and_dtypes():
     assert module.last_terms is not None
     loss.backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+def test_torch_volume_compiles_fullgraph():
+    """``torch.compile(fullgraph=True)`` of the volume loss ("auto" picks "torch" here): one graph,
+    the eager loss and gradient."""
+    torch._dynamo.reset()
+    x, labels = volume_inputs((1, 2, 5, 8, 9), 21, dtype=torch.float32)
+    step = lambda t: rmi_ext.rmi_loss(t, labels, radius=(1, 2, 2), stride=(1, 2, 2), pool="max")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (compiled, step):
+        xx = x.clone().requires_grad_(True)
+        loss = fn(xx)
+        loss.backward()
+        grads.append((loss.detach(), xx.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-6, atol=0)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)
