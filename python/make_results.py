@@ -137,12 +137,22 @@ def results_table(results, case_info):
     return lines
 
 
+def is_volume(info) -> bool:
+    return len(info["shape"]) == 5
+
+
 def headline(results, case_info):
-    """Forward+backward at the paper's setting and at DF 1: time, speed-ups and memory."""
+    """Forward+backward at the paper's setting and at DF 1 (2-D): time, speed-ups, memory."""
+    planar = {c: info for c, info in case_info.items() if not is_volume(info)}
+    paper = [c for c in planar if planar[c]["shape"][2] == 513]
+    df1 = [c for c in planar if planar[c]["stride"] == 1 and planar[c]["pool"] == "avg"]
+    return case_tables(results, {c: case_info[c] for c in paper + df1})
+
+
+def case_tables(results, case_info):
+    """One forward+backward table per case: time, speed-ups and memory per backend."""
     lines = []
-    paper = [c for c in case_info if case_info[c]["shape"][2] == 513]
-    df1 = [c for c in case_info if case_info[c]["stride"] == 1 and case_info[c]["pool"] == "avg"]
-    for case in case_order({c: case_info[c] for c in paper + df1}):
+    for case in case_order(case_info):
         info, rows = case_info[case], results[case]
         lines += [f"`{'x'.join(map(str, info['shape']))}`, DF {info['stride']}, R "
                   f"{info['radius']}, {info['pool']}, forward+backward:", "",
@@ -230,6 +240,11 @@ def main(argv=None):
     if sweep_plot(results, case_info, "radius", dict(shape=small, stride=4, pool="avg"),
                   args.plots / "radius_sweep.png", "radius R"):
         plots.append(("Against R (DF 4, avg)", "radius_sweep.png"))
+    volume = [2, 4, 96, 96, 96]
+    if sweep_plot(results, case_info, "stride", dict(shape=volume, radius=3, pool="avg"),
+                  args.plots / "volume_df_sweep.png", "downsampling factor DF"):
+        plots.append(("Volumes against DF (R 3, avg)", "volume_df_sweep.png"))
+    volumes = {c: info for c, info in case_info.items() if is_volume(info)}
 
     loads = [x for rows in results.values() for row in rows.values() for x in row["loadavg"]]
     cores = machine.get("rmi", {}).get("cpu_count") or float("inf")
@@ -244,6 +259,9 @@ def main(argv=None):
                 + (" (above the core count, other work competed for the cores and inflated "
                    "the times)" if max(loads) > cores else "")] if loads else []),
              "", "## Headline", "", *headline(results, case_info),
+             *(["## Volumes", "", "Logits `[N, C, D, H, W]` float32, R 3 on every axis "
+                "(`d` = 27), every backend that computes volumes:", "",
+                *case_tables(results, volumes)] if volumes else []),
              "## All cases", "",
              "Times are the median over the rounds ± half the interquartile range, in ms; "
              "`bwd` is the backward alone (its forward is untimed). The speed-up is the "
