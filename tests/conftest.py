@@ -78,6 +78,24 @@ def fast_backends(device: str = "cpu") -> list[str]:
     return [b for b in FAST_BACKENDS[device] if available[b] is True]
 
 
+def peak_memory_ratio(logits: torch.Tensor, labels: torch.Tensor, **options) -> float:
+    """Peak torch allocation of one ``rmi_loss(logits, labels, **options).backward()`` (after a
+    warm-up call: one-time allocations) over the logits' bytes, the gradient included: the
+    benchmarks' profiler probe (running sum of the ``[memory]`` events)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    try:
+        from rmi_bench import peak_extra_bytes_torch
+    finally:
+        sys.path.pop(0)
+
+    def fwd_bwd():
+        rmi_ext.rmi_loss(logits, labels, **options).backward()
+        logits.grad = None
+
+    fwd_bwd()
+    return peak_extra_bytes_torch(fwd_bwd) / (logits.numel() * logits.element_size())
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "every_case: run every case on interpreted Triton too")
 

@@ -1,12 +1,10 @@
 """Backend "torch" specifics: how its stages are split into row blocks, and their memory."""
-import os
-import sys
 
 import pytest
 import torch
 
 import rmi_ext
-from conftest import make_inputs, rel_err
+from conftest import make_inputs, peak_memory_ratio, rel_err
 from test_backends import run
 
 
@@ -109,20 +107,10 @@ def test_peak_memory_within_the_gradient_size(shape, stride, dtype, modes_pools)
     """Forward + backward allocate at most 1.25x the logits in torch tensors, the gradient
     included (issue 13): the row blocks and plane groups keep the temporaries near
     ``logits_bytes / 8``. Measured with the benchmarks' profiler probe."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    try:
-        from rmi_bench import peak_extra_bytes_torch
-    finally:
-        sys.path.pop(0)
     torch.manual_seed(0)
     logits = (2 * torch.randn(shape)).to(dtype).requires_grad_()
     labels = torch.randint(0, shape[1], (shape[0], *shape[2:]))
     for mode, pool in modes_pools:
-        def fwd_bwd():
-            rmi_ext.rmi_loss(logits, labels, radius=3, stride=stride, pool=pool, mode=mode,
-                             backend="torch").backward()
-            logits.grad = None
-
-        fwd_bwd()  # warm-up: one-time allocations
-        ratio = peak_extra_bytes_torch(fwd_bwd) / (logits.numel() * logits.element_size())
+        ratio = peak_memory_ratio(logits, labels, radius=3, stride=stride, pool=pool, mode=mode,
+                                  backend="torch")
         assert ratio <= 1.25, (mode, pool, ratio)

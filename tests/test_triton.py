@@ -18,7 +18,7 @@ import torch
 import rmi_ext
 from rmi_ext import torch_backend
 from rmi_ext._config import make_config
-from conftest import compare, make_inputs
+from conftest import compare, make_inputs, peak_memory_ratio
 from triton_interpreted import requires_interpreter, tb, triton  # noqa: F401
 
 
@@ -277,21 +277,10 @@ def test_peak_memory_within_the_gradient_size(stride, dtype):
     included (issue 13): at stride 1 no full-size map is stored (P/Y recomputed from the logits
     and labels, stencil and gradient fused), otherwise maps of the pooled size only. Measured
     with the benchmarks' profiler probe (the interpreter's own copies are not torch tensors)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    try:
-        from rmi_bench import peak_extra_bytes_torch
-    finally:
-        sys.path.pop(0)
     torch.manual_seed(0)
     logits = (2 * torch.randn(1, 2, 256, 256)).to(dtype).requires_grad_()
     labels = torch.randint(0, 2, (1, 256, 256))
-
-    def fwd_bwd():
-        rmi_ext.rmi_loss(logits, labels, radius=3, stride=stride, backend="triton").backward()
-        logits.grad = None
-
-    fwd_bwd()  # warm-up: one-time allocations
-    ratio = peak_extra_bytes_torch(fwd_bwd) / (logits.numel() * logits.element_size())
+    ratio = peak_memory_ratio(logits, labels, radius=3, stride=stride, backend="triton")
     assert ratio <= 1.25, ratio
 
 

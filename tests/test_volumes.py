@@ -4,8 +4,6 @@ the reference against the independent numpy oracle (``volume_oracle``), the opti
 such inputs to the backends that support them (``supports_volumes``)."""
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 
 import rmi_ext
 import volume_oracle as vo
-from conftest import compare, fast_backends, rel_err, run
+from conftest import compare, fast_backends, peak_memory_ratio, rel_err, run
 from rmi_ext._dispatch import warn_once
 from rmi_ext.reference import region_vectors
 
@@ -298,16 +296,6 @@ def test_torch_volume_float32(mode, pool):
         compare("torch", x, labels, radius=radius, stride=stride, pool=pool, mode=mode)
 
 
-def _peak_extra_bytes(fn) -> int:
-    """The benchmarks' profiler probe (running sum of the ``[memory]`` events) of ``fn()``."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    try:
-        from rmi_bench import peak_extra_bytes_torch
-    finally:
-        sys.path.pop(0)
-    return peak_extra_bytes_torch(fn)
-
-
 @pytest.mark.parametrize("stride,mode,pool", [(1, "softmax", "max"), (2, "softmax", "max"),
                                               (2, "sigmoid", "avg")])
 def test_torch_volume_peak_memory(stride, mode, pool):
@@ -317,14 +305,8 @@ def test_torch_volume_peak_memory(stride, mode, pool):
     torch.manual_seed(0)
     logits = (2 * torch.randn(1, 2, 64, 64, 64)).requires_grad_()  # 2 MiB: blocks of 1/8,
     labels = torch.randint(0, 2, (1, 64, 64, 64))  # see torch_backend.BLOCK_BYTES_FLOOR
-
-    def fwd_bwd():
-        rmi_ext.rmi_loss(logits, labels, radius=2, stride=stride, pool=pool, mode=mode,
-                         backend="torch").backward()
-        logits.grad = None
-
-    fwd_bwd()  # warm-up: one-time allocations
-    ratio = _peak_extra_bytes(fwd_bwd) / (logits.numel() * logits.element_size())
+    ratio = peak_memory_ratio(logits, labels, radius=2, stride=stride, pool=pool, mode=mode,
+                              backend="torch")
     assert ratio <= 1.5, ratio
 
 
