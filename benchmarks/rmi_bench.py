@@ -102,10 +102,10 @@ def why_unavailable(backend: str, case: Case, device: str, compile_all: bool = F
         if case.pool not in ("avg", "max"):
             return f"rmi-pytorch has no {case.pool!r} pooling (only 'avg' and 'max')"
         return None
-    available = rmi_ext.backend_info(device)["available"][backend]
-    if available is not True:
-        return available
-    if case.is_volume and backend not in rmi_ext.backend_info(device)["volumes"]:
+    info = rmi_ext.backend_info(device)
+    if info["available"][backend] is not True:
+        return info["available"][backend]
+    if case.is_volume and backend not in info["volumes"]:
         return f"backend {backend!r} does not compute volumes"
     if backend == "triton" and not device.startswith("cuda"):
         return "the Triton interpreter on CPU (TRITON_INTERPRET=1) is for tests, not timing"

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 
 from ._config import CLIP_MIN, LOG_EPS, POS_ALPHA, RMIConfig
 
-_POOL_OPS = {("avg", 2): F.avg_pool2d, ("avg", 3): F.avg_pool3d,
-             ("max", 2): F.max_pool2d, ("max", 3): F.max_pool3d}
-_RESIZE_MODES = {2: "bilinear", 3: "trilinear"}
+#: Pooling op by ``(pool, rank)`` and resize mode of ``pool="interp"`` by rank (the torch
+#: backend uses them too).
+POOL_OPS = {("avg", 2): F.avg_pool2d, ("avg", 3): F.avg_pool3d,
+            ("max", 2): F.max_pool2d, ("max", 3): F.max_pool3d}
+RESIZE_MODES = {2: "bilinear", 3: "trilinear"}
 
 
 def valid_mask_and_onehot(labels: torch.Tensor, num_classes: int, ignore_index: int):
@@ -41,12 +43,12 @@ def downsample(y: torch.Tensor, p: torch.Tensor, cfg: RMIConfig):
         return y, p
     s, k = cfg.strides, cfg.pool_sizes
     if cfg.pool in ("avg", "max"):
-        pool_op = _POOL_OPS[cfg.pool, rank]
+        pool_op = POOL_OPS[cfg.pool, rank]
         pool = lambda t: pool_op(t, kernel_size=k, stride=s, padding=tuple(i // 2 for i in k))  # noqa: E731
         return pool(y), pool(p)
     size = cfg.pooled_size(*y.shape[2:])
     return (F.interpolate(y, size=size, mode="nearest"),
-            F.interpolate(p, size=size, mode=_RESIZE_MODES[rank], align_corners=True))
+            F.interpolate(p, size=size, mode=RESIZE_MODES[rank], align_corners=True))
 
 
 def region_vectors(t: torch.Tensor, radius) -> torch.Tensor:

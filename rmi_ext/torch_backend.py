@@ -33,18 +33,17 @@ import torch
 import torch.nn.functional as F
 
 from ._config import CLIP_MIN, RMIConfig
+from .reference import POOL_OPS, RESIZE_MODES
 
 #: Volumes and per-axis options run here (:func:`rmi_ext.loss._backend_for`).
 supports_volumes = True
 
-_POOL_OPS = {("avg", 2): F.avg_pool2d, ("avg", 3): F.avg_pool3d,
-             ("max", 2): F.max_pool2d, ("max", 3): F.max_pool3d}
 _POOL_BACKWARD = {("avg", 2): torch.ops.aten.avg_pool2d_backward,
                   ("avg", 3): torch.ops.aten.avg_pool3d_backward,
                   ("max", 2): torch.ops.aten.max_pool2d_with_indices_backward,
                   ("max", 3): torch.ops.aten.max_pool3d_with_indices_backward}
-_RESIZE = {2: ("bilinear", torch.ops.aten.upsample_bilinear2d_backward),
-           3: ("trilinear", torch.ops.aten.upsample_trilinear3d_backward)}
+_RESIZE_BACKWARD = {2: torch.ops.aten.upsample_bilinear2d_backward,
+                    3: torch.ops.aten.upsample_trilinear3d_backward}
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -284,11 +283,11 @@ def _pool(t: torch.Tensor, cfg: RMIConfig, *, nearest: bool) -> torch.Tensor:
         return t
     rank = t.dim() - 2
     if cfg.pool in ("avg", "max"):
-        return _POOL_OPS[cfg.pool, rank](t, *_pool_args(cfg))
+        return POOL_OPS[cfg.pool, rank](t, *_pool_args(cfg))
     size = tuple([n // s for n, s in zip(t.shape[2:], cfg.strides)])
     if nearest:
         return F.interpolate(t, size=size, mode="nearest")
-    return F.interpolate(t, size=size, mode=_RESIZE[rank][0], align_corners=True)
+    return F.interpolate(t, size=size, mode=RESIZE_MODES[rank], align_corners=True)
 
 
 def _pool_adjoint(grad: torch.Tensor, p_full: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
@@ -300,9 +299,9 @@ def _pool_adjoint(grad: torch.Tensor, p_full: torch.Tensor, cfg: RMIConfig) -> t
     if cfg.pool == "avg":
         return _POOL_BACKWARD["avg", rank](grad, p_full, *_pool_args(cfg), False, True, None)
     if cfg.pool == "max":
-        _, idx = _POOL_OPS["max", rank](p_full, *_pool_args(cfg), return_indices=True)
+        _, idx = POOL_OPS["max", rank](p_full, *_pool_args(cfg), return_indices=True)
         return _POOL_BACKWARD["max", rank](grad, p_full, *_pool_args(cfg), [1] * rank, False, idx)
-    return _RESIZE[rank][1](grad, list(grad.shape[2:]), list(p_full.shape), True,
+    return _RESIZE_BACKWARD[rank](grad, list(grad.shape[2:]), list(p_full.shape), True,
                             *(None,) * rank)
 
 
