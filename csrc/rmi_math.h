@@ -65,9 +65,9 @@ RMI_HD T rmi_prob_slope(T sig, bool valid, int mode) {
   return slope;
 }
 
-// Length of the downsampled axis (stride 1: unchanged; interp: n / s; pools: floor mode).
+// Length of a downsampled axis (interp: n / s; pools: floor mode, padding kernel / 2). An axis
+// of factor 1 is downsampled too when another axis is (a kernel > 1 then smooths it).
 RMI_HD int64_t pooled_len(int64_t n, int pool, int64_t kernel, int64_t stride) {
-  if (stride == 1) return n;
   if (pool == kInterp) return n / stride;
   return (n + 2 * (kernel / 2) - kernel) / stride + 1;
 }

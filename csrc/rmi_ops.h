@@ -10,6 +10,7 @@
 #include <c10/util/string_view.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
 #include "rmi_problem.h"
@@ -19,17 +20,18 @@ namespace rmi {
 using at::Tensor;
 
 // forward_stats -> (base_sum f64[], base_count f64[], nonfinite i64[], means f64[N, C, 2, d],
-//                   cov f64[N, C, 3, d, d])
+//                   cov f64[N, C, 3, d, d]). radius, stride, pool_size: one side per spatial axis.
 using ForwardStatsResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using ForwardStatsFn = ForwardStatsResult(const Tensor& logits, const Tensor& labels,
-                                          int64_t radius, int64_t stride, c10::string_view pool,
-                                          int64_t pool_size, int64_t ignore_index,
-                                          c10::string_view mode);
+                                          at::IntArrayRef radius, at::IntArrayRef stride,
+                                          c10::string_view pool, at::IntArrayRef pool_size,
+                                          int64_t ignore_index, c10::string_view mode);
 // backward_grad -> grad_logits in the logits' dtype and memory format.
 using BackwardGradFn = Tensor(const Tensor& logits, const Tensor& labels,
                               const Tensor& base_scale, const Tensor& coef, const Tensor& shift,
-                              int64_t radius, int64_t stride, c10::string_view pool,
-                              int64_t pool_size, int64_t ignore_index, c10::string_view mode);
+                              at::IntArrayRef radius, at::IntArrayRef stride,
+                              c10::string_view pool, at::IntArrayRef pool_size,
+                              int64_t ignore_index, c10::string_view mode);
 
 // The kernels of one dispatch key (TORCH_LIBRARY_IMPL(rmi_ext, KEY, m)).
 inline void register_kernels(torch::Library& m, ForwardStatsFn* forward_stats,
@@ -58,13 +60,25 @@ inline bool is_label_dtype(at::ScalarType t) {
   return t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong;
 }
 
-// Checks the inputs of either op (`op` names it in messages) and describes the problem.
+// "4x5" for the sizes {4, 5}.
+inline std::string join_sizes(const int64_t* sizes, int n) {
+  std::string out;
+  for (int i = 0; i < n; ++i) out += (i ? "x" : "") + std::to_string(sizes[i]);
+  return out;
+}
+
+// Checks the inputs of either op (`op` names it in messages) and describes the problem:
+// logits [N, C, H, W] or [N, C, D, H, W], labels [N, H, W] or [N, D, H, W], and radius, stride,
+// pool_size with one side per spatial axis.
 inline Problem check_inputs(const char* op, const Tensor& logits, const Tensor& labels,
-                            int64_t radius, int64_t stride, c10::string_view pool,
-                            int64_t pool_size, int64_t ignore_index, c10::string_view mode) {
+                            at::IntArrayRef radius, at::IntArrayRef stride, c10::string_view pool,
+                            at::IntArrayRef pool_size, int64_t ignore_index,
+                            c10::string_view mode) {
   TORCH_CHECK(labels.device() == logits.device(), op, ": labels must be on the logits' device ",
               logits.device(), ", got ", labels.device());
-  TORCH_CHECK(logits.dim() == 4, op, ": logits must be 4-D [N, C, H, W], got shape ",
+  const int rank = static_cast<int>(logits.dim()) - 2;
+  TORCH_CHECK(rank == 2 || rank == kMaxSpatialAxes, op,
+              ": logits must be 4-D [N, C, H, W] or 5-D [N, C, D, H, W], got shape ",
               logits.sizes());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
@@ -73,34 +87,45 @@ inline Problem check_inputs(const char* op, const Tensor& logits, const Tensor& 
   TORCH_CHECK(is_label_dtype(labels.scalar_type()), op,
               ": labels must be uint8, int8, int16, int32 or int64, got ",
               labels.scalar_type());
-  const int64_t n = logits.size(0), c = logits.size(1), h = logits.size(2), w = logits.size(3);
-  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == n && labels.size(1) == h &&
-                  labels.size(2) == w,
-              op, ": labels must have shape [N, H, W] = [", n, ", ", h, ", ", w,
+  bool labels_match = labels.dim() == rank + 1 && labels.size(0) == logits.size(0);
+  for (int i = 0; labels_match && i < rank; ++i)
+    labels_match = labels.size(1 + i) == logits.size(2 + i);
+  TORCH_CHECK(labels_match, op, ": labels must have shape [N, ", rank == 2 ? "H, W" : "D, H, W",
               "] to match logits ", logits.sizes(), ", got ", labels.sizes());
-  TORCH_CHECK(n >= 1 && c >= 1 && h >= 1 && w >= 1, op, ": logits must not be empty, got shape ",
-              logits.sizes());
-  for (int i = 0; i < 4; ++i)
-    TORCH_CHECK(logits.stride(i) >= 0, op, ": logits must have non-negative strides, got ",
-                logits.strides());
-  for (int i = 0; i < 3; ++i)
-    TORCH_CHECK(labels.stride(i) >= 0, op, ": labels must have non-negative strides, got ",
-                labels.strides());
-  TORCH_CHECK(radius >= 1 && radius <= kMaxRadius, op, ": radius must be in [1, ", kMaxRadius,
-              "], got ", radius);
-  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(pool_size >= 1, op, ": pool_size must be >= 1, got ", pool_size);
-  const int64_t sizes[4] = {n, c, h, w};
-  const int64_t x_strides[4] = {logits.stride(0), logits.stride(1), logits.stride(2),
-                                logits.stride(3)};
-  const int64_t l_strides[3] = {labels.stride(0), labels.stride(1), labels.stride(2)};
-  const Problem p = make_planar_problem(sizes, x_strides, l_strides, radius, stride,
-                                        parse_pool(pool), pool_size, ignore_index,
-                                        parse_mode(mode));
-  TORCH_CHECK(p.h() >= radius && p.w() >= radius, op, ": the downsampled map is ", p.h(), "x",
-              p.w(),
-              " (input ", h, "x", w, ", stride ", stride, ", pool '", pool, "'), smaller than",
-              " the region radius ", radius, ": no region fits; use a smaller stride or radius");
+  TORCH_CHECK(logits.numel() > 0, op, ": logits must not be empty, got shape ", logits.sizes());
+  for (int64_t s : logits.strides())
+    TORCH_CHECK(s >= 0, op, ": logits must have non-negative strides, got ", logits.strides());
+  for (int64_t s : labels.strides())
+    TORCH_CHECK(s >= 0, op, ": labels must have non-negative strides, got ", labels.strides());
+  TORCH_CHECK(static_cast<int>(radius.size()) == rank &&
+                  static_cast<int>(stride.size()) == rank &&
+                  static_cast<int>(pool_size.size()) == rank,
+              op, ": radius, stride and pool_size must have one side per spatial axis (", rank,
+              "), got ", radius, ", ", stride, " and ", pool_size);
+  for (int i = 0; i < rank; ++i) {
+    TORCH_CHECK(radius[i] >= 1 && radius[i] <= kMaxRadius, op, ": radius must be in [1, ",
+                kMaxRadius, "] on every axis, got ", radius);
+    TORCH_CHECK(stride[i] >= 1, op, ": stride must be >= 1 on every axis, got ", stride);
+    TORCH_CHECK(pool_size[i] >= 1, op, ": pool_size must be >= 1 on every axis, got ",
+                pool_size);
+  }
+  int64_t sizes[2 + kMaxSpatialAxes], x_strides[2 + kMaxSpatialAxes];
+  int64_t l_strides[1 + kMaxSpatialAxes];
+  for (int i = 0; i < 2 + rank; ++i) sizes[i] = logits.size(i), x_strides[i] = logits.stride(i);
+  for (int i = 0; i < 1 + rank; ++i) l_strides[i] = labels.stride(i);
+  const Problem p = make_problem(rank, sizes, x_strides, l_strides, radius.data(), stride.data(),
+                                 pool_size.data(), parse_pool(pool), ignore_index,
+                                 parse_mode(mode));
+  int64_t pooled[kMaxSpatialAxes];
+  bool fits = true;
+  for (int i = 0; i < rank; ++i) {
+    pooled[i] = p.axis[i].pooled;
+    fits = fits && pooled[i] >= radius[i];
+  }
+  TORCH_CHECK(fits, op, ": the downsampled map is ", join_sizes(pooled, rank), " (input ",
+              join_sizes(sizes + 2, rank), ", stride ", stride, ", pool '", pool,
+              "'), smaller than the region radius ", radius,
+              ": no region fits; use a smaller stride or radius");
   TORCH_CHECK(p.d <= kMaxRegionLength, op, ": the region holds ", p.d, " pixels, more than ",
               kMaxRegionLength);
   return p;

@@ -5,9 +5,9 @@
 // Every spatial quantity is stored per axis (`Axis`), outermost first, for up to
 // kMaxSpatialAxes axes: a volume ([N, C, D, H, W]) or per-axis radius / stride / pool size
 // (RMI_SPEC.md section 5) is a Problem with rank 3 or with unequal axes, built here and nowhere
-// else. The kernels of this build are planar and isotropic (rank 2, one radius, factor and
-// kernel on both axes: `is_planar_isotropic()`, what rmi_ops.h check_inputs builds with
-// make_planar_problem); they read the problem through the planar accessors H() ... kernel().
+// else. The CPU kernels read every problem on three axes (`as_volume()`); the CUDA kernels are
+// planar and isotropic (rank 2, one radius, factor and kernel on both axes:
+// `is_planar_isotropic()`) and read the problem through the planar accessors H() ... kernel().
 #pragma once
 
 #include <cstdint>
@@ -40,6 +40,25 @@ struct Problem {
   int mode;                          // LossMode
   int64_t ignore_index;
 
+  // Whether the maps are downsampled: some factor is > 1 (then every axis is pooled with its own
+  // kernel and factor; RMI_SPEC.md section 5).
+  RMI_HD bool pools() const {
+    bool any = false;
+    for (int i = 0; i < rank; ++i) any = any || axis[i].factor > 1;
+    return any;
+  }
+  // The same problem on three spatial axes (z, y, x): a planar problem gets a leading axis of
+  // length 1 (region side, factor and kernel 1, strides 0), so one kernel serves both ranks.
+  RMI_HD Problem as_volume() const {
+    if (rank == 3) return *this;
+    Problem v = *this;
+    v.rank = 3;
+    v.axis[0] = Axis{1, 1, 1, 1, 1};
+    for (int i = 0; i < 2; ++i) v.axis[1 + i] = axis[i];
+    v.xs[2] = 0, v.xs[3] = xs[2], v.xs[4] = xs[3];
+    v.ls[1] = 0, v.ls[2] = ls[1], v.ls[3] = ls[2];
+    return v;
+  }
   RMI_HD bool is_planar_isotropic() const {
     return rank == 2 && axis[0].radius == axis[1].radius && axis[0].factor == axis[1].factor &&
            axis[0].kernel == axis[1].kernel;
@@ -72,8 +91,12 @@ inline Problem make_problem(int rank, const int64_t* sizes, const int64_t* x_str
     a.radius = radius[i];
     a.factor = factor[i];
     a.kernel = kernel[i];
-    a.pooled = pooled_len(a.size, pool, a.kernel, a.factor);
     p.d *= a.radius;
+  }
+  const bool pools = p.pools();
+  for (int i = 0; i < rank; ++i) {
+    Axis& a = p.axis[i];
+    a.pooled = pools ? pooled_len(a.size, pool, a.kernel, a.factor) : a.size;
   }
   for (int i = 0; i < 2 + rank; ++i) p.xs[i] = x_strides[i];
   for (int i = 0; i < 1 + rank; ++i) p.ls[i] = l_strides[i];

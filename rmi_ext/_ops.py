@@ -15,13 +15,21 @@ torch.library.register_fake("rmi_ext::forward_stats")(fake_forward_stats)
 torch.library.register_fake("rmi_ext::backward_grad")(fake_backward_grad)
 
 
+def _sides(logits, cfg):
+    """``radius, stride, pool_size`` of the ops: one side per spatial axis of ``logits``."""
+    cfg = cfg.for_rank(logits.dim() - 2)
+    return list(cfg.radii), list(cfg.strides), list(cfg.pool_sizes)
+
+
 def forward_stats(logits, labels, cfg):
     """Stages (a)+(b) through the compiled kernels; see :mod:`rmi_ext.function`."""
-    return ops.forward_stats(logits, labels, cfg.radius, cfg.stride, cfg.pool, cfg.pool_size,
+    radius, stride, pool_size = _sides(logits, cfg)
+    return ops.forward_stats(logits, labels, radius, stride, cfg.pool, pool_size,
                              cfg.ignore_index, cfg.mode)
 
 
 def backward_grad(logits, labels, cfg, base_scale, coef, shift):
     """Stages (d)+(e) through the compiled kernels; see :mod:`rmi_ext.function`."""
-    return ops.backward_grad(logits, labels, base_scale, coef, shift, cfg.radius, cfg.stride,
-                             cfg.pool, cfg.pool_size, cfg.ignore_index, cfg.mode)
+    radius, stride, pool_size = _sides(logits, cfg)
+    return ops.backward_grad(logits, labels, base_scale, coef, shift, radius, stride, cfg.pool,
+                             pool_size, cfg.ignore_index, cfg.mode)

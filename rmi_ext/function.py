@@ -16,6 +16,8 @@ Stage (c), the float64 tiny-matrix stage, is shared (:mod:`rmi_ext.linalg`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -24,41 +26,49 @@ from ._config import LABEL_DTYPES, MAX_RADIUS, RMIConfig
 from ._dispatch import LOADED
 
 
-def empty_stats(logits: torch.Tensor, radius: int):
-    """Uninitialised outputs of ``forward_stats`` (shapes and dtypes: the ops' fake kernels)."""
+def empty_stats(logits: torch.Tensor, dim: int):
+    """Uninitialised outputs of ``forward_stats`` for regions of ``dim`` entries (shapes and
+    dtypes: the ops' fake kernels)."""
     n, c = logits.shape[:2]
-    d = radius * radius
     f64 = dict(dtype=torch.float64, device=logits.device)
     return (logits.new_empty((), **f64), logits.new_empty((), **f64),
             logits.new_empty((), dtype=torch.int64, device=logits.device),
-            logits.new_empty((n, c, 2, d), **f64), logits.new_empty((n, c, 3, d, d), **f64))
+            logits.new_empty((n, c, 2, dim), **f64), logits.new_empty((n, c, 3, dim, dim), **f64))
 
 
-def _check_op_inputs(logits, labels, radius: int) -> None:
-    """The checks of csrc/rmi_ops.h, for the fake kernels (``torch._check``: symbolic shapes)."""
-    torch._check(logits.dim() == 4, lambda: f"logits must be [N, C, H, W], got {logits.shape}")
+def _check_op_inputs(logits, labels, radius) -> int:
+    """The checks of csrc/rmi_ops.h, for the fake kernels (``torch._check``: symbolic shapes);
+    returns ``d``. ``radius``: an int (the 2-D Triton ops) or one side per spatial axis."""
+    torch._check(logits.dim() in (4, 5),
+                 lambda: f"logits must be [N, C, H, W] or [N, C, D, H, W], got {logits.shape}")
     torch._check(logits.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
                  lambda: f"logits must be a float tensor, got {logits.dtype}")
     torch._check(labels.dtype in LABEL_DTYPES,
                  lambda: f"labels must be uint8, int8, int16, int32 or int64, got {labels.dtype}")
-    torch._check(labels.dim() == 3, lambda: f"labels must be [N, H, W], got {labels.shape}")
-    for i, j in ((0, 0), (1, 2), (2, 3)):
+    torch._check(labels.dim() == logits.dim() - 1,
+                 lambda: f"labels must be [N, *spatial], got {labels.shape}")
+    for i, j in ((0, 0), *((k, k + 1) for k in range(1, logits.dim() - 1))):
         torch._check(labels.shape[i] == logits.shape[j],
                      lambda: f"labels {labels.shape} do not match logits {logits.shape}")
-    torch._check(1 <= radius <= MAX_RADIUS, lambda: f"radius must be in [1, 10], got {radius}")
+    sides = [radius] * 2 if isinstance(radius, int) else list(radius)
+    torch._check(len(sides) == logits.dim() - 2,
+                 lambda: f"radius {radius} must have one side per spatial axis")
+    for side in sides:
+        torch._check(1 <= side <= MAX_RADIUS,
+                     lambda: f"radius must be in [1, {MAX_RADIUS}], got {radius}")
+    return math.prod(sides)
 
 
 def fake_forward_stats(logits, labels, radius, stride, pool, pool_size, ignore_index, mode):
     """Fake (meta) kernel of every ``forward_stats`` op: checks, then :func:`empty_stats`."""
-    _check_op_inputs(logits, labels, radius)
-    return empty_stats(logits, radius)
+    return empty_stats(logits, _check_op_inputs(logits, labels, radius))
 
 
 def fake_backward_grad(logits, labels, base_scale, coef, shift, radius, stride, pool, pool_size,
                        ignore_index, mode):
     """Fake (meta) kernel of every ``backward_grad`` op: checks, then ``empty_like(logits)``."""
-    _check_op_inputs(logits, labels, radius)
-    n, c, d = logits.shape[0], logits.shape[1], radius * radius
+    d = _check_op_inputs(logits, labels, radius)
+    n, c = logits.shape[0], logits.shape[1]
     for name, t, shape in (("base_scale", base_scale, ()), ("coef", coef, (n, c, 2, d, d)),
                            ("shift", shift, (n, c, d))):
         torch._check(t.dtype == torch.float64, lambda: f"{name} must be float64, got {t.dtype}")

@@ -89,10 +89,10 @@ def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
             sync on CUDA), ``"nan"`` make the loss and the gradient NaN (no sync: AMP's
             GradScaler then skips the step), ``"auto"`` (default) raise on CPU, NaN on CUDA.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
-            Volumes and per-axis options (unequal sides) run on ``"torch"`` (fused, any
-            device) and ``"reference"``: ``"auto"`` picks ``"torch"``
-            (``backend_info(device)["auto_volumes"]``), a planar-only backend (``"cpu"``,
-            ``"cuda"``, ``"triton"``) raises ValueError.
+            Volumes and per-axis options (unequal sides) run on ``"cpu"`` (C++, CPU tensors),
+            ``"torch"`` (fused, any device) and ``"reference"``: ``"auto"`` picks the fastest
+            (``backend_info(device)["auto_volumes"]``), a planar-only backend (``"cuda"``,
+            ``"triton"``) raises ValueError.
 
     Returns:
         0-d tensor, float32 (float64 for float64 logits). Gradients flow to ``logits``.

@@ -33,7 +33,8 @@ def test_large_k_moment_sums_float32():
     of the float64 computation (the raw-sum form would cancel badly in float32)."""
     x, y = make_inputs((1, 2, 1025, 1025), dtype=torch.float32, requires_grad=False)
     cfg = make_config(stride=1)
-    _, _, _, means, cov = torch.ops.rmi_ext.forward_stats(x, y, 3, 1, "avg", 1, 255, "sigmoid")
+    _, _, _, means, cov = torch.ops.rmi_ext.forward_stats(x, y, [3, 3], [1, 1], "avg", [1, 1], 255,
+                                                             "sigmoid")
     _, _, _, means64, cov64 = torch_backend.forward_stats(x.double(), y, cfg)
     assert (cov - cov64).abs().max() <= 1e-6 * cov64.abs().max()
     assert (means - means64).abs().max() <= 1e-6 * means64.abs().max()
@@ -47,13 +48,19 @@ def test_op_checks_shared_with_cuda_name_the_argument():
     x = torch.randn(1, 2, 9, 9)
     y = torch.zeros(1, 9, 9, dtype=torch.long)
     op = torch.ops.rmi_ext.forward_stats
+    A3, A1 = [3, 3], [1, 1]  # radius, stride / pool_size: one side per spatial axis
     for args, message in [
-            ((x, y.to(torch.uint16), 3, 1, "avg", 1, 255, "sigmoid"), "labels must be uint8, int8"),
-            ((x, y, 11, 1, "avg", 1, 255, "sigmoid"), r"radius must be in \[1, 10\], got 11"),
-            ((x, y, 3, 1, "mean", 1, 255, "sigmoid"), "pool must be 'avg', 'max' or 'interp'"),
-            ((x, y, 3, 1, "avg", 1, 255, "tanh"), "mode must be 'sigmoid' or 'softmax'"),
-            ((x, y, 3, 5, "avg", 5, 255, "sigmoid"), "smaller than the region radius 3"),
-            ((x, y[:, :8], 3, 1, "avg", 1, 255, "sigmoid"), r"labels must have shape \[N, H, W\]")]:
+            ((x, y.to(torch.uint16), A3, A1, "avg", A1, 255, "sigmoid"), "labels must be uint8, int8"),
+            ((x, y, [11, 11], A1, "avg", A1, 255, "sigmoid"), r"radius must be in \[1, 10\] on every"),
+            ((x, y, [3], A1, "avg", A1, 255, "sigmoid"), "one side per spatial axis"),
+            ((x, y, A3, A1, "mean", A1, 255, "sigmoid"), "pool must be 'avg', 'max' or 'interp'"),
+            ((x, y, A3, A1, "avg", A1, 255, "tanh"), "mode must be 'sigmoid' or 'softmax'"),
+            ((x, y, A3, [5, 5], "avg", [5, 5], 255, "sigmoid"),
+             r"downsampled map is 2x2 \(input 9x9.*smaller than the region radius \[3, 3\]"),
+            ((x, y[:, :8], A3, A1, "avg", A1, 255, "sigmoid"), r"labels must have shape \[N, H, W\]"),
+            ((x[:, :, None], y, [1, 3, 3], [1, 1, 1], "avg", [1, 1, 1], 255, "sigmoid"),
+             r"labels must have shape \[N, D, H, W\]"),
+            ((x[None, None], y, A3, A1, "avg", A1, 255, "sigmoid"), "logits must be 4-D .* or 5-D")]:
         with pytest.raises(RuntimeError, match=message):
             op(*args)
     coef = torch.zeros(1, 2, 2, 9, 9, dtype=torch.float64)
@@ -61,8 +68,8 @@ def test_op_checks_shared_with_cuda_name_the_argument():
     scale = torch.ones((), dtype=torch.float64)
     back = torch.ops.rmi_ext.backward_grad
     with pytest.raises(RuntimeError, match=r"coef must have shape \[1, 2, 2, 9, 9\]"):
-        back(x, y, scale, coef[:, :, :1], shift, 3, 1, "avg", 1, 255, "sigmoid")
+        back(x, y, scale, coef[:, :, :1], shift, A3, A1, "avg", A1, 255, "sigmoid")
     with pytest.raises(RuntimeError, match="shift must be float64"):
-        back(x, y, scale, coef, shift.float(), 3, 1, "avg", 1, 255, "sigmoid")
-    grad = back(x, y, scale, coef, shift, 3, 1, "avg", 1, 255, "sigmoid")
+        back(x, y, scale, coef, shift.float(), A3, A1, "avg", A1, 255, "sigmoid")
+    grad = back(x, y, scale, coef, shift, A3, A1, "avg", A1, 255, "sigmoid")
     assert grad.shape == x.shape and torch.isfinite(grad).all()

@@ -727,8 +727,9 @@ def test_cuda_peak_memory(dtype, stride, pool):
 
 
 def _op_args(x, labels, cfg):
-    return (x, labels, cfg.radius, cfg.stride, cfg.pool, cfg.pool_size, cfg.ignore_index,
-            cfg.mode)
+    from rmi_ext._ops import _sides
+    radius, stride, pool_size = _sides(x, cfg)
+    return (x, labels, radius, stride, cfg.pool, pool_size, cfg.ignore_index, cfg.mode)
 
 
 @needs_cuda

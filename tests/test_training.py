@@ -82,13 +82,20 @@ def test_opcheck_custom_ops(pool, mode):
 
     from rmi_ext import linalg
     x, y = _inputs(dtype=torch.float64)
-    args = (x, y, 2, 2, pool, 3, 255, mode)
-    opcheck(torch.ops.rmi_ext.forward_stats.default, args)
-    _, _, _, means, cov = torch.ops.rmi_ext.forward_stats(*args)
-    _, (a, chol) = linalg.rmi_from_moments(cov)
-    coef, shift = linalg.stencil_coefficients(cov, means, a, chol, torch.tensor(0.3, dtype=torch.float64))
-    opcheck(torch.ops.rmi_ext.backward_grad.default,
-            (x, y, torch.tensor(0.1, dtype=torch.float64), coef, shift, 2, 2, pool, 3, 255, mode))
+    x3 = x.detach()[:, :, None].expand(-1, -1, 3, -1, -1).contiguous()  # a [N, C, 3, H, W] volume
+    y3 = y[:, None].expand(-1, 3, -1, -1).contiguous()
+    for x, y, sides in ((x, y, ([2, 2], [2, 2], [3, 3])),
+                        (x3, y3, ([1, 2, 3], [1, 2, 2], [1, 3, 2]))):
+        radius, stride, pool_size = sides
+        args = (x, y, radius, stride, pool, pool_size, 255, mode)
+        opcheck(torch.ops.rmi_ext.forward_stats.default, args)
+        _, _, _, means, cov = torch.ops.rmi_ext.forward_stats(*args)
+        _, (a, chol) = linalg.rmi_from_moments(cov)
+        coef, shift = linalg.stencil_coefficients(cov, means, a, chol,
+                                                  torch.tensor(0.3, dtype=torch.float64))
+        opcheck(torch.ops.rmi_ext.backward_grad.default,
+                (x, y, torch.tensor(0.1, dtype=torch.float64), coef, shift, radius, stride,
+                 pool, pool_size, 255, mode))
 
 
 def _free_port() -> int:
@@ -180,24 +187,33 @@ def test_fake_kernels_check_shapes_and_dtypes():
     import rmi_ext._ops  # noqa: F401
 
     ops = torch.ops.rmi_ext
+    R, S = [3, 3], [2, 2]  # radius, stride = pool_size: one side per spatial axis
     with FakeTensorMode():
         x = torch.empty(2, 3, 16, 16)
         y = torch.empty(2, 16, 16, dtype=torch.int64)
-        stats = ops.forward_stats(x, y, 3, 2, "avg", 2, 255, "sigmoid")
+        stats = ops.forward_stats(x, y, R, S, "avg", S, 255, "sigmoid")
         assert [tuple(t.shape) for t in stats] == [(), (), (), (2, 3, 2, 9), (2, 3, 3, 9, 9)]
         assert [t.dtype for t in stats] == [torch.float64] * 2 + [torch.int64] + [torch.float64] * 2
-        for bad_x, bad_y, message in ((x, y.float(), "labels must be uint8"),
-                                      (x, y[:, :8], "do not match logits"),
-                                      (x[0], y, r"logits must be \[N, C, H, W\]")):
+        x3, y3 = torch.empty(2, 3, 5, 16, 16), torch.empty(2, 5, 16, 16, dtype=torch.uint8)
+        stats = ops.forward_stats(x3, y3, [1, 2, 3], [1, 2, 2], "max", [1, 2, 2], 255, "softmax")
+        assert [tuple(t.shape) for t in stats][3:] == [(2, 3, 2, 6), (2, 3, 3, 6, 6)]
+        for bad_x, bad_y, radius, message in (
+                (x, y.float(), R, "labels must be uint8"),
+                (x, y[:, :8], R, "do not match logits"),
+                (x3, y3[:, 0], [1, 3, 3], r"labels must be \[N, \*spatial\]"),
+                (x3, y3, R, "one side per spatial axis"),
+                (x, y, [3, 11], r"radius must be in \[1, 10\]"),
+                (x[0], y, R, r"logits must be \[N, C, H, W\] or \[N, C, D, H, W\]")):
             with pytest.raises(Exception, match=message):
-                ops.forward_stats(bad_x, bad_y, 3, 2, "avg", 2, 255, "sigmoid")
+                ops.forward_stats(bad_x, bad_y, radius, [1] * len(radius), "avg",
+                                  [1] * len(radius), 255, "sigmoid")
         coef = torch.empty(2, 3, 2, 9, 9, dtype=torch.float64)
         shift = torch.empty(2, 3, 9, dtype=torch.float64)
         scale = torch.empty((), dtype=torch.float64)
-        grad = ops.backward_grad(x, y, scale, coef, shift, 3, 2, "avg", 2, 255, "sigmoid")
+        grad = ops.backward_grad(x, y, scale, coef, shift, R, S, "avg", S, 255, "sigmoid")
         assert grad.shape == x.shape and grad.dtype == x.dtype
         with pytest.raises(Exception, match=r"coef must have shape \(2, 3, 2, 9, 9\)"):
-            ops.backward_grad(x, y, scale, coef[:, :, :, :4], shift, 3, 2, "avg", 2, 255,
+            ops.backward_grad(x, y, scale, coef[:, :, :, :4], shift, R, S, "avg", S, 255,
                               "sigmoid")
         with pytest.raises(Exception, match="shift must be float64"):
-            ops.backward_grad(x, y, scale, coef, shift.float(), 3, 2, "avg", 2, 255, "sigmoid")
+            ops.backward_grad(x, y, scale, coef, shift.float(), R, S, "avg", S, 255, "sigmoid")

@@ -1,7 +1,8 @@
 """Volumes ``[N, C, D, H, W]`` and per-axis radius / stride / pool size (RMI_SPEC.md section 5):
 the reference against the independent numpy oracle (``volume_oracle``), the options' checks, the
-``"torch"`` backend against the reference (values, row blocks, memory) and how the API routes
-such inputs to the backends that support them (``supports_volumes``)."""
+fused backends that compute them (``"torch"``, ``"cpu"``) against the reference (values, the torch
+backend's row blocks and memory) and how the API routes such inputs to the backends that support
+them (``supports_volumes``)."""
 from __future__ import annotations
 
 import warnings
@@ -18,6 +19,8 @@ from rmi_ext._dispatch import warn_once
 from rmi_ext.reference import region_vectors
 
 VOLUME = (2, 3, 7, 9, 8)
+#: The fused backends that compute volumes and per-axis options here.
+VOLUME_BACKENDS = [b for b in fast_backends() if b in rmi_ext.backend_info("cpu")["volumes"]]
 
 
 def volume_inputs(shape, seed, *, mode="sigmoid", ignore_frac=0.2, dtype=torch.float64):
@@ -175,7 +178,7 @@ def test_all_ignored_volume(mode):
         compare("torch", x, labels, radius=radius, stride=stride, mode=mode)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", *VOLUME_BACKENDS])
 def test_volume_gradcheck(backend):
     x, labels = volume_inputs((1, 2, 3, 5, 4), 6)
     x.requires_grad_(True)
@@ -189,10 +192,10 @@ def test_volume_gradcheck(backend):
             lambda t: rmi_ext.rmi_loss(t, lab, backend=backend, **opts), (x,))
 
 
-# ---- backend "torch" vs the reference --------------------------------------------------------
+# ---- the fused backends vs the reference ------------------------------------------------------
 
 
-TORCH_VOLUME_CASES = [  # (radius, stride, pool, pool_size)
+VOLUME_CASES_FUSED = [  # (radius, stride, pool, pool_size)
     ((1, 3, 3), (1, 2, 2), "avg", None),
     ((2, 2, 2), (2, 2, 2), "avg", None),
     (3, (1, 1, 1), "avg", None),  # DF 1, d = 27
@@ -206,23 +209,25 @@ TORCH_VOLUME_CASES = [  # (radius, stride, pool, pool_size)
 ]
 
 
+@pytest.mark.parametrize("backend", VOLUME_BACKENDS)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("radius,stride,pool,pool_size", TORCH_VOLUME_CASES)
-def test_torch_volume_matches_reference(mode, radius, stride, pool, pool_size):
+@pytest.mark.parametrize("radius,stride,pool,pool_size", VOLUME_CASES_FUSED)
+def test_volume_matches_reference(backend, mode, radius, stride, pool, pool_size):
     """float64 volumes with ignored voxels (and labels outside ``[0, C)`` in sigmoid mode):
     loss and gradient within 1e-10 of the reference."""
-    seed = 30 + TORCH_VOLUME_CASES.index((radius, stride, pool, pool_size))
+    seed = 30 + VOLUME_CASES_FUSED.index((radius, stride, pool, pool_size))
     x, labels = volume_inputs(VOLUME, seed, mode=mode)
-    compare("torch", x, labels, radius=radius, stride=stride, pool=pool, pool_size=pool_size,
+    compare(backend, x, labels, radius=radius, stride=stride, pool=pool, pool_size=pool_size,
             mode=mode, weight_lambda=(0.5, 0.3, 0.8)[seed % 3], lambda_way=seed % 2)
 
 
+@pytest.mark.parametrize("backend", VOLUME_BACKENDS)
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("radius,stride,pool,pool_size", PLANAR_CASES)
-def test_torch_planar_per_axis_matches_reference(mode, radius, stride, pool, pool_size):
+def test_planar_per_axis_matches_reference(backend, mode, radius, stride, pool, pool_size):
     seed = 50 + PLANAR_CASES.index((radius, stride, pool, pool_size))
     x, labels = volume_inputs((2, 3, 13, 11), seed, mode=mode)
-    compare("torch", x, labels, radius=radius, stride=stride, pool=pool, pool_size=pool_size,
+    compare(backend, x, labels, radius=radius, stride=stride, pool=pool, pool_size=pool_size,
             mode=mode, lambda_way=seed % 2)
 
 
@@ -278,22 +283,24 @@ def test_torch_volume_blocks_cover_every_plane_once():
     assert plane_groups(shape, make_config(radius=2, stride=2, pool="interp"), 10**6) is None
 
 
+@pytest.mark.parametrize("backend", VOLUME_BACKENDS)
 @pytest.mark.parametrize("ignore_index", [255, 1])
-def test_torch_volume_ignore_index(ignore_index):
+def test_volume_ignore_index_fused(backend, ignore_index):
     x, labels = volume_inputs((2, 3, 5, 6, 6), 4, mode="softmax", ignore_frac=0.0)
     labels[:, 0] = ignore_index
     for mode in ("sigmoid", "softmax"):
-        compare("torch", x, labels, radius=(1, 2, 2), stride=(1, 2, 2),
+        compare(backend, x, labels, radius=(1, 2, 2), stride=(1, 2, 2),
                 ignore_index=ignore_index, mode=mode)
 
 
+@pytest.mark.parametrize("backend", VOLUME_BACKENDS)
 @pytest.mark.parametrize("mode,pool", [("sigmoid", "avg"), ("softmax", "max"),
                                        ("sigmoid", "interp")])
-def test_torch_volume_float32(mode, pool):
+def test_volume_float32(backend, mode, pool):
     """float32 logits: loss within 1e-5, gradient within 1e-4 of the float32 reference."""
     x, labels = volume_inputs(VOLUME, 13, mode=mode, dtype=torch.float32)
     for radius, stride in (((1, 3, 3), (1, 2, 2)), (2, 1)):
-        compare("torch", x, labels, radius=radius, stride=stride, pool=pool, mode=mode)
+        compare(backend, x, labels, radius=radius, stride=stride, pool=pool, mode=mode)
 
 
 @pytest.mark.parametrize("stride,mode,pool", [(1, "softmax", "max"), (2, "softmax", "max"),
@@ -314,7 +321,7 @@ def test_torch_volume_peak_memory(stride, mode, pool):
 
 
 @pytest.mark.parametrize("backend,tol,grad_tol", [("reference", 1e-13, 1e-12),
-                                                  ("torch", 1e-10, 1e-10)])
+                                                  *((b, 1e-10, 1e-10) for b in VOLUME_BACKENDS)])
 def test_volume_memory_formats_and_strides(backend, tol, grad_tol):
     """channels_last_3d logits and strided logits / labels: the reference's numbers on the
     contiguous tensors (the gradient keeps the logits' memory format)."""
@@ -334,7 +341,7 @@ def test_volume_memory_formats_and_strides(backend, tol, grad_tol):
         got = rmi_ext.rmi_loss(logits, lab, **opts)
         (grad,) = torch.autograd.grad(got, logits)
         assert rel_err(got, want) < tol and rel_err(grad, want_grad) < grad_tol
-        if logits is channels_last and backend == "torch":
+        if logits is channels_last and backend != "reference":
             assert grad.is_contiguous(memory_format=torch.channels_last_3d)
 
 
@@ -387,35 +394,36 @@ def test_int_radius_too_large_for_a_volume():
 ])
 def test_auto_uses_the_fastest_backend_that_computes_volumes(shape, opts):
     """"auto" for volumes / per-axis options: the first backend of the auto order that
-    computes them ("torch" on CPU, the C++ kernels being planar), the reference's numbers, and
-    no warning (the slow reference is never picked while "torch" runs)."""
+    computes them ("cpu" when the C++ kernels are built, else "torch"), the reference's numbers,
+    and no warning (the slow reference is never picked while a fused backend runs)."""
     x, labels = volume_inputs(shape, 10)
     info = rmi_ext.backend_info("cpu")
-    assert info["auto_volumes"] == "torch" and "cpu" not in info["volumes"]
+    assert info["auto_volumes"] == VOLUME_BACKENDS[-1]  # fast_backends: torch, cpu, triton
+    assert info["auto_volumes"] == ("cpu" if info["available"]["cpu"] is True else "torch")
     warn_once.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = rmi_ext.rmi_loss_terms(x, labels, **opts)
-    want = rmi_ext.rmi_loss_terms(x, labels, backend="torch", **opts)
+    want = rmi_ext.rmi_loss_terms(x, labels, backend=info["auto_volumes"], **opts)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    compare("torch", x, labels, **opts)
+    compare(info["auto_volumes"], x, labels, **opts)
 
 
 @pytest.mark.parametrize("backend", fast_backends())
 def test_fast_backend_volume_routing(backend):
     """A named fast backend computes volumes and per-axis options when its module sets
-    ``supports_volumes`` ("torch": the reference's numbers), else raises ValueError naming the
-    backends that do."""
+    ``supports_volumes`` ("torch", "cpu": the reference's numbers), else raises ValueError naming
+    the backends that do."""
     x, labels = volume_inputs((1, 2, 4, 8, 8), 11)
     supported = backend in rmi_ext.backend_info("cpu")["volumes"]
-    assert supported == (backend == "torch")  # the C++ and Triton kernels are planar
+    assert supported == (backend in ("torch", "cpu"))  # the Triton kernels are planar
     for xs, lab, opts in ((x, labels, dict(radius=2, stride=2)),
                           (x[:, :, 0], labels[:, 0], dict(radius=(2, 3), stride=2))):
         if supported:
             compare(backend, xs, lab, **opts)
             continue
         with pytest.raises(ValueError, match=f"backend '{backend}' does not support .*'torch', "
-                                             f"'reference', 'auto'"):
+                                             f"'cpu', 'reference', 'auto'"):
             rmi_ext.rmi_loss(xs, lab, backend=backend, **opts)
 
 
@@ -430,12 +438,14 @@ def test_volume_module_and_dtypes():
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
-def test_torch_volume_compiles_fullgraph():
-    """``torch.compile(fullgraph=True)`` of the volume loss ("auto" picks "torch" here): one graph,
-    the eager loss and gradient."""
+@pytest.mark.parametrize("backend", VOLUME_BACKENDS)
+def test_volume_compiles_fullgraph(backend):
+    """``torch.compile(fullgraph=True)`` of the volume loss (the C++ ops through their fake
+    kernels): one graph, the eager loss and gradient."""
     torch._dynamo.reset()
     x, labels = volume_inputs((1, 2, 5, 8, 9), 21, dtype=torch.float32)
-    step = lambda t: rmi_ext.rmi_loss(t, labels, radius=(1, 2, 2), stride=(1, 2, 2), pool="max")
+    step = lambda t: rmi_ext.rmi_loss(t, labels, radius=(1, 2, 2), stride=(1, 2, 2), pool="max",
+                                      backend=backend)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     grads = []
     for fn in (compiled, step):

@@ -1,4 +1,9 @@
-// CPU kernels of the RMI loss (backend "cpu"): the fused stages of RMI_SPEC.md section 3.
+// CPU kernels of the RMI loss (backend "cpu"): the fused stages of RMI_SPEC.md section 3, for
+// 2-D maps and volumes with per-axis region sides, factors and pool kernels (section 5).
+//
+// Every problem is read on three spatial axes z, y, x (Problem::as_volume: a 2-D problem has a
+// z axis of length 1). A "row" is one line along x; the rows of a plane are numbered
+// z * Y + y at full resolution and oz * y' + oy on the pooled maps.
 //
 // Work is split by (n, c) plane with at::parallel_for; each thread keeps plane-sized scratch
 // buffers, so the extra memory is about one plane per thread, at every DF (DF 1 included).
@@ -13,9 +18,9 @@
 // sum_k X[k + o_i] Z[k + o_j] only depend on the lag l = o_j - o_i and on which offsets o_i a
 // pixel u = k + o_i can take. Along each axis those sets are the same for all pixels of a
 // "segment" (all interior pixels form one segment; each border pixel up to R-1 from an edge is
-// its own). So (b) accumulates, per lag and per pair of segments, one dot product of two shifted
-// rows (O((2R-1)^2) multiply-adds per pooled pixel instead of O(R^4)), and (d) is a
-// (2R-1)x(2R-1) stencil whose coefficients are constant on each pair of segments.
+// its own), and a cell is a segment on each axis. So (b) accumulates, per lag and per cell, one
+// dot product of two shifted rows (O(prod (2R-1)) multiply-adds per pooled pixel instead of
+// O(d^2)), and (d) is a prod (2R-1) stencil whose coefficients are constant on each cell.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,6 +31,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "rmi_ops.h"
@@ -74,9 +80,24 @@ inline float log1p_unit(float e) {
 inline double exp_nonpos(double t) { return std::exp(t > 0.0 ? 0.0 : t); }
 inline double log1p_unit(double e) { return std::log1p(e); }
 
+// ---- the three-axis view ---------------------------------------------------------------------
+
+// Axes of a problem seen as a volume (Problem::as_volume): z, y, x.
+inline const rmi::Axis& axis_z(const Problem& p) { return p.axis[0]; }
+inline const rmi::Axis& axis_y(const Problem& p) { return p.axis[1]; }
+inline const rmi::Axis& axis_x(const Problem& p) { return p.axis[2]; }
+inline int64_t full_rows(const Problem& p) { return p.axis[0].size * p.axis[1].size; }
+inline int64_t pooled_rows(const Problem& p) { return p.axis[0].pooled * p.axis[1].pooled; }
+inline int64_t full_plane(const Problem& p) { return full_rows(p) * p.axis[2].size; }
+inline int64_t pooled_plane(const Problem& p) { return pooled_rows(p) * p.axis[2].pooled; }
+// Offset of full-resolution row r of a plane in a tensor with spatial strides sz, sy.
+inline int64_t row_offset(const Problem& p, int64_t r, int64_t sz, int64_t sy) {
+  return (r / p.axis[1].size) * sz + (r % p.axis[1].size) * sy;
+}
+
 // ---- label pre-pass ------------------------------------------------------------------------
 
-// Per pixel: class id if valid else -1 ([N*H*W] int32), the number of valid pixels and, in
+// Per pixel: class id if valid else -1 ([N, plane] int32), the number of valid pixels and, in
 // softmax mode, the per-pixel logsumexp over classes and the CE sum.
 template <typename T>
 struct PixelInfo {
@@ -89,41 +110,42 @@ struct PixelInfo {
 template <typename logit_t, typename T>
 PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels) {
   PixelInfo<T> info;
-  const int64_t HW = p.H() * p.W(), rows = p.N * p.H();
-  info.cls.resize(p.N * HW);
-  if (p.mode == rmi::kSoftmaxMode) info.lse.resize(p.N * HW);
+  const int64_t W = axis_x(p).size, image_rows = full_rows(p), S = full_plane(p);
+  const int64_t rows = p.N * image_rows;
+  info.cls.resize(p.N * S);
+  if (p.mode == rmi::kSoftmaxMode) info.lse.resize(p.N * S);
   std::vector<double> row_count(rows, 0.0), row_ce(rows, 0.0);
   AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "rmi_ext_labels", [&] {
     const auto* lab = labels.data_ptr<scalar_t>();
-    const int64_t lN = labels.stride(0), lH = labels.stride(1), lW = labels.stride(2);
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> mx(p.W()), sum(p.W());
+      std::vector<T> mx(W), sum(W);
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / p.H(), r = row % p.H();
-        int32_t* cls = info.cls.data() + n * HW + r * p.W();
+        const int64_t n = row / image_rows, r = row % image_rows;
+        const scalar_t* lr = lab + n * p.ls[0] + row_offset(p, r, p.ls[1], p.ls[2]);
+        int32_t* cls = info.cls.data() + n * S + r * W;
         double count = 0.0;
-        for (int64_t col = 0; col < p.W(); ++col) {
-          const int64_t label = static_cast<int64_t>(lab[n * lN + r * lH + col * lW]);
+        for (int64_t col = 0; col < W; ++col) {
+          const int64_t label = static_cast<int64_t>(lr[col * p.ls[3]]);
           const bool valid = rmi::is_valid_label(label, p.C, p.ignore_index);
           cls[col] = valid ? static_cast<int32_t>(label) : -1;
           count += valid ? 1.0 : 0.0;
         }
         row_count[row] = count;
         if (p.mode != rmi::kSoftmaxMode) continue;
-        const logit_t* xr = x + n * p.xs[0] + r * p.xs[2];
+        const logit_t* xr = x + n * p.xs[0] + row_offset(p, r, p.xs[2], p.xs[3]);
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
         std::fill(sum.begin(), sum.end(), T(0));
         for (int64_t c = 0; c < p.C; ++c)
-          for (int64_t col = 0; col < p.W(); ++col)
-            mx[col] = std::max(mx[col], static_cast<T>(xr[c * p.xs[1] + col * p.xs[3]]));
+          for (int64_t col = 0; col < W; ++col)
+            mx[col] = std::max(mx[col], static_cast<T>(xr[c * p.xs[1] + col * p.xs[4]]));
         for (int64_t c = 0; c < p.C; ++c)
-          for (int64_t col = 0; col < p.W(); ++col)
-            sum[col] += exp_nonpos(static_cast<T>(xr[c * p.xs[1] + col * p.xs[3]]) - mx[col]);
-        T* lse = info.lse.data() + n * HW + r * p.W();
+          for (int64_t col = 0; col < W; ++col)
+            sum[col] += exp_nonpos(static_cast<T>(xr[c * p.xs[1] + col * p.xs[4]]) - mx[col]);
+        T* lse = info.lse.data() + n * S + r * W;
         double ce = 0.0;
-        for (int64_t col = 0; col < p.W(); ++col) {
+        for (int64_t col = 0; col < W; ++col) {
           lse[col] = mx[col] + std::log(sum[col]);
-          if (cls[col] >= 0) ce += lse[col] - static_cast<T>(xr[cls[col] * p.xs[1] + col * p.xs[3]]);
+          if (cls[col] >= 0) ce += lse[col] - static_cast<T>(xr[cls[col] * p.xs[1] + col * p.xs[4]]);
         }
         row_ce[row] = ce;
       }
@@ -138,29 +160,52 @@ PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels
 
 // ---- stage (a): one plane at full resolution, then pooled ---------------------------------
 
+// Zeros before and after each pooled map: a flat loop over a block of rows reads up to R - 1
+// (<= kMaxRadius - 1) elements past the block's first or last row.
+constexpr int64_t kMapPad = rmi::kMaxRadius;
+
+template <typename M>
+double centre_map(M* map, int64_t n) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += map[i];
+  const double mean = sum / static_cast<double>(n);
+  for (int64_t i = 0; i < n; ++i) map[i] = static_cast<M>(map[i] - mean);
+  return mean;
+}
+
 // Scratch buffers of one thread, reused across its planes.
 template <typename T>
 struct PlaneScratch {
-  std::vector<T> sig;            // [H*W] sigmoid of the plane
+  std::vector<T> sig;            // [plane] sigmoid of the plane
   // Pooled maps in the compute type: float keeps the per-thread scratch small at DF 1; every sum
   // over them is accumulated in float64.
-  std::vector<T> yp, pp;         // [h*w] pooled Y and P, then centred
-  std::vector<T> grad_pp;        // [h*w] dloss/dP on the pooled map (backward)
-  std::vector<T> grad_full;      // [H*W] dloss/dP at full resolution (backward, max/interp)
+  std::vector<T> yp, pp;         // [pad + pooled plane + pad] pooled Y and P, then centred; the
+                                 // pads (zeros, kMapPad each side) let the moment and stencil
+                                 // loops run over whole blocks of rows (see MomentGeometry)
+  std::vector<T> grad_pp;        // [pooled plane] dloss/dP on the pooled map (backward)
+  std::vector<T> grad_full;      // [plane] dloss/dP at full resolution (backward, max/interp)
   std::vector<T> row_a, row_b;   // [W] one full-resolution row
-  std::vector<T> rows_p, rows_y; // [h*W] average pooling: column sums per pooled row; backward:
-                                 // rows_p holds the pooled gradient spread over columns
-  std::vector<int64_t> argmax;   // [h*w] max pooling: the full-resolution index of each maximum
+  std::vector<T> rows_p, rows_y; // [pooled rows * W] average pooling: the sums over each pooled
+                                 // row's window of rows; backward: rows_p holds the pooled
+                                 // gradient spread over columns
+  std::vector<int64_t> argmax;   // [pooled plane] max pooling: the index of each maximum
+
+  T* y_map() { return yp.data() + kMapPad; }
+  T* p_map() { return pp.data() + kMapPad; }
+  // Subtracts the plane mean of each pooled map (covariances do not change; the raw-sum form
+  // then cancels far less); returns the two means.
+  std::pair<double, double> centre(int64_t n) { return {centre_map(y_map(), n), centre_map(p_map(), n)}; }
 
   void resize(const Problem& p, bool backward) {
-    sig.resize(p.H() * p.W()), yp.resize(p.h() * p.w()), pp.resize(p.h() * p.w());
-    row_a.resize(p.W()), row_b.resize(p.W());
-    if (p.factor() > 1 && p.pool == rmi::kAvgPool)
-      rows_p.resize(p.h() * p.W()), rows_y.resize(p.h() * p.W());
-    if (p.factor() > 1 && p.pool == rmi::kMaxPool) argmax.resize(p.h() * p.w());
+    const int64_t W = axis_x(p).size, pooled = pooled_plane(p);
+    sig.resize(full_plane(p)), yp.assign(pooled + 2 * kMapPad, T(0)), pp.assign(pooled + 2 * kMapPad, T(0));
+    row_a.resize(W), row_b.resize(W);
+    if (p.pools() && p.pool == rmi::kAvgPool)
+      rows_p.resize(pooled_rows(p) * W), rows_y.resize(pooled_rows(p) * W);
+    if (p.pools() && p.pool == rmi::kMaxPool) argmax.resize(pooled);
     if (!backward) return;
-    grad_pp.resize(p.h() * p.w());
-    if (p.factor() > 1 && p.pool != rmi::kAvgPool) grad_full.resize(p.H() * p.W());
+    grad_pp.resize(pooled);
+    if (p.pools() && p.pool != rmi::kAvgPool) grad_full.resize(full_plane(p));
   }
 };
 
@@ -196,13 +241,13 @@ void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const int32_t* cls
 template <RowExtras kExtras, typename scalar_t, typename T>
 void sigmoid_rows(const Problem& p, const scalar_t* xp, const int32_t* cls, int32_t c, T* sig,
                   double* bce, int64_t* bad) {
-  for (int64_t r = 0; r < p.H(); ++r) {
-    if (p.xs[3] == 1)
-      sigmoid_row<1, kExtras>(xp + r * p.xs[2], 1, p.W(), cls + r * p.W(), c, sig + r * p.W(),
-                              bce, bad);
+  const int64_t W = axis_x(p).size;
+  for (int64_t r = 0; r < full_rows(p); ++r) {
+    const scalar_t* xr = xp + row_offset(p, r, p.xs[2], p.xs[3]);
+    if (p.xs[4] == 1)
+      sigmoid_row<1, kExtras>(xr, 1, W, cls + r * W, c, sig + r * W, bce, bad);
     else
-      sigmoid_row<0, kExtras>(xp + r * p.xs[2], p.xs[3], p.W(), cls + r * p.W(), c,
-                              sig + r * p.W(), bce, bad);
+      sigmoid_row<0, kExtras>(xr, p.xs[4], W, cls + r * W, c, sig + r * W, bce, bad);
   }
 }
 
@@ -224,127 +269,150 @@ double first_term_plane(const Problem& p, const scalar_t* xp, const int32_t* cls
   return bce;
 }
 
-// Pooled rows whose average-pool window holds input row r: [*lo, *hi] (empty when lo > hi).
-inline void pooled_rows_of(int64_t r, const Problem& p, int64_t* lo, int64_t* hi) {
-  const int64_t pad = p.kernel() / 2, below = r + pad - p.kernel();  // oy > below / s
-  *lo = below < 0 ? 0 : below / p.factor() + 1;
-  *hi = std::min(p.h() - 1, (r + pad) / p.factor());
+// Pooled indices along axis `a` whose average-pool window holds input index u: [*lo, *hi]
+// (empty when lo > hi).
+inline void pooled_range(int64_t u, const rmi::Axis& a, int64_t* lo, int64_t* hi) {
+  const int64_t pad = a.kernel / 2, below = u + pad - a.kernel;  // o > below / factor
+  *lo = below < 0 ? 0 : below / a.factor + 1;
+  *hi = std::min(a.pooled - 1, (u + pad) / a.factor);
+}
+
+// The pooled rows (oz * y' + oy) whose window holds full-resolution row r: oz in [z0, z1],
+// oy in [y0, y1] (empty when a range is).
+struct PooledRows {
+  int64_t z0, z1, y0, y1;
+  bool empty() const { return z0 > z1 || y0 > y1; }
+};
+inline PooledRows pooled_rows_of(int64_t r, const Problem& p) {
+  PooledRows out;
+  pooled_range(r / axis_y(p).size, axis_z(p), &out.z0, &out.z1);
+  pooled_range(r % axis_y(p).size, axis_y(p), &out.y0, &out.y1);
+  return out;
 }
 
 // P and Y of one full-resolution row of class c (vectorised).
 template <typename T>
 void prob_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, T* prow, T* yrow) {
+  const int64_t W = axis_x(p).size;
   // One loop per mode: a mode test inside the loop would stop it from vectorising.
   if (p.mode == rmi::kSigmoidMode) {
 #pragma omp simd
-    for (int64_t col = 0; col < p.W(); ++col) {
+    for (int64_t col = 0; col < W; ++col) {
       prow[col] = rmi::rmi_prob(sig[col], cls[col] >= 0, rmi::kSigmoidMode);
       yrow[col] = cls[col] == c ? T(1) : T(0);
     }
   } else {
 #pragma omp simd
-    for (int64_t col = 0; col < p.W(); ++col) {
+    for (int64_t col = 0; col < W; ++col) {
       prow[col] = rmi::rmi_prob(sig[col], cls[col] >= 0, rmi::kSoftmaxMode);
       yrow[col] = cls[col] == c ? T(1) : T(0);
     }
   }
 }
 
-// Pooled Y and P of one plane (from s.sig and the class map) into s.yp, s.pp.
+// Pooled Y and P of one plane (from s.sig and the class map) into s.y_map(), s.p_map().
 template <typename T>
 void pooled_maps_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>& s) {
   const T* sig = s.sig.data();
   auto prob = [&](int64_t u) { return rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode); };
   const int32_t cc = static_cast<int32_t>(c);
+  const rmi::Axis &Z = axis_z(p), &Y = axis_y(p), &X = axis_x(p);
+  const int64_t W = X.size, w = X.pooled;
   T* prow = s.row_a.data();
   T* yrow = s.row_b.data();
-  if (p.factor() == 1) {  // the pooled maps are the full-resolution ones
-    for (int64_t r = 0; r < p.H(); ++r)
-      prob_row(p, sig + r * p.W(), cls + r * p.W(), cc, s.pp.data() + r * p.W(),
-               s.yp.data() + r * p.W());
+  T* ymap = s.y_map();
+  T* pmap = s.p_map();
+  if (!p.pools()) {  // the pooled maps are the full-resolution ones
+    for (int64_t r = 0; r < full_rows(p); ++r)
+      prob_row(p, sig + r * W, cls + r * W, cc, pmap + r * W, ymap + r * W);
     return;
   }
-  const int64_t k = p.kernel(), st = p.factor();
   if (p.pool == rmi::kAvgPool) {
     // Sum the rows of each pooled row's window first (vector adds over W), then the columns.
     std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
     std::fill(s.rows_y.begin(), s.rows_y.end(), T(0));
-    for (int64_t r = 0; r < p.H(); ++r) {
-      int64_t oy_lo, oy_hi;
-      pooled_rows_of(r, p, &oy_lo, &oy_hi);
-      if (oy_lo > oy_hi) continue;
-      prob_row(p, sig + r * p.W(), cls + r * p.W(), cc, prow, yrow);
-      for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
-        T* ap = s.rows_p.data() + oy * p.W();
-        T* ay = s.rows_y.data() + oy * p.W();
+    for (int64_t r = 0; r < full_rows(p); ++r) {
+      const PooledRows to = pooled_rows_of(r, p);
+      if (to.empty()) continue;
+      prob_row(p, sig + r * W, cls + r * W, cc, prow, yrow);
+      for (int64_t oz = to.z0; oz <= to.z1; ++oz)
+        for (int64_t oy = to.y0; oy <= to.y1; ++oy) {
+          T* ap = s.rows_p.data() + (oz * Y.pooled + oy) * W;
+          T* ay = s.rows_y.data() + (oz * Y.pooled + oy) * W;
 #pragma omp simd
-        for (int64_t col = 0; col < p.W(); ++col) ap[col] += prow[col], ay[col] += yrow[col];
-      }
+          for (int64_t col = 0; col < W; ++col) ap[col] += prow[col], ay[col] += yrow[col];
+        }
     }
-    const double inv_area = 1.0 / static_cast<double>(k * k);
-    for (int64_t oy = 0; oy < p.h(); ++oy) {
-      const T* ap = s.rows_p.data() + oy * p.W();
-      const T* ay = s.rows_y.data() + oy * p.W();
-      for (int64_t ox = 0; ox < p.w(); ++ox) {
+    const double inv_area = 1.0 / static_cast<double>(Z.kernel * Y.kernel * X.kernel);
+    for (int64_t orow = 0; orow < pooled_rows(p); ++orow) {
+      const T* ap = s.rows_p.data() + orow * W;
+      const T* ay = s.rows_y.data() + orow * W;
+      for (int64_t ox = 0; ox < w; ++ox) {
         int64_t x0, x1;
-        rmi::pool_window(ox, p.W(), k, st, &x0, &x1);
+        rmi::pool_window(ox, W, X.kernel, X.factor, &x0, &x1);
         T sp = T(0), sy = T(0);
         for (int64_t xx = x0; xx < x1; ++xx) sp += ap[xx], sy += ay[xx];
-        s.pp[oy * p.w() + ox] = static_cast<T>(static_cast<double>(sp) * inv_area);
-        s.yp[oy * p.w() + ox] = static_cast<T>(static_cast<double>(sy) * inv_area);
+        pmap[orow * w + ox] = static_cast<T>(static_cast<double>(sp) * inv_area);
+        ymap[orow * w + ox] = static_cast<T>(static_cast<double>(sy) * inv_area);
       }
     }
     return;
   }
-  if (p.pool == rmi::kInterp) {  // P bilinear (align_corners=True), Y nearest
-    for (int64_t oy = 0; oy < p.h(); ++oy) {
-      const auto ty = rmi::linear_tap<T>(oy, p.H(), p.h());
-      const int64_t src_row = rmi::nearest_source(oy, p.H(), p.h()) * p.W();
-      for (int64_t ox = 0; ox < p.w(); ++ox) {
-        const auto tx = rmi::linear_tap<T>(ox, p.W(), p.w());
-        const T top = tx.w0 * prob(ty.i0 * p.W() + tx.i0) + tx.w1 * prob(ty.i0 * p.W() + tx.i1);
-        const T bottom = tx.w0 * prob(ty.i1 * p.W() + tx.i0) + tx.w1 * prob(ty.i1 * p.W() + tx.i1);
-        s.pp[oy * p.w() + ox] = ty.w0 * top + ty.w1 * bottom;
-        s.yp[oy * p.w() + ox] =
-            cls[src_row + rmi::nearest_source(ox, p.W(), p.w())] == c ? T(1) : T(0);
+  if (p.pool == rmi::kInterp) {  // P bilinear / trilinear (align_corners=True), Y nearest
+    for (int64_t oz = 0; oz < Z.pooled; ++oz) {
+      const auto tz = rmi::linear_tap<T>(oz, Z.size, Z.pooled);
+      const int64_t src_z = rmi::nearest_source(oz, Z.size, Z.pooled);
+      for (int64_t oy = 0; oy < Y.pooled; ++oy) {
+        const auto ty = rmi::linear_tap<T>(oy, Y.size, Y.pooled);
+        const int64_t src_row = (src_z * Y.size + rmi::nearest_source(oy, Y.size, Y.pooled)) * W;
+        const int64_t orow = oz * Y.pooled + oy;
+        for (int64_t ox = 0; ox < w; ++ox) {
+          const auto tx = rmi::linear_tap<T>(ox, W, w);
+          auto bilinear = [&](int64_t z) {  // the (y, x) taps in slice z
+            const int64_t r0 = (z * Y.size + ty.i0) * W, r1 = (z * Y.size + ty.i1) * W;
+            const T top = tx.w0 * prob(r0 + tx.i0) + tx.w1 * prob(r0 + tx.i1);
+            const T bottom = tx.w0 * prob(r1 + tx.i0) + tx.w1 * prob(r1 + tx.i1);
+            return ty.w0 * top + ty.w1 * bottom;
+          };
+          const T front = bilinear(tz.i0);
+          pmap[orow * w + ox] = tz.w1 == T(0) ? front : tz.w0 * front + tz.w1 * bilinear(tz.i1);
+          ymap[orow * w + ox] =
+              cls[src_row + rmi::nearest_source(ox, W, w)] == c ? T(1) : T(0);
+        }
       }
     }
     return;
   }
   // Max pooling (-inf padding): P the window maximum, Y whether any window pixel is class c;
-  // s.argmax keeps where the maximum is (the first in row-major window order, as max_pool2d
-  // picks it) for the backward's pooling adjoint.
-  for (int64_t oy = 0; oy < p.h(); ++oy) {
-    int64_t y0, y1;
-    rmi::pool_window(oy, p.H(), k, st, &y0, &y1);
-    for (int64_t ox = 0; ox < p.w(); ++ox) {
-      int64_t x0, x1;
-      rmi::pool_window(ox, p.W(), k, st, &x0, &x1);
-      T best = -std::numeric_limits<T>::infinity();
-      int64_t arg = y0 * p.W() + x0;
-      bool any = false;
-      for (int64_t yy = y0; yy < y1; ++yy)
-        for (int64_t xx = x0; xx < x1; ++xx) {
-          const int64_t u = yy * p.W() + xx;
-          const T v = prob(u);
-          if (v > best) best = v, arg = u;
-          any = any || cls[u] == c;
-        }
-      s.pp[oy * p.w() + ox] = best;
-      s.yp[oy * p.w() + ox] = any ? T(1) : T(0);
-      s.argmax[oy * p.w() + ox] = arg;
+  // s.argmax keeps where the maximum is (the first in row-major window order, as max_pool2d /
+  // max_pool3d pick it) for the backward's pooling adjoint.
+  for (int64_t oz = 0; oz < Z.pooled; ++oz) {
+    int64_t z0, z1;
+    rmi::pool_window(oz, Z.size, Z.kernel, Z.factor, &z0, &z1);
+    for (int64_t oy = 0; oy < Y.pooled; ++oy) {
+      int64_t y0, y1;
+      rmi::pool_window(oy, Y.size, Y.kernel, Y.factor, &y0, &y1);
+      const int64_t orow = oz * Y.pooled + oy;
+      for (int64_t ox = 0; ox < w; ++ox) {
+        int64_t x0, x1;
+        rmi::pool_window(ox, W, X.kernel, X.factor, &x0, &x1);
+        T best = -std::numeric_limits<T>::infinity();
+        int64_t arg = (z0 * Y.size + y0) * W + x0;
+        bool any = false;
+        for (int64_t zz = z0; zz < z1; ++zz)
+          for (int64_t yy = y0; yy < y1; ++yy)
+            for (int64_t xx = x0; xx < x1; ++xx) {
+              const int64_t u = (zz * Y.size + yy) * W + xx;
+              const T v = prob(u);
+              if (v > best) best = v, arg = u;
+              any = any || cls[u] == c;
+            }
+        pmap[orow * w + ox] = best;
+        ymap[orow * w + ox] = any ? T(1) : T(0);
+        s.argmax[orow * w + ox] = arg;
+      }
     }
   }
-}
-
-// Subtract the plane mean (covariances do not change; the raw-sum form then cancels far less).
-template <typename M>
-double centre(std::vector<M>& map) {
-  double sum = 0.0;
-  for (M v : map) sum += v;
-  const double mean = sum / static_cast<double>(map.size());
-  for (M& v : map) v = static_cast<M>(v - mean);
-  return mean;
 }
 
 // ---- segments: pixels of one axis that admit the same region offsets -----------------------
@@ -377,15 +445,25 @@ Segments make_segments(int64_t n, int64_t R) {
   return seg;
 }
 
-// Lags l = (ey, ex) in [-(R-1), R-1]^2, indexed (ey + R-1) * (2R-1) + (ex + R-1).
+// Lags l = (ez, ey, ex), each in [-(R-1), R-1] for its axis' region side R, numbered row-major.
 struct Lags {
-  int64_t R, side, count;
-  explicit Lags(int64_t radius) : R(radius), side(2 * radius - 1), count(side * side) {}
-  int64_t index(int64_t ey, int64_t ex) const { return (ey + R - 1) * side + (ex + R - 1); }
-  int64_t ey(int64_t l) const { return l / side - (R - 1); }
-  int64_t ex(int64_t l) const { return l % side - (R - 1); }
-  // One of l, -l: symmetric products (Y.Y, P.P) are accumulated for these lags only.
-  bool upper(int64_t l) const { return ey(l) > 0 || (ey(l) == 0 && ex(l) >= 0); }
+  int64_t count;
+  std::vector<int64_t> ez, ey, ex;  // of lag l
+  std::vector<char> upper;          // one of l, -l: symmetric products (Y.Y, P.P) use these only
+  int64_t side[3];                  // 2R - 1 per axis
+  explicit Lags(const int64_t radius[3]) {
+    for (int i = 0; i < 3; ++i) side[i] = 2 * radius[i] - 1;
+    count = side[0] * side[1] * side[2];
+    for (int64_t l = 0; l < count; ++l) {
+      ez.push_back(l / (side[1] * side[2]) - (radius[0] - 1));
+      ey.push_back(l / side[2] % side[1] - (radius[1] - 1));
+      ex.push_back(l % side[2] - (radius[2] - 1));
+      upper.push_back(ez[l] > 0 || (ez[l] == 0 && (ey[l] > 0 || (ey[l] == 0 && ex[l] >= 0))));
+    }
+  }
+  int64_t index(int64_t dz, int64_t dy, int64_t dx) const {
+    return ((dz + side[0] / 2) * side[1] + (dy + side[1] / 2)) * side[2] + (dx + side[2] / 2);
+  }
 };
 
 // Columns [b, e) of segment sx where u + ex stays inside [0, w).
@@ -398,26 +476,97 @@ inline bool lag_columns(const Segments& sx, int64_t s, int64_t ex, int64_t w, in
 
 // ---- stage (b): moments --------------------------------------------------------------------
 
+// Segments of the pooled maps on each axis, the lags, and the region offsets: offset i =
+// (iz * Ry + iy) * Rx + ix, row-major as in the reference.
 struct MomentGeometry {
-  Segments sy, sx;
+  Segments sz, sy, sx;
+  int64_t radius[3];
   Lags lags;
-  MomentGeometry(int64_t h, int64_t w, int64_t R) : sy(make_segments(h, R)), sx(make_segments(w, R)), lags(R) {}
-  int64_t cells() const { return sy.count() * sx.count(); }
-  // Sum of table[cell] over the cells whose pixels admit offset (oy, ox).
-  double rect(const double* table, int64_t oy, int64_t ox) const {
+  explicit MomentGeometry(const Problem& p)
+      : sz(make_segments(p.axis[0].pooled, p.axis[0].radius)),
+        sy(make_segments(p.axis[1].pooled, p.axis[1].radius)),
+        sx(make_segments(p.axis[2].pooled, p.axis[2].radius)),
+        radius{p.axis[0].radius, p.axis[1].radius, p.axis[2].radius},
+        lags(radius) {}
+  int64_t cells() const { return sz.count() * sy.count() * sx.count(); }
+  int64_t cell(int64_t a, int64_t b, int64_t c) const { return (a * sy.count() + b) * sx.count() + c; }
+  int64_t oz(int64_t i) const { return i / (radius[1] * radius[2]); }
+  int64_t oy(int64_t i) const { return i / radius[2] % radius[1]; }
+  int64_t ox(int64_t i) const { return i % radius[2]; }
+  // Sum of table[cell] over the cells whose pixels admit offset i.
+  double rect(const double* table, int64_t i) const {
     double sum = 0.0;
-    for (int64_t a = sy.first[oy]; a <= sy.last[oy]; ++a)
-      for (int64_t b = sx.first[ox]; b <= sx.last[ox]; ++b) sum += table[a * sx.count() + b];
+    for (int64_t a = sz.first[oz(i)]; a <= sz.last[oz(i)]; ++a)
+      for (int64_t b = sy.first[oy(i)]; b <= sy.last[oy(i)]; ++b)
+        for (int64_t c = sx.first[ox(i)]; c <= sx.last[ox(i)]; ++c) sum += table[cell(a, b, c)];
     return sum;
   }
+  // The x segment whose pixels admit every offset (the interior columns), or -1 on maps too
+  // narrow for one; the other x segments (border columns, R - 1 on each side).
+  int64_t inner_x() const {
+    for (int64_t c = 0; c < sx.count(); ++c)
+      if (sx.lo[c] == 0 && sx.hi[c] == radius[2] - 1 && sx.end[c] - sx.begin[c] > 1) return c;
+    return -1;
+  }
+  // Calls f(uz, uy0, rows, first row, cell of x segment 0) for every block of pooled rows: the
+  // rows uy0 .. uy0 + rows - 1 of one y segment at depth uz, contiguous in the pooled plane. For
+  // a block of several rows (an interior segment) every lag's rows are inside the plane.
+  template <typename F>
+  void for_each_block(int64_t pooled_y, F&& f) const {
+    for (int64_t a = 0; a < sz.count(); ++a)
+      for (int64_t b = 0; b < sy.count(); ++b)
+        for (int64_t uz = sz.begin[a]; uz < sz.end[a]; ++uz)
+          f(uz, sy.begin[b], sy.end[b] - sy.begin[b], uz * pooled_y + sy.begin[b], cell(a, b, 0));
+  }
 };
+
+// Sums over n elements of a * p1, and for `upper` lags also a * y1 and pa * p1 (a: Y, pa: P of
+// the block; y1, p1: the maps at the lag), in float64.
+template <typename M>
+void flat_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t n, bool upper,
+                   double* s_yp, double* s_yy, double* s_pp) {
+  double yp = 0.0, yy = 0.0, pp = 0.0;
+  if (upper) {
+#pragma omp simd reduction(+ : yp, yy, pp)
+    for (int64_t q = 0; q < n; ++q) {
+      const double ya = a[q], pb = p1[q];
+      yp += ya * pb;
+      yy += ya * static_cast<double>(y1[q]);
+      pp += static_cast<double>(pa[q]) * pb;
+    }
+  } else {
+#pragma omp simd reduction(+ : yp)
+    for (int64_t q = 0; q < n; ++q) yp += static_cast<double>(a[q]) * static_cast<double>(p1[q]);
+  }
+  *s_yp += yp, *s_yy += yy, *s_pp += pp;
+}
+
+// The same products down one column: `rows` elements `step` apart.
+template <typename M>
+void column_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t rows,
+                     int64_t step, bool upper, double* s_yp, double* s_yy, double* s_pp) {
+  double yp = 0.0, yy = 0.0, pp = 0.0;
+  if (upper) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const double ya = a[i * step], pb = p1[i * step];
+      yp += ya * pb;
+      yy += ya * static_cast<double>(y1[i * step]);
+      pp += static_cast<double>(pa[i * step]) * pb;
+    }
+  } else {
+    for (int64_t i = 0; i < rows; ++i)
+      yp += static_cast<double>(a[i * step]) * static_cast<double>(p1[i * step]);
+  }
+  *s_yp += yp, *s_yy += yy, *s_pp += pp;
+}
 
 // means [2, d] (mu_y, mu_p) and cov [3, d, d] (Sy, Sp, B) of one plane from centred yp, pp.
 template <typename M>
 void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, double* means, double* cov,
                    std::vector<double>& tables) {
-  const int64_t cells = g.cells(), nsx = g.sx.count(), L = g.lags.count, w = p.w(), h = p.h();
+  const int64_t cells = g.cells(), nsx = g.sx.count(), L = g.lags.count;
+  const int64_t w = axis_x(p).pooled, hy = axis_y(p).pooled, hz = axis_z(p).pooled;
   // tables: [L][cells] for Y.P, Y.Y, P.P, then [cells] sums of Y and P.
   tables.assign(3 * L * cells + 2 * cells, 0.0);
   double* t_yp = tables.data();
@@ -425,51 +574,58 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
   double* t_pp = t_yy + L * cells;
   double* t_y = t_pp + L * cells;
   double* t_p = t_y + cells;
-  for (int64_t a = 0; a < g.sy.count(); ++a) {
-    for (int64_t u = g.sy.begin[a]; u < g.sy.end[a]; ++u) {
-      const M* y0 = yc + u * w;
-      const M* p0 = pc + u * w;
+  const int64_t inner = g.inner_x();
+  std::vector<int64_t> border_x;  // x segments other than the inner one
+  for (int64_t c = 0; c < nsx; ++c)
+    if (c != inner) border_x.push_back(c);
+  g.for_each_block(hy, [&](int64_t uz, int64_t uy0, int64_t rows, int64_t row0, int64_t cell0) {
+    const M* yb = yc + row0 * w;
+    const M* pb = pc + row0 * w;
+    for (int64_t i = 0; i < rows; ++i)
       for (int64_t b = 0; b < nsx; ++b) {
         double sy = 0.0, sp = 0.0;
-        for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) sy += y0[col], sp += p0[col];
-        t_y[a * nsx + b] += sy, t_p[a * nsx + b] += sp;
+        for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col)
+          sy += yb[i * w + col], sp += pb[i * w + col];
+        t_y[cell0 + b] += sy, t_p[cell0 + b] += sp;
       }
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t ey = g.lags.ey(l), ex = g.lags.ex(l), v = u + ey;
-        if (v < 0 || v >= h) continue;
-        const M* y1 = yc + v * w + ex;
-        const M* p1 = pc + v * w + ex;
-        const bool upper = g.lags.upper(l);
-        for (int64_t b = 0; b < nsx; ++b) {
-          int64_t c0, c1;
-          if (!lag_columns(g.sx, b, ex, w, &c0, &c1)) continue;
-          double s_yp = 0.0, s_yy = 0.0, s_pp = 0.0;
-          if (upper) {
-#pragma omp simd reduction(+ : s_yp, s_yy, s_pp)
-            for (int64_t col = c0; col < c1; ++col) {
-              const double ya = y0[col], pa = p0[col], pb = p1[col];
-              s_yp += ya * pb;
-              s_yy += ya * static_cast<double>(y1[col]);
-              s_pp += pa * pb;
-            }
-            t_yy[l * cells + a * nsx + b] += s_yy;
-            t_pp[l * cells + a * nsx + b] += s_pp;
-          } else {
-#pragma omp simd reduction(+ : s_yp)
-            for (int64_t col = c0; col < c1; ++col)
-              s_yp += static_cast<double>(y0[col]) * static_cast<double>(p1[col]);
-          }
-          t_yp[l * cells + a * nsx + b] += s_yp;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t vz = uz + g.lags.ez[l], vy = uy0 + g.lags.ey[l], ex = g.lags.ex[l];
+      if (vz < 0 || vz >= hz || vy < 0 || vy + rows > hy) continue;
+      const int64_t delta = (vz * hy + vy) * w + ex - row0 * w;  // flat offset of the lag
+      const M* y1 = yb + delta;
+      const M* p1 = pb + delta;
+      const bool upper = g.lags.upper[l];
+      // Every column of the block in flat loops (the inner x segment's sums) ...
+      double s_yp = 0.0, s_yy = 0.0, s_pp = 0.0;
+      if (inner >= 0) flat_products(yb, pb, y1, p1, rows * w, upper, &s_yp, &s_yy, &s_pp);
+      // ... then the border columns (down the block's rows): taken out of those sums and,
+      // where u + l is inside the plane, put in their own cells.
+      for (int64_t b : border_x)
+        for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) {
+          const bool inside = col + ex >= 0 && col + ex < w;
+          if (!inside && inner < 0) continue;
+          double f_yp = 0.0, f_yy = 0.0, f_pp = 0.0;
+          column_products(yb + col, pb + col, y1 + col, p1 + col, rows, w, upper, &f_yp, &f_yy,
+                          &f_pp);
+          if (inner >= 0) s_yp -= f_yp, s_yy -= f_yy, s_pp -= f_pp;
+          if (!inside) continue;
+          t_yp[l * cells + cell0 + b] += f_yp;
+          t_yy[l * cells + cell0 + b] += f_yy;
+          t_pp[l * cells + cell0 + b] += f_pp;
         }
-      }
+      if (inner < 0) continue;
+      t_yp[l * cells + cell0 + inner] += s_yp;
+      t_yy[l * cells + cell0 + inner] += s_yy;
+      t_pp[l * cells + cell0 + inner] += s_pp;
     }
-  }
-  const int64_t R = p.radius(), d = p.d;
-  const double K = static_cast<double>((h - R + 1) * (w - R + 1));
+  });
+  const int64_t d = p.d;
+  double K = 1.0;
+  for (int i = 0; i < 3; ++i) K *= static_cast<double>(p.axis[i].pooled - p.axis[i].radius + 1);
   std::vector<double> mu_y(d), mu_p(d);  // means of the centred maps
   for (int64_t i = 0; i < d; ++i) {
-    mu_y[i] = g.rect(t_y, i / R, i % R) / K;
-    mu_p[i] = g.rect(t_p, i / R, i % R) / K;
+    mu_y[i] = g.rect(t_y, i) / K;
+    mu_p[i] = g.rect(t_p, i) / K;
     means[i] = mu_y[i] + y_shift;
     means[d + i] = mu_p[i] + p_shift;
   }
@@ -477,13 +633,12 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
   double* s_p = cov + d * d;
   double* s_b = cov + 2 * d * d;
   for (int64_t i = 0; i < d; ++i) {
-    const int64_t iy = i / R, ix = i % R;
     for (int64_t j = 0; j < d; ++j) {
-      const int64_t l = g.lags.index(j / R - iy, j % R - ix);
-      s_b[i * d + j] = g.rect(t_yp + l * cells, iy, ix) - K * mu_y[i] * mu_p[j];
-      if (!g.lags.upper(l)) continue;
-      const double vy = g.rect(t_yy + l * cells, iy, ix) - K * mu_y[i] * mu_y[j];
-      const double vp = g.rect(t_pp + l * cells, iy, ix) - K * mu_p[i] * mu_p[j];
+      const int64_t l = g.lags.index(g.oz(j) - g.oz(i), g.oy(j) - g.oy(i), g.ox(j) - g.ox(i));
+      s_b[i * d + j] = g.rect(t_yp + l * cells, i) - K * mu_y[i] * mu_p[j];
+      if (!g.lags.upper[l]) continue;
+      const double vy = g.rect(t_yy + l * cells, i) - K * mu_y[i] * mu_y[j];
+      const double vp = g.rect(t_pp + l * cells, i) - K * mu_p[i] * mu_p[j];
       s_y[i * d + j] = s_y[j * d + i] = vy;
       s_p[i * d + j] = s_p[j * d + i] = vp;
     }
@@ -492,74 +647,118 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
 
 // ---- stage (d): pooled-map stencil ---------------------------------------------------------
 
+// Inclusive prefix sums of a function on the region offsets (iz, iy, ix), and its sums over
+// boxes of offsets.
+struct OffsetPrefix {
+  int64_t r[3];
+  std::vector<double> v;  // [(Rz+1) (Ry+1) (Rx+1)], v[(a, b, c)] = sum over offsets < (a, b, c)
+  explicit OffsetPrefix(const int64_t radius[3])
+      : r{radius[0], radius[1], radius[2]}, v((r[0] + 1) * (r[1] + 1) * (r[2] + 1), 0.0) {}
+  double& at(int64_t a, int64_t b, int64_t c) { return v[(a * (r[1] + 1) + b) * (r[2] + 1) + c]; }
+  template <typename F>
+  void build(F&& value) {
+    for (int64_t a = 0; a < r[0]; ++a)
+      for (int64_t b = 0; b < r[1]; ++b)
+        for (int64_t c = 0; c < r[2]; ++c)
+          at(a + 1, b + 1, c + 1) = value(a, b, c) + at(a, b + 1, c + 1) + at(a + 1, b, c + 1) +
+                                    at(a + 1, b + 1, c) - at(a, b, c + 1) - at(a, b + 1, c) -
+                                    at(a + 1, b, c) + at(a, b, c);
+  }
+  // Sum over offsets [z0, z1) x [y0, y1) x [x0, x1).
+  double box(int64_t z0, int64_t z1, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+    return at(z1, y1, x1) - at(z0, y1, x1) - at(z1, y0, x1) - at(z1, y1, x0) + at(z0, y0, x1) +
+           at(z0, y1, x0) + at(z1, y0, x0) - at(z0, y0, x0);
+  }
+};
+
 // dloss/dP on the pooled map: window k gets g_k = Cp p_k + Cy y_k + c, entry i lands on k + o_i.
 // In lag form, dP[u] = const(cell) + sum_l Kp_l(cell) P[u + l] + Ky_l(cell) Y[u + l].
 template <typename M>
 void pooled_grad_stencil_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, const double* cp, const double* cy,
                    const double* shift, M* out, std::vector<double>& tables) {
-  const int64_t R = p.radius(), d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
-  const int64_t w = p.w(), h = p.h(), P = R + 1;  // prefix tables are P x P, P = R + 1
-  tables.assign(2 * L * cells + cells + 3 * P * P, 0.0);
+  const int64_t d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
+  const int64_t w = axis_x(p).pooled, hy = axis_y(p).pooled, hz = axis_z(p).pooled;
+  const int64_t* R = g.radius;
+  tables.assign(2 * L * cells + cells, 0.0);
   double* k_p = tables.data();
   double* k_y = k_p + L * cells;
   double* k_c = k_y + L * cells;
-  double* pre_p = k_c + cells;
-  double* pre_y = pre_p + P * P;
-  double* pre_c = pre_y + P * P;
-  // Sum of a prefix table over offsets [lo_y, hi_y] x [lo_x, hi_x] of cell (a, b).
-  auto box = [&](const double* pre, int64_t a, int64_t b) {
-    const int64_t y0 = g.sy.lo[a], y1 = g.sy.hi[a] + 1, x0 = g.sx.lo[b], x1 = g.sx.hi[b] + 1;
-    return pre[y1 * P + x1] - pre[y0 * P + x1] - pre[y1 * P + x0] + pre[y0 * P + x0];
+  OffsetPrefix pre_p(R), pre_y(R), pre_c(R);
+  // Sum of a prefix table over the offsets that the pixels of cell (a, b, c) admit.
+  auto box = [&](OffsetPrefix& pre, int64_t a, int64_t b, int64_t c) {
+    return pre.box(g.sz.lo[a], g.sz.hi[a] + 1, g.sy.lo[b], g.sy.hi[b] + 1, g.sx.lo[c],
+                   g.sx.hi[c] + 1);
   };
-  auto prefix = [&](double* pre, auto value) {  // pre[(iy+1)*P + ix+1] = sum over iy' <= iy, ix' <= ix
-    for (int64_t iy = 0; iy < R; ++iy)
-      for (int64_t ix = 0; ix < R; ++ix)
-        pre[(iy + 1) * P + ix + 1] = value(iy, ix) + pre[iy * P + ix + 1] + pre[(iy + 1) * P + ix] - pre[iy * P + ix];
+  auto for_each_cell = [&](auto&& f) {
+    for (int64_t a = 0; a < g.sz.count(); ++a)
+      for (int64_t b = 0; b < g.sy.count(); ++b)
+        for (int64_t c = 0; c < nsx; ++c) f(a, b, c, g.cell(a, b, c));
   };
-  prefix(pre_c, [&](int64_t iy, int64_t ix) { return shift[iy * R + ix]; });
-  for (int64_t a = 0; a < g.sy.count(); ++a)
-    for (int64_t b = 0; b < nsx; ++b) k_c[a * nsx + b] = box(pre_c, a, b);
+  pre_c.build([&](int64_t iz, int64_t iy, int64_t ix) { return shift[(iz * R[1] + iy) * R[2] + ix]; });
+  for_each_cell([&](int64_t a, int64_t b, int64_t c, int64_t cell) { k_c[cell] = box(pre_c, a, b, c); });
   for (int64_t l = 0; l < L; ++l) {
-    const int64_t ey = g.lags.ey(l), ex = g.lags.ex(l);
+    const int64_t ez = g.lags.ez[l], ey = g.lags.ey[l], ex = g.lags.ex[l];
     auto coef = [&](const double* m) {
-      return [=](int64_t iy, int64_t ix) {
-        const int64_t jy = iy + ey, jx = ix + ex;
-        if (jy < 0 || jy >= R || jx < 0 || jx >= R) return 0.0;
-        return m[(iy * R + ix) * d + jy * R + jx];
+      return [=](int64_t iz, int64_t iy, int64_t ix) {
+        const int64_t jz = iz + ez, jy = iy + ey, jx = ix + ex;
+        if (jz < 0 || jz >= R[0] || jy < 0 || jy >= R[1] || jx < 0 || jx >= R[2]) return 0.0;
+        return m[((iz * R[1] + iy) * R[2] + ix) * d + (jz * R[1] + jy) * R[2] + jx];
       };
     };
-    prefix(pre_p, coef(cp));
-    prefix(pre_y, coef(cy));
-    for (int64_t a = 0; a < g.sy.count(); ++a)
-      for (int64_t b = 0; b < nsx; ++b) {
-        const double vp = box(pre_p, a, b), vy = box(pre_y, a, b);
-        k_p[l * cells + a * nsx + b] = vp;
-        k_y[l * cells + a * nsx + b] = vy;
-        k_c[a * nsx + b] += vp * p_shift + vy * y_shift;  // the maps are centred
-      }
+    pre_p.build(coef(cp));
+    pre_y.build(coef(cy));
+    for_each_cell([&](int64_t a, int64_t b, int64_t c, int64_t cell) {
+      const double vp = box(pre_p, a, b, c), vy = box(pre_y, a, b, c);
+      k_p[l * cells + cell] = vp;
+      k_y[l * cells + cell] = vy;
+      k_c[cell] += vp * p_shift + vy * y_shift;  // the maps are centred
+    });
   }
-  for (int64_t a = 0; a < g.sy.count(); ++a) {
-    for (int64_t u = g.sy.begin[a]; u < g.sy.end[a]; ++u) {
-      M* o = out + u * w;
-      for (int64_t b = 0; b < nsx; ++b)
-        for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) o[col] = static_cast<M>(k_c[a * nsx + b]);
+  const int64_t inner = g.inner_x();
+  g.for_each_block(hy, [&](int64_t uz, int64_t uy0, int64_t rows, int64_t row0, int64_t cell0) {
+    M* ob = out + row0 * w;
+    const M* yb = yc + row0 * w;
+    const M* pb = pc + row0 * w;
+    auto lag_ok = [&](int64_t l) {  // the lag's rows are inside the plane
+      const int64_t vz = uz + g.lags.ez[l], vy = uy0 + g.lags.ey[l];
+      return vz >= 0 && vz < hz && vy >= 0 && vy + rows <= hy;
+    };
+    auto delta = [&](int64_t l) { return (g.lags.ez[l] * hy + g.lags.ey[l]) * w + g.lags.ex[l]; };
+    // Every column of the block with the inner x segment's coefficients, in flat loops ...
+    if (inner >= 0) {
+      const M kc = static_cast<M>(k_c[cell0 + inner]);
+      std::fill(ob, ob + rows * w, kc);
       for (int64_t l = 0; l < L; ++l) {
-        const int64_t ey = g.lags.ey(l), ex = g.lags.ex(l), v = u + ey;
-        if (v < 0 || v >= h) continue;
-        const M* y1 = yc + v * w + ex;
-        const M* p1 = pc + v * w + ex;
-        for (int64_t b = 0; b < nsx; ++b) {
-          const M kp = static_cast<M>(k_p[l * cells + a * nsx + b]);
-          const M ky = static_cast<M>(k_y[l * cells + a * nsx + b]);
-          int64_t c0, c1;
-          if ((kp == M(0) && ky == M(0)) || !lag_columns(g.sx, b, ex, w, &c0, &c1)) continue;
+        const M kp = static_cast<M>(k_p[l * cells + cell0 + inner]);
+        const M ky = static_cast<M>(k_y[l * cells + cell0 + inner]);
+        if ((kp == M(0) && ky == M(0)) || !lag_ok(l)) continue;
+        const M* y1 = yb + delta(l);
+        const M* p1 = pb + delta(l);
 #pragma omp simd
-          for (int64_t col = c0; col < c1; ++col) o[col] += kp * p1[col] + ky * y1[col];
+        for (int64_t q = 0; q < rows * w; ++q) ob[q] += kp * p1[q] + ky * y1[q];
+      }
+    }
+    // ... then the border columns again (down the block's rows), each with its own cell's
+    // coefficients.
+    for (int64_t b = 0; b < nsx; ++b) {
+      if (b == inner) continue;
+      for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) {
+        M* oc = ob + col;
+        const M kc = static_cast<M>(k_c[cell0 + b]);
+        for (int64_t i = 0; i < rows; ++i) oc[i * w] = kc;
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t ex = g.lags.ex[l];
+          if (col + ex < 0 || col + ex >= w || !lag_ok(l)) continue;
+          const M kp = static_cast<M>(k_p[l * cells + cell0 + b]);
+          const M ky = static_cast<M>(k_y[l * cells + cell0 + b]);
+          const M* p1 = pb + col + delta(l);
+          const M* y1 = yb + col + delta(l);
+          for (int64_t i = 0; i < rows; ++i) oc[i * w] += kp * p1[i * w] + ky * y1[i * w];
         }
       }
     }
-  }
+  });
 }
 
 // ---- stage (e): pooling adjoint and the full-resolution gradient ---------------------------
@@ -570,37 +769,54 @@ template <typename T>
 void pool_adjoint_plane(const Problem& p, PlaneScratch<T>& s) {
   std::fill(s.grad_full.begin(), s.grad_full.end(), T(0));
   T* out = s.grad_full.data();
-  for (int64_t oy = 0; oy < p.h(); ++oy) {
-    for (int64_t ox = 0; ox < p.w(); ++ox) {
-      const double gpool = s.grad_pp[oy * p.w() + ox];
-      if (p.pool == rmi::kInterp) {
-        const auto ty = rmi::linear_tap<T>(oy, p.H(), p.h());
-        const auto tx = rmi::linear_tap<T>(ox, p.W(), p.w());
+  const rmi::Axis &Z = axis_z(p), &Y = axis_y(p), &X = axis_x(p);
+  const int64_t W = X.size, w = X.pooled;
+  for (int64_t oz = 0; oz < Z.pooled; ++oz) {
+    for (int64_t oy = 0; oy < Y.pooled; ++oy) {
+      const int64_t orow = oz * Y.pooled + oy;
+      for (int64_t ox = 0; ox < w; ++ox) {
+        const double gpool = s.grad_pp[orow * w + ox];
+        if (p.pool == rmi::kMaxPool) {  // where pooled_maps_plane found the maximum
+          out[s.argmax[orow * w + ox]] += static_cast<T>(gpool);
+          continue;
+        }
+        const auto tz = rmi::linear_tap<T>(oz, Z.size, Z.pooled);
+        const auto ty = rmi::linear_tap<T>(oy, Y.size, Y.pooled);
+        const auto tx = rmi::linear_tap<T>(ox, W, w);
         const T gv = static_cast<T>(gpool);
-        out[ty.i0 * p.W() + tx.i0] += ty.w0 * tx.w0 * gv;
-        out[ty.i0 * p.W() + tx.i1] += ty.w0 * tx.w1 * gv;
-        out[ty.i1 * p.W() + tx.i0] += ty.w1 * tx.w0 * gv;
-        out[ty.i1 * p.W() + tx.i1] += ty.w1 * tx.w1 * gv;
-        continue;
+        auto spread = [&](int64_t z, T gz) {  // the (y, x) taps in slice z
+          const int64_t r0 = (z * Y.size + ty.i0) * W, r1 = (z * Y.size + ty.i1) * W;
+          out[r0 + tx.i0] += ty.w0 * tx.w0 * gz;
+          out[r0 + tx.i1] += ty.w0 * tx.w1 * gz;
+          out[r1 + tx.i0] += ty.w1 * tx.w0 * gz;
+          out[r1 + tx.i1] += ty.w1 * tx.w1 * gz;
+        };
+        if (tz.w1 == T(0)) {
+          spread(tz.i0, gv);
+        } else {
+          spread(tz.i0, tz.w0 * gv);
+          spread(tz.i1, tz.w1 * gv);
+        }
       }
-      // max: where pooled_maps_plane found it
-      out[s.argmax[oy * p.w() + ox]] += static_cast<T>(gpool);
     }
   }
 }
 
-// Average pooling adjoint, columns: s.rows_p[oy][col] = sum over ox covering col of
-// grad_pp[oy][ox] / k^2 (the rows are added per full-resolution row in grad_prob_row).
+// Average pooling adjoint, columns: s.rows_p[orow][col] = sum over ox covering col of
+// grad_pp[orow][ox] / (kernel volume) (the rows are added per full-resolution row in
+// grad_prob_row).
 template <typename T>
 void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
   std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
-  const double inv_area = 1.0 / static_cast<double>(p.kernel() * p.kernel());
-  for (int64_t oy = 0; oy < p.h(); ++oy) {
-    T* row = s.rows_p.data() + oy * p.W();
-    for (int64_t ox = 0; ox < p.w(); ++ox) {
-      const T v = static_cast<T>(s.grad_pp[oy * p.w() + ox] * inv_area);
+  const rmi::Axis& X = axis_x(p);
+  const double inv_area =
+      1.0 / static_cast<double>(axis_z(p).kernel * axis_y(p).kernel * X.kernel);
+  for (int64_t orow = 0; orow < pooled_rows(p); ++orow) {
+    T* row = s.rows_p.data() + orow * X.size;
+    for (int64_t ox = 0; ox < X.pooled; ++ox) {
+      const T v = static_cast<T>(s.grad_pp[orow * X.pooled + ox] * inv_area);
       int64_t x0, x1;
-      rmi::pool_window(ox, p.W(), p.kernel(), p.factor(), &x0, &x1);
+      rmi::pool_window(ox, X.size, X.kernel, X.factor, &x0, &x1);
       for (int64_t xx = x0; xx < x1; ++xx) row[xx] += v;
     }
   }
@@ -609,22 +825,23 @@ void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
 // dloss/dP of full-resolution row r into grow[], from the pooled-map gradient.
 template <typename T>
 void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
-  if (p.factor() == 1) {
-    std::copy(s.grad_pp.begin() + r * p.W(), s.grad_pp.begin() + (r + 1) * p.W(), grow);
+  const int64_t W = axis_x(p).size;
+  if (!p.pools()) {
+    std::copy(s.grad_pp.begin() + r * W, s.grad_pp.begin() + (r + 1) * W, grow);
     return;
   }
   if (p.pool != rmi::kAvgPool) {
-    std::copy(s.grad_full.begin() + r * p.W(), s.grad_full.begin() + (r + 1) * p.W(), grow);
+    std::copy(s.grad_full.begin() + r * W, s.grad_full.begin() + (r + 1) * W, grow);
     return;
   }
-  std::fill(grow, grow + p.W(), T(0));
-  int64_t oy_lo, oy_hi;
-  pooled_rows_of(r, p, &oy_lo, &oy_hi);
-  for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
-    const T* row = s.rows_p.data() + oy * p.W();
+  std::fill(grow, grow + W, T(0));
+  const PooledRows from = pooled_rows_of(r, p);
+  for (int64_t oz = from.z0; oz <= from.z1; ++oz)
+    for (int64_t oy = from.y0; oy <= from.y1; ++oy) {
+      const T* row = s.rows_p.data() + (oz * axis_y(p).pooled + oy) * W;
 #pragma omp simd
-    for (int64_t col = 0; col < p.W(); ++col) grow[col] += row[col];
-  }
+      for (int64_t col = 0; col < W; ++col) grow[col] += row[col];
+    }
 }
 
 // grad_logits of one row: dP/dx times grow[] plus base_scale times the BCE or CE gradient.
@@ -632,11 +849,12 @@ void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
 template <int kStep, typename scalar_t, typename T>
 void full_res_grad_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, const T* grow,
               const scalar_t* xr, const T* lse, T bscale, scalar_t* gr, int64_t gstep) {
-  const int64_t xstep = kStep == 1 ? 1 : p.xs[3];
+  const int64_t W = axis_x(p).size;
+  const int64_t xstep = kStep == 1 ? 1 : p.xs[4];
   gstep = kStep == 1 ? 1 : gstep;
   if (lse == nullptr) {  // sigmoid mode: BCE gradient
 #pragma omp simd
-    for (int64_t col = 0; col < p.W(); ++col) {
+    for (int64_t col = 0; col < W; ++col) {
       const bool valid = cls[col] >= 0;
       const T base = valid ? bscale * (sig[col] - (cls[col] == c ? T(1) : T(0))) : T(0);
       const T slope = rmi::rmi_prob_slope(sig[col], valid, rmi::kSigmoidMode);
@@ -645,7 +863,7 @@ void full_res_grad_row(const Problem& p, const T* sig, const int32_t* cls, int32
     return;
   }
 #pragma omp simd
-  for (int64_t col = 0; col < p.W(); ++col) {  // softmax mode: CE gradient
+  for (int64_t col = 0; col < W; ++col) {  // softmax mode: CE gradient
     const bool valid = cls[col] >= 0;
     const T prob = exp_nonpos(static_cast<T>(xr[col * xstep]) - lse[col]);
     const T base = valid ? bscale * (prob - (cls[col] == c ? T(1) : T(0))) : T(0);
@@ -660,11 +878,12 @@ template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& labels,
-                                          int64_t radius, int64_t stride, c10::string_view pool,
-                                          int64_t pool_size, int64_t ignore_index,
-                                          c10::string_view mode) {
+                                          at::IntArrayRef radius, at::IntArrayRef stride,
+                                          c10::string_view pool, at::IntArrayRef pool_size,
+                                          int64_t ignore_index, c10::string_view mode) {
   const Problem p = rmi::check_inputs("rmi_ext::forward_stats", logits, labels, radius, stride,
-                                      pool, pool_size, ignore_index, mode);
+                                      pool, pool_size, ignore_index, mode)
+                        .as_volume();
   const auto f64 = logits.options().dtype(at::kDouble);
   Tensor means = at::empty({p.N, p.C, 2, p.d}, f64);
   Tensor cov = at::empty({p.N, p.C, 3, p.d, p.d}, f64);
@@ -674,7 +893,7 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
     using T = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
-    const MomentGeometry geom(p.h(), p.w(), p.radius());
+    const MomentGeometry geom(p);
     const int64_t planes = p.N * p.C;
     std::vector<double> plane_bce(planes, 0.0);
     std::vector<int64_t> plane_bad(planes, 0);
@@ -686,11 +905,11 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
       std::vector<double> tables;
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
-        const int32_t* cls = info.cls.data() + n * p.H() * p.W();
+        const int32_t* cls = info.cls.data() + n * full_plane(p);
         plane_bce[plane] = first_term_plane(p, x + n * p.xs[0] + c * p.xs[1], cls, c, s, &plane_bad[plane]);
         pooled_maps_plane(p, cls, c, s);
-        const double y_shift = centre(s.yp), p_shift = centre(s.pp);
-        moment_sums_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift,
+        const auto [y_shift, p_shift] = s.centre(pooled_plane(p));
+        moment_sums_plane(p, geom, s.y_map(), s.p_map(), y_shift, p_shift,
                       means_p + plane * 2 * p.d, cov_p + plane * 3 * p.d * p.d, tables);
       }
     });
@@ -706,53 +925,60 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
 }
 
 Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tensor& base_scale,
-                         const Tensor& coef, const Tensor& shift, int64_t radius, int64_t stride,
-                         c10::string_view pool, int64_t pool_size, int64_t ignore_index,
-                         c10::string_view mode) {
-  const Problem p = rmi::check_inputs("rmi_ext::backward_grad", logits, labels, radius, stride,
-                                      pool, pool_size, ignore_index, mode);
-  rmi::check_backward_inputs(p, logits, base_scale, coef, shift);
+                         const Tensor& coef, const Tensor& shift, at::IntArrayRef radius,
+                         at::IntArrayRef stride, c10::string_view pool, at::IntArrayRef pool_size,
+                         int64_t ignore_index, c10::string_view mode) {
+  const Problem checked = rmi::check_inputs("rmi_ext::backward_grad", logits, labels, radius,
+                                            stride, pool, pool_size, ignore_index, mode);
+  rmi::check_backward_inputs(checked, logits, base_scale, coef, shift);
+  const Problem p = checked.as_volume();
   const Tensor coef_c = coef.contiguous(), shift_c = shift.contiguous();
   const double scale = *base_scale.const_data_ptr<double>();  // CPU tensor (no aten::item)
   Tensor grad = at::empty_like(logits);
-  const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
+  // The gradient's strides on the three axes (a planar gradient has a z stride of 0).
+  const bool planar = grad.dim() == 4;
+  const int64_t gN = grad.stride(0), gC = grad.stride(1), gZ = planar ? 0 : grad.stride(2),
+                gY = grad.stride(grad.dim() - 2), gX = grad.stride(grad.dim() - 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rmi_backward_grad", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* gout = grad.data_ptr<scalar_t>();
     const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
-    const MomentGeometry geom(p.h(), p.w(), p.radius());
+    const MomentGeometry geom(p);
     const double* coef_p = coef_c.const_data_ptr<double>();
     const double* shift_p = shift_c.const_data_ptr<double>();
     const T bscale = static_cast<T>(scale);
+    const int64_t W = axis_x(p).size, S = full_plane(p);
     at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
       PlaneScratch<T> s;
       s.resize(p, /*backward=*/true);
       std::vector<double> tables;
-      std::vector<T> grow(p.W());
-      const bool unit_stride = p.xs[3] == 1 && gW == 1;
+      std::vector<T> grow(W);
+      const bool unit_stride = p.xs[4] == 1 && gX == 1;
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
-        const int32_t* cls = info.cls.data() + n * p.H() * p.W();
+        const int32_t* cls = info.cls.data() + n * S;
         const scalar_t* xp = x + n * p.xs[0] + c * p.xs[1];
         first_term_plane(p, xp, cls, c, s, nullptr);
         pooled_maps_plane(p, cls, c, s);
-        const double y_shift = centre(s.yp), p_shift = centre(s.pp);
+        const auto [y_shift, p_shift] = s.centre(pooled_plane(p));
         const double* cp = coef_p + plane * 2 * p.d * p.d;
-        pooled_grad_stencil_plane(p, geom, s.yp.data(), s.pp.data(), y_shift, p_shift, cp, cp + p.d * p.d,
+        pooled_grad_stencil_plane(p, geom, s.y_map(), s.p_map(), y_shift, p_shift, cp, cp + p.d * p.d,
                       shift_p + plane * p.d, s.grad_pp.data(), tables);
-        if (p.factor() > 1 && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
-        if (p.factor() > 1 && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
-        const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * p.H() * p.W() : nullptr;
+        if (p.pools() && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
+        if (p.pools() && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
+        const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * S : nullptr;
         scalar_t* gp = gout + n * gN + c * gC;
-        for (int64_t r = 0; r < p.H(); ++r) {
+        for (int64_t r = 0; r < full_rows(p); ++r) {
           grad_prob_row(p, r, s, grow.data());
-          const int64_t u = r * p.W();
+          const int64_t u = r * W;
           const T* lse_r = lse ? lse + u : nullptr;
+          const scalar_t* xr = xp + row_offset(p, r, p.xs[2], p.xs[3]);
+          scalar_t* gr = gp + row_offset(p, r, gZ, gY);
           if (unit_stride)
-            full_res_grad_row<1>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.xs[2], lse_r, bscale, gp + r * gH, 1);
+            full_res_grad_row<1>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xr, lse_r, bscale, gr, 1);
           else
-            full_res_grad_row<0>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xp + r * p.xs[2], lse_r, bscale, gp + r * gH, gW);
+            full_res_grad_row<0>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xr, lse_r, bscale, gr, gX);
         }
       }
     });

@@ -23,14 +23,22 @@ namespace {
 
 using at::Tensor;
 
-// Checks shared by both ops (rmi_ops.h) plus the device; returns the problem. Sizes past 2^31
-// elements (or planes) need no check: indices are int64 and every grid dimension is capped
-// by plan_launches() (rmi_kernels.cuh), with the kernels looping past the caps.
+// Checks shared by both ops (rmi_ops.h) plus the device and the kernels' planar isotropic
+// problem; returns it. Sizes past 2^31 elements (or planes) need no check: indices are int64
+// and every grid dimension is capped by plan_launches() (rmi_kernels.cuh), with the kernels
+// looping past the caps.
 Problem check_cuda_inputs(const char* op, const Tensor& logits, const Tensor& labels,
-                          int64_t radius, int64_t stride, c10::string_view pool,
-                          int64_t pool_size, int64_t ignore_index, c10::string_view mode) {
+                          at::IntArrayRef radius, at::IntArrayRef stride, c10::string_view pool,
+                          at::IntArrayRef pool_size, int64_t ignore_index,
+                          c10::string_view mode) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got ", logits.device());
-  return check_inputs(op, logits, labels, radius, stride, pool, pool_size, ignore_index, mode);
+  const Problem p =
+      check_inputs(op, logits, labels, radius, stride, pool, pool_size, ignore_index, mode);
+  TORCH_CHECK(p.is_planar_isotropic(), op, ": the CUDA kernels compute 2-D maps with one ",
+              "radius, stride and pool_size on both axes, got logits ", logits.sizes(),
+              ", radius ", radius, ", stride ", stride, ", pool_size ", pool_size,
+              "; use backend 'torch' (or 'cpu' on CPU tensors) for volumes and per-axis options");
+  return p;
 }
 
 // The kernels are built for uint8, int32 and int64 labels; int8 and int16 labels are read
@@ -55,9 +63,9 @@ void dispatch_labels(const Tensor& labels, F&& f) {
 bool records_argmax(const Problem& g) { return g.pool == kMaxPool && g.factor() > 1; }
 
 ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels_in,
-                                      int64_t radius, int64_t stride, c10::string_view pool,
-                                      int64_t pool_size, int64_t ignore_index,
-                                      c10::string_view mode) {
+                                      at::IntArrayRef radius, at::IntArrayRef stride,
+                                      c10::string_view pool, at::IntArrayRef pool_size,
+                                      int64_t ignore_index, c10::string_view mode) {
   const Tensor labels = kernel_labels(labels_in);
   const Problem g = check_cuda_inputs("rmi_ext::forward_stats", logits, labels, radius, stride,
                                       pool, pool_size, ignore_index, mode);
@@ -119,8 +127,9 @@ ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels
 }
 
 Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& base_scale,
-                          const Tensor& coef, const Tensor& shift, int64_t radius, int64_t stride,
-                          c10::string_view pool, int64_t pool_size, int64_t ignore_index,
+                          const Tensor& coef, const Tensor& shift, at::IntArrayRef radius,
+                          at::IntArrayRef stride, c10::string_view pool,
+                          at::IntArrayRef pool_size, int64_t ignore_index,
                           c10::string_view mode) {
   const Tensor labels = kernel_labels(labels_in);
   const Problem g = check_cuda_inputs("rmi_ext::backward_grad", logits, labels, radius, stride,
