@@ -38,10 +38,11 @@ if [[ ! -f "$venv/.ready-$version" ]]; then
   fi
   python -m venv "$venv"
   registry_pip "$venv/bin/pip" install -q --no-index --find-links "$cache/wheels" "torch==$version"
-  grep -v -E '^(torch|triton)\b' requirements-dev.txt > "$venv/requirements-rest.txt"
-  "$venv/bin/pip" install -q -r "$venv/requirements-rest.txt"
   touch "$venv/.ready-$version"
 fi
+# The rest of the dev requirements on every run: a cached venv gets what was added since.
+grep -v -E '^(torch|triton)\b' requirements-dev.txt > "$venv/requirements-rest.txt"
+"$venv/bin/pip" install -q -r "$venv/requirements-rest.txt"
 py=$venv/bin/python
 "$py" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "triton", triton.__version__)'

@@ -17,7 +17,9 @@ parametrised cases (a fixed choice by the case's name), unless the test is marke
 ``RMI_TEST_INTERPRETED_SAMPLE=1`` runs them all.
 
 The suite runs single-threaded by default (tiny tensors are ~10x faster that way on a busy
-machine); set ``RMI_TEST_THREADS`` to change it.
+machine); set ``RMI_TEST_THREADS`` to change it. The README runs it in one process per core
+(``pytest -n auto --dist loadgroup``, pytest-xdist): the tests are independent, except the
+modules of :data:`ONE_WORKER_MODULES`, whose tests stay in one worker.
 """
 from __future__ import annotations
 
@@ -98,10 +100,21 @@ def peak_memory_ratio(logits: torch.Tensor, labels: torch.Tensor, **options) -> 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "every_case: run every case on interpreted Triton too")
+    config.addinivalue_line("markers", "xdist_group(name): tests that share one pytest-xdist "
+                                       "worker (`--dist loadgroup`)")
+
+
+#: Test modules whose tests share a module-scoped fixture too costly to build in two workers
+#: (test_cuda.py: the nvcc builds), kept in one worker under ``pytest -n N --dist loadgroup``.
+ONE_WORKER_MODULES = ("test_cuda.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Interpreted Triton: keep every ``INTERPRETED_SAMPLE``-th case of each test (see above)."""
+    """``xdist_group`` marks for :data:`ONE_WORKER_MODULES`; interpreted Triton: keep every
+    ``INTERPRETED_SAMPLE``-th case of each test (see above)."""
+    for item in items:
+        if item.path.name in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     if INTERPRETED_SAMPLE <= 1:
         return
     keep, drop = [], []
