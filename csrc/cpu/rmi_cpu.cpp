@@ -6,7 +6,9 @@
 // z * Y + y at full resolution and oz * y' + oy on the pooled maps.
 //
 // Work is split by (n, c) plane with at::parallel_for; each thread keeps plane-sized scratch
-// buffers, so the extra memory is about one plane per thread, at every DF (DF 1 included).
+// buffers (its plane's sigmoid, pooled maps and their gradient), so the extra memory is a few
+// planes per thread at every DF: small beside the logits for many planes (2-D: N * C of them),
+// not for a few large ones (a volume batch of 8 planes on 2 threads: 2.2x the logits at DF 1).
 //
 // Stage names as in every backend (docs/stages.md): forward_stats, per plane: (a)
 // first_term_plane (one pass over the logits: sigmoid, BCE partial sum, non-finite count) and
@@ -19,8 +21,10 @@
 // pixel u = k + o_i can take. Along each axis those sets are the same for all pixels of a
 // "segment" (all interior pixels form one segment; each border pixel up to R-1 from an edge is
 // its own), and a cell is a segment on each axis. So (b) accumulates, per lag and per cell, one
-// dot product of two shifted rows (O(prod (2R-1)) multiply-adds per pooled pixel instead of
-// O(d^2)), and (d) is a prod (2R-1) stencil whose coefficients are constant on each cell.
+// dot product of two shifted maps (O(prod (2R-1)) multiply-adds per pooled pixel instead of
+// O(d^2)), and (d) is a prod (2R-1) stencil whose coefficients are constant on each cell. Both
+// run over blocks of rows (MomentGeometry::for_each_block) in flat loops, the border columns
+// apart.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
