@@ -206,6 +206,7 @@ VOLUME_CASES_FUSED = [  # (radius, stride, pool, pool_size)
     (2, (2, 2, 2), "interp", None),
     ((2, 2, 3), (2, 1, 2), "max", (3, 1, 5)),
     ((1, 2, 2), (1, 2, 2), "avg", (3, 3, 3)),  # kernel 3 on the stride-1 axis D
+    ((2, 2, 2), (1, 2, 2), "max", (2, 2, 2)),  # kernel 2 on the stride-1 axis D: D + 1 planes
 ]
 
 
