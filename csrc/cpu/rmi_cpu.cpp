@@ -470,14 +470,6 @@ struct Lags {
   }
 };
 
-// Columns [b, e) of segment sx where u + ex stays inside [0, w).
-inline bool lag_columns(const Segments& sx, int64_t s, int64_t ex, int64_t w, int64_t* b,
-                        int64_t* e) {
-  *b = std::max(sx.begin[s], -ex);
-  *e = std::min(sx.end[s], w - ex);
-  return *b < *e;
-}
-
 // ---- stage (b): moments --------------------------------------------------------------------
 
 // Segments of the pooled maps on each axis, the lags, and the region offsets: offset i =
@@ -485,13 +477,21 @@ inline bool lag_columns(const Segments& sx, int64_t s, int64_t ex, int64_t w, in
 struct MomentGeometry {
   Segments sz, sy, sx;
   int64_t radius[3];
+  int64_t hz, hy, w;  // pooled map lengths along z, y, x
   Lags lags;
+  // The x segment whose pixels admit every offset (the interior columns), or -1 on maps too
+  // narrow for one; the other x segments are border columns, R - 1 on each side.
+  int64_t inner;
   explicit MomentGeometry(const Problem& p)
       : sz(make_segments(p.axis[0].pooled, p.axis[0].radius)),
         sy(make_segments(p.axis[1].pooled, p.axis[1].radius)),
         sx(make_segments(p.axis[2].pooled, p.axis[2].radius)),
         radius{p.axis[0].radius, p.axis[1].radius, p.axis[2].radius},
-        lags(radius) {}
+        hz(p.axis[0].pooled), hy(p.axis[1].pooled), w(p.axis[2].pooled),
+        lags(radius), inner(-1) {
+    for (int64_t c = 0; c < sx.count() && inner < 0; ++c)
+      if (sx.lo[c] == 0 && sx.hi[c] == radius[2] - 1 && sx.end[c] - sx.begin[c] > 1) inner = c;
+  }
   int64_t cells() const { return sz.count() * sy.count() * sx.count(); }
   int64_t cell(int64_t a, int64_t b, int64_t c) const { return (a * sy.count() + b) * sx.count() + c; }
   int64_t oz(int64_t i) const { return i / (radius[1] * radius[2]); }
@@ -505,61 +505,45 @@ struct MomentGeometry {
         for (int64_t c = sx.first[ox(i)]; c <= sx.last[ox(i)]; ++c) sum += table[cell(a, b, c)];
     return sum;
   }
-  // The x segment whose pixels admit every offset (the interior columns), or -1 on maps too
-  // narrow for one; the other x segments (border columns, R - 1 on each side).
-  int64_t inner_x() const {
-    for (int64_t c = 0; c < sx.count(); ++c)
-      if (sx.lo[c] == 0 && sx.hi[c] == radius[2] - 1 && sx.end[c] - sx.begin[c] > 1) return c;
-    return -1;
-  }
   // Calls f(uz, uy0, rows, first row, cell of x segment 0) for every block of pooled rows: the
   // rows uy0 .. uy0 + rows - 1 of one y segment at depth uz, contiguous in the pooled plane. For
   // a block of several rows (an interior segment) every lag's rows are inside the plane.
   template <typename F>
-  void for_each_block(int64_t pooled_y, F&& f) const {
+  void for_each_block(F&& f) const {
     for (int64_t a = 0; a < sz.count(); ++a)
       for (int64_t b = 0; b < sy.count(); ++b)
         for (int64_t uz = sz.begin[a]; uz < sz.end[a]; ++uz)
-          f(uz, sy.begin[b], sy.end[b] - sy.begin[b], uz * pooled_y + sy.begin[b], cell(a, b, 0));
+          f(uz, sy.begin[b], sy.end[b] - sy.begin[b], uz * hy + sy.begin[b], cell(a, b, 0));
   }
+  // Whether the rows of the block (uz, uy0 .. uy0 + rows - 1) shifted by lag l are in the plane.
+  bool lag_fits(int64_t uz, int64_t uy0, int64_t rows, int64_t l) const {
+    const int64_t vz = uz + lags.ez[l], vy = uy0 + lags.ey[l];
+    return vz >= 0 && vz < hz && vy >= 0 && vy + rows <= hy;
+  }
+  // Offset of lag l in the flat pooled plane.
+  int64_t lag_offset(int64_t l) const { return (lags.ez[l] * hy + lags.ey[l]) * w + lags.ex[l]; }
 };
 
-// Sums over n elements of a * p1, and for `upper` lags also a * y1 and pa * p1 (a: Y, pa: P of
-// the block; y1, p1: the maps at the lag), in float64.
-template <typename M>
-void flat_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t n, bool upper,
-                   double* s_yp, double* s_yy, double* s_pp) {
+// Sums over n elements `step` apart of a * p1, and for `upper` lags also a * y1 and pa * p1
+// (a: Y, pa: P of the block; y1, p1: the maps at the lag), in float64. kStep: 1 for a flat run
+// (the loop then vectorises), 0 for any other `step` (down a column).
+template <int kStep, typename M>
+void lag_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t n, int64_t step,
+                  bool upper, double* s_yp, double* s_yy, double* s_pp) {
+  step = kStep == 1 ? 1 : step;
   double yp = 0.0, yy = 0.0, pp = 0.0;
   if (upper) {
 #pragma omp simd reduction(+ : yp, yy, pp)
     for (int64_t q = 0; q < n; ++q) {
-      const double ya = a[q], pb = p1[q];
+      const double ya = a[q * step], pb = p1[q * step];
       yp += ya * pb;
-      yy += ya * static_cast<double>(y1[q]);
-      pp += static_cast<double>(pa[q]) * pb;
+      yy += ya * static_cast<double>(y1[q * step]);
+      pp += static_cast<double>(pa[q * step]) * pb;
     }
   } else {
 #pragma omp simd reduction(+ : yp)
-    for (int64_t q = 0; q < n; ++q) yp += static_cast<double>(a[q]) * static_cast<double>(p1[q]);
-  }
-  *s_yp += yp, *s_yy += yy, *s_pp += pp;
-}
-
-// The same products down one column: `rows` elements `step` apart.
-template <typename M>
-void column_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t rows,
-                     int64_t step, bool upper, double* s_yp, double* s_yy, double* s_pp) {
-  double yp = 0.0, yy = 0.0, pp = 0.0;
-  if (upper) {
-    for (int64_t i = 0; i < rows; ++i) {
-      const double ya = a[i * step], pb = p1[i * step];
-      yp += ya * pb;
-      yy += ya * static_cast<double>(y1[i * step]);
-      pp += static_cast<double>(pa[i * step]) * pb;
-    }
-  } else {
-    for (int64_t i = 0; i < rows; ++i)
-      yp += static_cast<double>(a[i * step]) * static_cast<double>(p1[i * step]);
+    for (int64_t q = 0; q < n; ++q)
+      yp += static_cast<double>(a[q * step]) * static_cast<double>(p1[q * step]);
   }
   *s_yp += yp, *s_yy += yy, *s_pp += pp;
 }
@@ -570,7 +554,7 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
                    double y_shift, double p_shift, double* means, double* cov,
                    std::vector<double>& tables) {
   const int64_t cells = g.cells(), nsx = g.sx.count(), L = g.lags.count;
-  const int64_t w = axis_x(p).pooled, hy = axis_y(p).pooled, hz = axis_z(p).pooled;
+  const int64_t w = g.w, inner = g.inner;
   // tables: [L][cells] for Y.P, Y.Y, P.P, then [cells] sums of Y and P.
   tables.assign(3 * L * cells + 2 * cells, 0.0);
   double* t_yp = tables.data();
@@ -578,11 +562,7 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
   double* t_pp = t_yy + L * cells;
   double* t_y = t_pp + L * cells;
   double* t_p = t_y + cells;
-  const int64_t inner = g.inner_x();
-  std::vector<int64_t> border_x;  // x segments other than the inner one
-  for (int64_t c = 0; c < nsx; ++c)
-    if (c != inner) border_x.push_back(c);
-  g.for_each_block(hy, [&](int64_t uz, int64_t uy0, int64_t rows, int64_t row0, int64_t cell0) {
+  g.for_each_block([&](int64_t uz, int64_t uy0, int64_t rows, int64_t row0, int64_t cell0) {
     const M* yb = yc + row0 * w;
     const M* pb = pc + row0 * w;
     for (int64_t i = 0; i < rows; ++i)
@@ -593,23 +573,23 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
         t_y[cell0 + b] += sy, t_p[cell0 + b] += sp;
       }
     for (int64_t l = 0; l < L; ++l) {
-      const int64_t vz = uz + g.lags.ez[l], vy = uy0 + g.lags.ey[l], ex = g.lags.ex[l];
-      if (vz < 0 || vz >= hz || vy < 0 || vy + rows > hy) continue;
-      const int64_t delta = (vz * hy + vy) * w + ex - row0 * w;  // flat offset of the lag
-      const M* y1 = yb + delta;
-      const M* p1 = pb + delta;
+      if (!g.lag_fits(uz, uy0, rows, l)) continue;
+      const int64_t ex = g.lags.ex[l];
+      const M* y1 = yb + g.lag_offset(l);
+      const M* p1 = pb + g.lag_offset(l);
       const bool upper = g.lags.upper[l];
       // Every column of the block in flat loops (the inner x segment's sums) ...
       double s_yp = 0.0, s_yy = 0.0, s_pp = 0.0;
-      if (inner >= 0) flat_products(yb, pb, y1, p1, rows * w, upper, &s_yp, &s_yy, &s_pp);
+      if (inner >= 0) lag_products<1>(yb, pb, y1, p1, rows * w, 1, upper, &s_yp, &s_yy, &s_pp);
       // ... then the border columns (down the block's rows): taken out of those sums and,
       // where u + l is inside the plane, put in their own cells.
-      for (int64_t b : border_x)
+      for (int64_t b = 0; b < nsx; ++b) {
+        if (b == inner) continue;
         for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) {
           const bool inside = col + ex >= 0 && col + ex < w;
           if (!inside && inner < 0) continue;
           double f_yp = 0.0, f_yy = 0.0, f_pp = 0.0;
-          column_products(yb + col, pb + col, y1 + col, p1 + col, rows, w, upper, &f_yp, &f_yy,
+          lag_products<0>(yb + col, pb + col, y1 + col, p1 + col, rows, w, upper, &f_yp, &f_yy,
                           &f_pp);
           if (inner >= 0) s_yp -= f_yp, s_yy -= f_yy, s_pp -= f_pp;
           if (!inside) continue;
@@ -617,6 +597,7 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
           t_yy[l * cells + cell0 + b] += f_yy;
           t_pp[l * cells + cell0 + b] += f_pp;
         }
+      }
       if (inner < 0) continue;
       t_yp[l * cells + cell0 + inner] += s_yp;
       t_yy[l * cells + cell0 + inner] += s_yy;
@@ -682,7 +663,7 @@ void pooled_grad_stencil_plane(const Problem& p, const MomentGeometry& g, const 
                    double y_shift, double p_shift, const double* cp, const double* cy,
                    const double* shift, M* out, std::vector<double>& tables) {
   const int64_t d = p.d, L = g.lags.count, cells = g.cells(), nsx = g.sx.count();
-  const int64_t w = axis_x(p).pooled, hy = axis_y(p).pooled, hz = axis_z(p).pooled;
+  const int64_t w = g.w, inner = g.inner;
   const int64_t* R = g.radius;
   tables.assign(2 * L * cells + cells, 0.0);
   double* k_p = tables.data();
@@ -719,16 +700,10 @@ void pooled_grad_stencil_plane(const Problem& p, const MomentGeometry& g, const 
       k_c[cell] += vp * p_shift + vy * y_shift;  // the maps are centred
     });
   }
-  const int64_t inner = g.inner_x();
-  g.for_each_block(hy, [&](int64_t uz, int64_t uy0, int64_t rows, int64_t row0, int64_t cell0) {
+  g.for_each_block([&](int64_t uz, int64_t uy0, int64_t rows, int64_t row0, int64_t cell0) {
     M* ob = out + row0 * w;
     const M* yb = yc + row0 * w;
     const M* pb = pc + row0 * w;
-    auto lag_ok = [&](int64_t l) {  // the lag's rows are inside the plane
-      const int64_t vz = uz + g.lags.ez[l], vy = uy0 + g.lags.ey[l];
-      return vz >= 0 && vz < hz && vy >= 0 && vy + rows <= hy;
-    };
-    auto delta = [&](int64_t l) { return (g.lags.ez[l] * hy + g.lags.ey[l]) * w + g.lags.ex[l]; };
     // Every column of the block with the inner x segment's coefficients, in flat loops ...
     if (inner >= 0) {
       const M kc = static_cast<M>(k_c[cell0 + inner]);
@@ -736,9 +711,9 @@ void pooled_grad_stencil_plane(const Problem& p, const MomentGeometry& g, const 
       for (int64_t l = 0; l < L; ++l) {
         const M kp = static_cast<M>(k_p[l * cells + cell0 + inner]);
         const M ky = static_cast<M>(k_y[l * cells + cell0 + inner]);
-        if ((kp == M(0) && ky == M(0)) || !lag_ok(l)) continue;
-        const M* y1 = yb + delta(l);
-        const M* p1 = pb + delta(l);
+        if ((kp == M(0) && ky == M(0)) || !g.lag_fits(uz, uy0, rows, l)) continue;
+        const M* y1 = yb + g.lag_offset(l);
+        const M* p1 = pb + g.lag_offset(l);
 #pragma omp simd
         for (int64_t q = 0; q < rows * w; ++q) ob[q] += kp * p1[q] + ky * y1[q];
       }
@@ -753,11 +728,11 @@ void pooled_grad_stencil_plane(const Problem& p, const MomentGeometry& g, const 
         for (int64_t i = 0; i < rows; ++i) oc[i * w] = kc;
         for (int64_t l = 0; l < L; ++l) {
           const int64_t ex = g.lags.ex[l];
-          if (col + ex < 0 || col + ex >= w || !lag_ok(l)) continue;
+          if (col + ex < 0 || col + ex >= w || !g.lag_fits(uz, uy0, rows, l)) continue;
           const M kp = static_cast<M>(k_p[l * cells + cell0 + b]);
           const M ky = static_cast<M>(k_y[l * cells + cell0 + b]);
-          const M* p1 = pb + col + delta(l);
-          const M* y1 = yb + col + delta(l);
+          const M* p1 = pb + col + g.lag_offset(l);
+          const M* y1 = yb + col + g.lag_offset(l);
           for (int64_t i = 0; i < rows; ++i) oc[i * w] += kp * p1[i * w] + ky * y1[i * w];
         }
       }
