@@ -12,9 +12,10 @@ reference under one tolerance table.
 
 Interpreted Triton is ~50x slower than the other CPU backends: on it (a ``backend`` parameter
 "triton" with a CPU ``device`` or none), each test runs every ``INTERPRETED_SAMPLE``-th (8) of its
-parametrised cases (a fixed choice by the case's name), unless the test is marked
-``@pytest.mark.every_case``; compiled on a GPU every case runs.
-``RMI_TEST_INTERPRETED_SAMPLE=1`` runs them all.
+parametrised cases and at least one (a fixed choice by the test's name), unless the test is
+marked ``@pytest.mark.every_case``; compiled on a GPU every case runs.
+``RMI_TEST_INTERPRETED_SAMPLE=1`` runs them all. Interpreted launches patch ``triton.language``
+once per launch instead of once per ``@triton.jit`` call (a session fixture, ~25% faster).
 
 The suite runs single-threaded by default (tiny tensors are ~10x faster that way on a busy
 machine); set ``RMI_TEST_THREADS`` to change it. The README runs it in one process per core
@@ -80,10 +81,13 @@ def fast_backends(device: str = "cpu") -> list[str]:
     return [b for b in FAST_BACKENDS[device] if available[b] is True]
 
 
-def peak_memory_ratio(logits: torch.Tensor, labels: torch.Tensor, **options) -> float:
-    """Peak torch allocation of one ``rmi_loss(logits, labels, **options).backward()`` (after a
-    warm-up call: one-time allocations) over the logits' bytes, the gradient included: the
-    benchmarks' profiler probe (running sum of the ``[memory]`` events)."""
+def peak_memory_ratio(logits: torch.Tensor, labels: torch.Tensor, *, warm_up: bool = True,
+                      **options) -> float:
+    """Peak torch allocation of one ``rmi_loss(logits, labels, **options).backward()`` over the
+    logits' bytes, the gradient included: the benchmarks' profiler probe (running sum of the
+    ``[memory]`` events). ``warm_up``: after one unprofiled call (a backend's one-time
+    allocations, e.g. compiled kernels, are then not counted); without it the first call is
+    measured, one-time allocations included (a bound at least as strict)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     try:
         from rmi_bench import peak_extra_bytes_torch
@@ -94,7 +98,8 @@ def peak_memory_ratio(logits: torch.Tensor, labels: torch.Tensor, **options) -> 
         rmi_ext.rmi_loss(logits, labels, **options).backward()
         logits.grad = None
 
-    fwd_bwd()
+    if warm_up:
+        fwd_bwd()
     return peak_extra_bytes_torch(fwd_bwd) / (logits.numel() * logits.element_size())
 
 
@@ -109,26 +114,37 @@ def pytest_configure(config):
 ONE_WORKER_MODULES = ("test_cuda.py",)
 
 
+def _interpreted_sample(items):
+    """The interpreted Triton cases to run: of each test function's cases that run the
+    "triton" backend on CPU tensors (unless marked ``every_case``), every
+    ``INTERPRETED_SAMPLE``-th in name order from a start chosen by the function's name, so
+    that every test function keeps at least one. Returns the items to deselect."""
+    by_function = {}
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (params.get("backend") == "triton" and params.get("device", "cpu") == "cpu"
+                and item.get_closest_marker("every_case") is None):
+            by_function.setdefault(item.nodeid.split("[")[0], []).append(item)
+    drop = []
+    for function, cases in by_function.items():
+        cases.sort(key=lambda item: item.name)
+        start = zlib.crc32(function.encode()) % min(INTERPRETED_SAMPLE, len(cases))
+        drop += [item for i, item in enumerate(cases) if (i - start) % INTERPRETED_SAMPLE]
+    return drop
+
+
 def pytest_collection_modifyitems(config, items):
-    """``xdist_group`` marks for :data:`ONE_WORKER_MODULES`; interpreted Triton: keep every
-    ``INTERPRETED_SAMPLE``-th case of each test (see above)."""
+    """``xdist_group`` marks for :data:`ONE_WORKER_MODULES`; interpreted Triton: a sample of
+    each test's cases (:func:`_interpreted_sample`)."""
     for item in items:
         if item.path.name in ONE_WORKER_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
     if INTERPRETED_SAMPLE <= 1:
         return
-    keep, drop = [], []
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        sampled = (params.get("backend") == "triton" and params.get("device", "cpu") == "cpu"
-                   and item.get_closest_marker("every_case") is None)
-        if sampled and zlib.crc32(item.name.encode()) % INTERPRETED_SAMPLE:
-            drop.append(item)
-        else:
-            keep.append(item)
+    drop = set(_interpreted_sample(items))
     if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+        config.hook.pytest_deselected(items=list(drop))
+        items[:] = [item for item in items if item not in drop]
 
 
 def interpreter_options(required: bool, **builder_options):
@@ -153,6 +169,49 @@ def _interpreter_without_overflow_sanitizer():
     """Interpreted Triton runs without its int32-overflow sanitizer (about 2x faster; no index
     can overflow at the suite's sizes). test_triton_limits.py turns it on for its own module."""
     yield from interpreter_options(False, sanitize_overflow=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_patches_triton_language_once_per_launch():
+    """The Triton interpreter swaps the builtins of ``triton.language`` (and ``.core``) for
+    interpreted ones when a launch starts (and restores them when it ends), and again at every
+    call of a ``@triton.jit`` function inside the launch (ours and ``tl.sum``'s kind): the same
+    substitution repeated, about a fifth of the interpreter's time on the backend's kernels.
+    Here a launch swaps both modules once and the calls inside it swap nothing; the kernels and
+    their results are unchanged. On a triton without these internals (``_patch_lang``) the
+    interpreter is left as it is."""
+    try:
+        import types
+
+        import triton.language as tl
+        from triton.runtime import interpreter
+
+        patch_lang, empty_scope = interpreter._patch_lang, interpreter._LangPatchScope
+    except (ImportError, AttributeError):
+        yield
+        return
+    sees_both = types.SimpleNamespace(__globals__={"tl": tl, "core": tl.core})
+    in_launch = False
+
+    def patch_once(fn):
+        nonlocal in_launch
+        if in_launch:
+            return empty_scope()
+        scope = patch_lang(sees_both)
+        restore = scope.restore
+
+        def restore_and_end_launch():
+            nonlocal in_launch
+            in_launch = False
+            restore()
+
+        scope.restore, in_launch = restore_and_end_launch, True
+        return scope
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(interpreter, "_patch_lang", patch_once)
+    yield
+    mp.undo()
 
 
 def rel_err(a, b) -> float:

@@ -276,10 +276,13 @@ def test_peak_memory_within_the_gradient_size(stride, dtype):
     """Forward + backward allocate at most 1.25x the logits in torch tensors, the gradient
     included (issue 13): at stride 1 no full-size map is stored (P/Y recomputed from the logits
     and labels, stencil and gradient fused), otherwise maps of the pooled size only. Measured
-    with the benchmarks' profiler probe (the interpreter's own copies are not torch tensors)."""
+    with the benchmarks' profiler probe (the interpreter's own copies are not torch tensors).
+    Stride 1 on a 128 x 128 image (4x faster interpreted than 256 x 256, and the per-plane
+    sums weigh 4x more against the logits there: 1.07x / 1.15x instead of 1.02x / 1.04x)."""
+    side = 128 if stride == 1 else 256
     torch.manual_seed(0)
-    logits = (2 * torch.randn(1, 2, 256, 256)).to(dtype).requires_grad_()
-    labels = torch.randint(0, 2, (1, 256, 256))
+    logits = (2 * torch.randn(1, 2, side, side)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 2, (1, side, side))
     ratio = peak_memory_ratio(logits, labels, radius=3, stride=stride, backend="triton")
     assert ratio <= 1.25, ratio
 
