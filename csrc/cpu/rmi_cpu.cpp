@@ -5,14 +5,18 @@
 // z axis of length 1). A "row" is one line along x; the rows of a plane are numbered
 // z * Y + y at full resolution and oz * y' + oy on the pooled maps.
 //
-// Work is split by (n, c) plane with at::parallel_for; each thread keeps plane-sized scratch
-// buffers (its plane's sigmoid, pooled maps and their gradient), so the extra memory is a few
-// planes per thread at every DF: small beside the logits for many planes (2-D: N * C of them),
-// not for a few large ones (a volume batch of 8 planes on 2 threads: 2.2x the logits at DF 1).
+// Work is split by (n, c) plane with at::parallel_for; each thread keeps scratch buffers of
+// its plane: the pooled maps and their gradient, and the sigmoid of the whole plane only for
+// max and interp pooling (no pooling and average pooling take it one row at a time). The extra
+// memory is then the class map (int16 per pixel of an image, int32 for 2^15 classes or more)
+// and a few pooled planes per thread: small beside the logits for many planes (2-D: N * C of
+// them), not at DF 1 for a few large ones (a volume batch of 8 planes on 2 threads: 1.9x the
+// logits, the gradient included; 1.27x at DF 2).
 //
 // Stage names as in every backend (docs/stages.md): forward_stats, per plane: (a)
-// first_term_plane (one pass over the logits: sigmoid, BCE partial sum, non-finite count) and
-// pooled_maps_plane (pooled P and Y); (b) moment_sums_plane. backward_grad, per plane: (a) again
+// first_term_plane (one pass over the logits: sigmoid, BCE partial sum, non-finite count; rows
+// into the pooled maps at once where they can) and pooled_maps_plane (the rest of pooled P and
+// Y); (b) moment_sums_plane. backward_grad, per plane: (a) again
 // (recomputed, not stored), (d) pooled_grad_stencil_plane, (e) pool_adjoint_plane and
 // full_res_grad_row.
 //
@@ -101,19 +105,20 @@ inline int64_t row_offset(const Problem& p, int64_t r, int64_t sz, int64_t sy) {
 
 // ---- label pre-pass ------------------------------------------------------------------------
 
-// Per pixel: class id if valid else -1 ([N, plane] int32), the number of valid pixels and, in
-// softmax mode, the per-pixel logsumexp over classes and the CE sum.
-template <typename T>
+// Per pixel: class id if valid else -1 ([N, plane] of L: int16 when C < 2^15, else int32; see
+// with_class_type), the number of valid pixels and, in softmax mode, the per-pixel logsumexp
+// over classes and the CE sum.
+template <typename T, typename L>
 struct PixelInfo {
-  std::vector<int32_t> cls;
+  std::vector<L> cls;
   std::vector<T> lse;  // softmax mode only
   double valid_count = 0.0;
   double ce_sum = 0.0;
 };
 
-template <typename logit_t, typename T>
-PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels) {
-  PixelInfo<T> info;
+template <typename logit_t, typename T, typename L>
+PixelInfo<T, L> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels) {
+  PixelInfo<T, L> info;
   const int64_t W = axis_x(p).size, image_rows = full_rows(p), S = full_plane(p);
   const int64_t rows = p.N * image_rows;
   info.cls.resize(p.N * S);
@@ -126,12 +131,12 @@ PixelInfo<T> pixel_pass(const Problem& p, const logit_t* x, const Tensor& labels
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / image_rows, r = row % image_rows;
         const scalar_t* lr = lab + n * p.ls[0] + row_offset(p, r, p.ls[1], p.ls[2]);
-        int32_t* cls = info.cls.data() + n * S + r * W;
+        L* cls = info.cls.data() + n * S + r * W;
         double count = 0.0;
         for (int64_t col = 0; col < W; ++col) {
           const int64_t label = static_cast<int64_t>(lr[col * p.ls[3]]);
           const bool valid = rmi::is_valid_label(label, p.C, p.ignore_index);
-          cls[col] = valid ? static_cast<int32_t>(label) : -1;
+          cls[col] = valid ? static_cast<L>(label) : L(-1);
           count += valid ? 1.0 : 0.0;
         }
         row_count[row] = count;
@@ -180,7 +185,11 @@ double centre_map(M* map, int64_t n) {
 // Scratch buffers of one thread, reused across its planes.
 template <typename T>
 struct PlaneScratch {
-  std::vector<T> sig;            // [plane] sigmoid of the plane
+  // The sigmoid of one row at a time where the pooled maps are built row by row (no pooling,
+  // average pooling: the backward recomputes each row's), else of the whole plane (max and
+  // interp pooling read it at any pixel).
+  static bool row_sigmoid(const Problem& p) { return !p.pools() || p.pool == rmi::kAvgPool; }
+  std::vector<T> sig;            // [W] or [plane] the sigmoid (see row_sigmoid)
   // Pooled maps in the compute type: float keeps the per-thread scratch small at DF 1; every sum
   // over them is accumulated in float64.
   std::vector<T> yp, pp;         // [pad + pooled plane + pad] pooled Y and P, then centred; the
@@ -194,6 +203,9 @@ struct PlaneScratch {
                                  // gradient spread over columns
   std::vector<int64_t> argmax;   // [pooled plane] max pooling: the index of each maximum
 
+  T* sig_of_row(const Problem& p, int64_t r) {
+    return sig.data() + (row_sigmoid(p) ? 0 : r * axis_x(p).size);
+  }
   T* y_map() { return yp.data() + kMapPad; }
   T* p_map() { return pp.data() + kMapPad; }
   // Subtracts the plane mean of each pooled map (covariances do not change; the raw-sum form
@@ -202,7 +214,7 @@ struct PlaneScratch {
 
   void resize(const Problem& p, bool backward) {
     const int64_t W = axis_x(p).size, pooled = pooled_plane(p);
-    sig.resize(full_plane(p)), yp.assign(pooled + 2 * kMapPad, T(0)), pp.assign(pooled + 2 * kMapPad, T(0));
+    sig.resize(row_sigmoid(p) ? W : full_plane(p)), yp.assign(pooled + 2 * kMapPad, T(0)), pp.assign(pooled + 2 * kMapPad, T(0));
     row_a.resize(W), row_b.resize(W);
     if (p.pools() && p.pool == rmi::kAvgPool)
       rows_p.resize(pooled_rows(p) * W), rows_y.resize(pooled_rows(p) * W);
@@ -221,8 +233,8 @@ enum class RowExtras { kNone, kNonFinite, kNonFiniteAndBce };
 // Sigmoid of one row into sig[], plus the RowExtras: the row's BCE added to *bce, the number of
 // non-finite logits to *bad. kStep: 1 for rows with unit stride (the loop then vectorises), 0
 // for any other stride `step`.
-template <int kStep, RowExtras kExtras, typename scalar_t, typename T>
-void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const int32_t* cls, int32_t c,
+template <int kStep, RowExtras kExtras, typename scalar_t, typename T, typename L>
+void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const L* cls, int32_t c,
                  T* sig, double* bce, int64_t* bad) {
   step = kStep == 1 ? 1 : step;
   T row_bce = T(0), row_bad = T(0);
@@ -242,33 +254,50 @@ void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const int32_t* cls
   *bad += static_cast<int64_t>(row_bad);
 }
 
-template <RowExtras kExtras, typename scalar_t, typename T>
-void sigmoid_rows(const Problem& p, const scalar_t* xp, const int32_t* cls, int32_t c, T* sig,
-                  double* bce, int64_t* bad) {
+// Sigmoid of full-resolution row r of a plane into sig[] (sigmoid_row, either stride).
+template <RowExtras kExtras, typename scalar_t, typename T, typename L>
+void sigmoid_row_of(const Problem& p, const scalar_t* xp, int64_t r, const L* cls, int32_t c,
+                    T* sig, double* bce, int64_t* bad) {
   const int64_t W = axis_x(p).size;
-  for (int64_t r = 0; r < full_rows(p); ++r) {
-    const scalar_t* xr = xp + row_offset(p, r, p.xs[2], p.xs[3]);
-    if (p.xs[4] == 1)
-      sigmoid_row<1, kExtras>(xr, 1, W, cls + r * W, c, sig + r * W, bce, bad);
-    else
-      sigmoid_row<0, kExtras>(xr, p.xs[4], W, cls + r * W, c, sig + r * W, bce, bad);
-  }
+  const scalar_t* xr = xp + row_offset(p, r, p.xs[2], p.xs[3]);
+  if (p.xs[4] == 1)
+    sigmoid_row<1, kExtras>(xr, 1, W, cls + r * W, c, sig, bce, bad);
+  else
+    sigmoid_row<0, kExtras>(xr, p.xs[4], W, cls + r * W, c, sig, bce, bad);
 }
 
-// Sigmoid of one plane into s.sig. With a non-null `nonfinite` (forward) also counts the
+template <typename T, typename L>
+void add_pooled_row(const Problem& p, int64_t r, const T* sig, const L* cls, int32_t c,
+                    PlaneScratch<T>& s);
+
+// The full-resolution pass of stage (a): the sigmoid of every row of one plane into s.sig
+// (PlaneScratch::row_sigmoid: each row then goes into the pooled maps at once, add_pooled_row;
+// pooled_maps_plane does the rest). With a non-null `nonfinite` (forward) also counts the
 // non-finite logits into it and returns the plane's BCE sum in sigmoid mode (0 otherwise).
-template <typename scalar_t, typename T>
-double first_term_plane(const Problem& p, const scalar_t* xp, const int32_t* cls, int64_t c,
-                     PlaneScratch<T>& s, int64_t* nonfinite) {
+template <typename scalar_t, typename T, typename L>
+double first_term_plane(const Problem& p, const scalar_t* xp, const L* cls, int64_t c,
+                        PlaneScratch<T>& s, int64_t* nonfinite) {
   double bce = 0.0;
   int64_t bad = 0;
   const int32_t cc = static_cast<int32_t>(c);
+  const bool by_row = PlaneScratch<T>::row_sigmoid(p);
+  if (by_row && p.pools()) {  // average pooling: window sums of rows, filled row by row
+    std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
+    std::fill(s.rows_y.begin(), s.rows_y.end(), T(0));
+  }
+  auto rows = [&](auto extras) {
+    for (int64_t r = 0; r < full_rows(p); ++r) {
+      T* sig = s.sig_of_row(p, r);
+      sigmoid_row_of<decltype(extras)::value>(p, xp, r, cls, cc, sig, &bce, &bad);
+      if (by_row) add_pooled_row(p, r, sig, cls + r * axis_x(p).size, cc, s);
+    }
+  };
   if (nonfinite == nullptr)
-    sigmoid_rows<RowExtras::kNone>(p, xp, cls, cc, s.sig.data(), &bce, &bad);
+    rows(std::integral_constant<RowExtras, RowExtras::kNone>{});
   else if (p.mode == rmi::kSigmoidMode)
-    sigmoid_rows<RowExtras::kNonFiniteAndBce>(p, xp, cls, cc, s.sig.data(), &bce, &bad);
+    rows(std::integral_constant<RowExtras, RowExtras::kNonFiniteAndBce>{});
   else
-    sigmoid_rows<RowExtras::kNonFinite>(p, xp, cls, cc, s.sig.data(), &bce, &bad);
+    rows(std::integral_constant<RowExtras, RowExtras::kNonFinite>{});
   if (nonfinite) *nonfinite += bad;
   return bce;
 }
@@ -295,8 +324,8 @@ inline PooledRows pooled_rows_of(int64_t r, const Problem& p) {
 }
 
 // P and Y of one full-resolution row of class c (vectorised).
-template <typename T>
-void prob_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, T* prow, T* yrow) {
+template <typename T, typename L>
+void prob_row(const Problem& p, const T* sig, const L* cls, int32_t c, T* prow, T* yrow) {
   const int64_t W = axis_x(p).size;
   // One loop per mode: a mode test inside the loop would stop it from vectorising.
   if (p.mode == rmi::kSigmoidMode) {
@@ -314,39 +343,43 @@ void prob_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, T* 
   }
 }
 
-// Pooled Y and P of one plane (from s.sig and the class map) into s.y_map(), s.p_map().
-template <typename T>
-void pooled_maps_plane(const Problem& p, const int32_t* cls, int64_t c, PlaneScratch<T>& s) {
-  const T* sig = s.sig.data();
-  auto prob = [&](int64_t u) { return rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode); };
-  const int32_t cc = static_cast<int32_t>(c);
-  const rmi::Axis &Z = axis_z(p), &Y = axis_y(p), &X = axis_x(p);
-  const int64_t W = X.size, w = X.pooled;
-  T* prow = s.row_a.data();
-  T* yrow = s.row_b.data();
-  T* ymap = s.y_map();
-  T* pmap = s.p_map();
+// One full-resolution row's P and Y (sigmoid sig[], classes cls[] of the row) into the pooled
+// maps: the maps' row itself without pooling, the window sums of rows s.rows_p / s.rows_y with
+// average pooling (PlaneScratch::row_sigmoid).
+template <typename T, typename L>
+void add_pooled_row(const Problem& p, int64_t r, const T* sig, const L* cls, int32_t c,
+                    PlaneScratch<T>& s) {
+  const int64_t W = axis_x(p).size;
   if (!p.pools()) {  // the pooled maps are the full-resolution ones
-    for (int64_t r = 0; r < full_rows(p); ++r)
-      prob_row(p, sig + r * W, cls + r * W, cc, pmap + r * W, ymap + r * W);
+    prob_row(p, sig, cls, c, s.p_map() + r * W, s.y_map() + r * W);
     return;
   }
-  if (p.pool == rmi::kAvgPool) {
-    // Sum the rows of each pooled row's window first (vector adds over W), then the columns.
-    std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
-    std::fill(s.rows_y.begin(), s.rows_y.end(), T(0));
-    for (int64_t r = 0; r < full_rows(p); ++r) {
-      const PooledRows to = pooled_rows_of(r, p);
-      if (to.empty()) continue;
-      prob_row(p, sig + r * W, cls + r * W, cc, prow, yrow);
-      for (int64_t oz = to.z0; oz <= to.z1; ++oz)
-        for (int64_t oy = to.y0; oy <= to.y1; ++oy) {
-          T* ap = s.rows_p.data() + (oz * Y.pooled + oy) * W;
-          T* ay = s.rows_y.data() + (oz * Y.pooled + oy) * W;
+  const PooledRows to = pooled_rows_of(r, p);
+  if (to.empty()) return;
+  T* prow = s.row_a.data();
+  T* yrow = s.row_b.data();
+  prob_row(p, sig, cls, c, prow, yrow);
+  for (int64_t oz = to.z0; oz <= to.z1; ++oz)
+    for (int64_t oy = to.y0; oy <= to.y1; ++oy) {
+      T* ap = s.rows_p.data() + (oz * axis_y(p).pooled + oy) * W;
+      T* ay = s.rows_y.data() + (oz * axis_y(p).pooled + oy) * W;
 #pragma omp simd
-          for (int64_t col = 0; col < W; ++col) ap[col] += prow[col], ay[col] += yrow[col];
-        }
+      for (int64_t col = 0; col < W; ++col) ap[col] += prow[col], ay[col] += yrow[col];
     }
+}
+
+// Pooled Y and P of one plane into s.y_map(), s.p_map(), after first_term_plane: average
+// pooling sums the columns of its row sums; max and interp pooling read s.sig and the class map.
+template <typename T, typename L>
+void pooled_maps_plane(const Problem& p, const L* cls, int64_t c, PlaneScratch<T>& s) {
+  const T* sig = s.sig.data();
+  auto prob = [&](int64_t u) { return rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode); };
+  const rmi::Axis &Z = axis_z(p), &Y = axis_y(p), &X = axis_x(p);
+  const int64_t W = X.size, w = X.pooled;
+  T* ymap = s.y_map();
+  T* pmap = s.p_map();
+  if (!p.pools()) return;  // first_term_plane wrote the maps
+  if (p.pool == rmi::kAvgPool) {  // the window sums of rows (first_term_plane), then columns
     const double inv_area = 1.0 / static_cast<double>(Z.kernel * Y.kernel * X.kernel);
     for (int64_t orow = 0; orow < pooled_rows(p); ++orow) {
       const T* ap = s.rows_p.data() + orow * W;
@@ -825,8 +858,8 @@ void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
 
 // grad_logits of one row: dP/dx times grow[] plus base_scale times the BCE or CE gradient.
 // lse is the row's logsumexp in softmax mode (nullptr in sigmoid mode).
-template <int kStep, typename scalar_t, typename T>
-void full_res_grad_row(const Problem& p, const T* sig, const int32_t* cls, int32_t c, const T* grow,
+template <int kStep, typename scalar_t, typename T, typename L>
+void full_res_grad_row(const Problem& p, const T* sig, const L* cls, int32_t c, const T* grow,
               const scalar_t* xr, const T* lse, T bscale, scalar_t* gr, int64_t gstep) {
   const int64_t W = axis_x(p).size;
   const int64_t xstep = kStep == 1 ? 1 : p.xs[4];
@@ -856,6 +889,16 @@ void full_res_grad_row(const Problem& p, const T* sig, const int32_t* cls, int32
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// f(L{}) with L the class map's type: int16_t when every class id and -1 fit (C < 2^15: half
+// the memory of int32_t, a quarter of a float32 plane per image), else int32_t.
+template <typename F>
+void with_class_type(const Problem& p, F&& f) {
+  if (p.C < (int64_t{1} << 15))
+    f(int16_t{});
+  else
+    f(int32_t{});
+}
+
 rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& labels,
                                           at::IntArrayRef radius, at::IntArrayRef stride,
                                           c10::string_view pool, at::IntArrayRef pool_size,
@@ -871,26 +914,28 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rmi_forward_stats", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
-    const MomentGeometry geom(p);
-    const int64_t planes = p.N * p.C;
-    std::vector<double> plane_bce(planes, 0.0);
-    std::vector<int64_t> plane_bad(planes, 0);
-    double* means_p = means.data_ptr<double>();
-    double* cov_p = cov.data_ptr<double>();
-    at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-      PlaneScratch<T> s;
-      s.resize(p, /*backward=*/false);
-      std::vector<double> tables;
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / p.C, c = plane % p.C;
-        const int32_t* cls = info.cls.data() + n * full_plane(p);
-        plane_bce[plane] = first_term_plane(p, x + n * p.xs[0] + c * p.xs[1], cls, c, s, &plane_bad[plane]);
-        pooled_maps_plane(p, cls, c, s);
-        const auto [y_shift, p_shift] = s.centre(pooled_plane(p));
-        moment_sums_plane(p, geom, s.y_map(), s.p_map(), y_shift, p_shift,
-                      means_p + plane * 2 * p.d, cov_p + plane * 3 * p.d * p.d, tables);
-      }
+    with_class_type(p, [&](auto class_type) {
+      using L = decltype(class_type);
+      const PixelInfo<T, L> info = pixel_pass<scalar_t, T, L>(p, x, labels);
+      const MomentGeometry geom(p);
+      const int64_t planes = p.N * p.C;
+      std::vector<double> plane_bce(planes, 0.0);
+      std::vector<int64_t> plane_bad(planes, 0);
+      double* means_p = means.data_ptr<double>();
+      double* cov_p = cov.data_ptr<double>();
+      at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+        PlaneScratch<T> s;
+        s.resize(p, /*backward=*/false);
+        std::vector<double> tables;
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t n = plane / p.C, c = plane % p.C;
+          const L* cls = info.cls.data() + n * full_plane(p);
+          plane_bce[plane] = first_term_plane(p, x + n * p.xs[0] + c * p.xs[1], cls, c, s, &plane_bad[plane]);
+          pooled_maps_plane(p, cls, c, s);
+          const auto [y_shift, p_shift] = s.centre(pooled_plane(p));
+          moment_sums_plane(p, geom, s.y_map(), s.p_map(), y_shift, p_shift,
+                        means_p + plane * 2 * p.d, cov_p + plane * 3 * p.d * p.d, tables);
+        }
     });
     for (int64_t plane = 0; plane < planes; ++plane) {
       base_sum += plane_bce[plane];
@@ -898,6 +943,7 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
     }
     if (p.mode == rmi::kSoftmaxMode) base_sum = info.ce_sum;
     base_count = info.valid_count;
+    });
   });
   return {at::scalar_tensor(base_sum, f64), at::scalar_tensor(base_count, f64),
           at::scalar_tensor(nonfinite_total, logits.options().dtype(at::kLong)), means, cov};
@@ -922,44 +968,52 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
     using T = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* gout = grad.data_ptr<scalar_t>();
-    const PixelInfo<T> info = pixel_pass<scalar_t, T>(p, x, labels);
-    const MomentGeometry geom(p);
-    const double* coef_p = coef_c.const_data_ptr<double>();
-    const double* shift_p = shift_c.const_data_ptr<double>();
-    const T bscale = static_cast<T>(scale);
-    const int64_t W = axis_x(p).size, S = full_plane(p);
-    at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
-      PlaneScratch<T> s;
-      s.resize(p, /*backward=*/true);
-      std::vector<double> tables;
-      std::vector<T> grow(W);
-      const bool unit_stride = p.xs[4] == 1 && gX == 1;
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / p.C, c = plane % p.C;
-        const int32_t* cls = info.cls.data() + n * S;
-        const scalar_t* xp = x + n * p.xs[0] + c * p.xs[1];
-        first_term_plane(p, xp, cls, c, s, nullptr);
-        pooled_maps_plane(p, cls, c, s);
-        const auto [y_shift, p_shift] = s.centre(pooled_plane(p));
-        const double* cp = coef_p + plane * 2 * p.d * p.d;
-        pooled_grad_stencil_plane(p, geom, s.y_map(), s.p_map(), y_shift, p_shift, cp, cp + p.d * p.d,
-                      shift_p + plane * p.d, s.grad_pp.data(), tables);
-        if (p.pools() && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
-        if (p.pools() && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
-        const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * S : nullptr;
-        scalar_t* gp = gout + n * gN + c * gC;
-        for (int64_t r = 0; r < full_rows(p); ++r) {
-          grad_prob_row(p, r, s, grow.data());
-          const int64_t u = r * W;
-          const T* lse_r = lse ? lse + u : nullptr;
-          const scalar_t* xr = xp + row_offset(p, r, p.xs[2], p.xs[3]);
-          scalar_t* gr = gp + row_offset(p, r, gZ, gY);
-          if (unit_stride)
-            full_res_grad_row<1>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xr, lse_r, bscale, gr, 1);
-          else
-            full_res_grad_row<0>(p, s.sig.data() + u, cls + u, int32_t(c), grow.data(), xr, lse_r, bscale, gr, gX);
+    with_class_type(p, [&](auto class_type) {
+      using L = decltype(class_type);
+      const PixelInfo<T, L> info = pixel_pass<scalar_t, T, L>(p, x, labels);
+      const MomentGeometry geom(p);
+      const double* coef_p = coef_c.const_data_ptr<double>();
+      const double* shift_p = shift_c.const_data_ptr<double>();
+      const T bscale = static_cast<T>(scale);
+      const int64_t W = axis_x(p).size, S = full_plane(p);
+      at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
+        PlaneScratch<T> s;
+        s.resize(p, /*backward=*/true);
+        std::vector<double> tables;
+        std::vector<T> grow(W);
+        double unused_bce = 0.0;
+        int64_t unused_bad = 0;
+        const bool unit_stride = p.xs[4] == 1 && gX == 1;
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t n = plane / p.C, c = plane % p.C;
+          const L* cls = info.cls.data() + n * S;
+          const scalar_t* xp = x + n * p.xs[0] + c * p.xs[1];
+          first_term_plane(p, xp, cls, c, s, nullptr);
+          pooled_maps_plane(p, cls, c, s);
+          const auto [y_shift, p_shift] = s.centre(pooled_plane(p));
+          const double* cp = coef_p + plane * 2 * p.d * p.d;
+          pooled_grad_stencil_plane(p, geom, s.y_map(), s.p_map(), y_shift, p_shift, cp, cp + p.d * p.d,
+                        shift_p + plane * p.d, s.grad_pp.data(), tables);
+          if (p.pools() && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
+          if (p.pools() && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
+          const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * S : nullptr;
+          scalar_t* gp = gout + n * gN + c * gC;
+          for (int64_t r = 0; r < full_rows(p); ++r) {
+            grad_prob_row(p, r, s, grow.data());
+            const int64_t u = r * W;
+            const T* lse_r = lse ? lse + u : nullptr;
+            const scalar_t* xr = xp + row_offset(p, r, p.xs[2], p.xs[3]);
+            scalar_t* gr = gp + row_offset(p, r, gZ, gY);
+            T* sig = s.sig_of_row(p, r);
+            if (PlaneScratch<T>::row_sigmoid(p))  // recomputed: s.sig holds one row
+              sigmoid_row_of<RowExtras::kNone>(p, xp, r, cls, int32_t(c), sig, &unused_bce, &unused_bad);
+            if (unit_stride)
+              full_res_grad_row<1>(p, sig, cls + u, int32_t(c), grow.data(), xr, lse_r, bscale, gr, 1);
+            else
+              full_res_grad_row<0>(p, sig, cls + u, int32_t(c), grow.data(), xr, lse_r, bscale, gr, gX);
+          }
         }
-      }
+    });
     });
   });
   return grad;
