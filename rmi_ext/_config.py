@@ -199,6 +199,17 @@ def make_config(
 LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def label_map(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` as the ``[N, *spatial]`` map the backends take: integer labels
+    ``[N, 1, *spatial]`` (segmentation_models_pytorch, MONAI) become a view without their
+    channel axis; anything else is returned as given, for :func:`check_inputs` to judge."""
+    if (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor)
+            and labels.dim() == logits.dim() >= 2 and labels.shape[1] == 1
+            and labels.dtype in LABEL_DTYPES):
+        return labels[:, 0]
+    return labels
+
+
 def check_inputs(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig) -> RMIConfig:
     """Check ``logits [N, C, H, W]`` / ``[N, C, D, H, W]`` and ``labels [N, H, W]`` /
     ``[N, D, H, W]`` (shapes, dtypes, devices) against ``cfg``; returns
@@ -221,8 +232,8 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig) -> 
     if list(labels.shape) != [n, *spatial]:
         axes = "[N, H, W]" if len(spatial) == 2 else "[N, D, H, W]"
         raise ValueError(
-            f"labels must have shape {axes} = {[n, *spatial]} to match logits "
-            f"{list(logits.shape)}, got {list(labels.shape)}")
+            f"labels must have shape {axes} = {[n, *spatial]} (or {[n, 1, *spatial]}) to "
+            f"match logits {list(logits.shape)}, got {list(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"logits and labels must be on the same device, got {logits.device} "
                          f"and {labels.device}")

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._config import RMIConfig, check_inputs, make_config
+from ._config import RMIConfig, check_inputs, label_map, make_config
 from ._dispatch import (auto_volume_backend, backend_info, resolve_backend, supports_volumes,
                         warn_once)
 from .function import RMIFunction
@@ -48,6 +48,7 @@ def rmi_loss_terms(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=
     """Like :func:`rmi_loss`, but returns ``RMITerms(loss, base, rmi)`` for logging."""
     cfg = make_config(radius, stride, pool, pool_size, weight_lambda, lambda_way, ignore_index,
                       mode, nonfinite)
+    labels = label_map(logits, labels)
     cfg = check_inputs(logits, labels, cfg)
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     name = _backend_for(backend, cfg, logits.device)
@@ -70,7 +71,8 @@ def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
     Args:
         logits: ``[N, C, H, W]`` or, for volumes, ``[N, C, D, H, W]``;
             float16/bfloat16/float32/float64, any memory format (channels_last(_3d) too).
-        labels: ``[N, H, W]`` (``[N, D, H, W]``) integer class ids; ``ignore_index`` and ids
+        labels: ``[N, H, W]`` (``[N, D, H, W]``) integer class ids, or the same with a
+            channel axis of 1, ``[N, 1, H, W]`` (``[N, 1, D, H, W]``); ``ignore_index`` and ids
             outside ``[0, C)`` are ignored.
         radius: side ``R`` of the region (1..10), an int (every axis) or one side per spatial
             axis, e.g. ``(1, 3, 3)``; region vectors have ``d`` = the product of the sides

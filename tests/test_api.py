@@ -197,6 +197,12 @@ def test_bad_tensors():
         rmi_ext.rmi_loss(x, labels.clamp(min=0).to(torch.uint16), radius=2, stride=2)
     with pytest.raises(ValueError, match="labels"):
         rmi_ext.rmi_loss(x, labels[:, :8], radius=2, stride=2)
+    # a channel axis of 1 is accepted ([N, 1, H, W]); of 2, or on float labels, it is not
+    with pytest.raises(ValueError, match=r"labels must have shape \[N, H, W\] = \[2, 9, 9\] "
+                                         r"\(or \[2, 1, 9, 9\]\) .* got \[2, 2, 9, 9\]"):
+        rmi_ext.rmi_loss(x, torch.stack([labels, labels], 1), radius=2, stride=2)
+    with pytest.raises(TypeError, match="labels must be uint8"):
+        rmi_ext.rmi_loss(x, labels[:, None].float(), radius=2, stride=2)
     with pytest.raises(ValueError, match="labels"):
         rmi_ext.rmi_loss(x, labels[0], radius=2, stride=2)
     with pytest.raises(ValueError, match="device"):

@@ -198,6 +198,19 @@ def test_label_dtypes(backend, device, label_dtype):
     assert rel_err(loss, loss64) == 0.0 and rel_err(grad, grad64) == 0.0
 
 
+@pytest.mark.parametrize("mode,pool", [("sigmoid", "max"), ("softmax", "avg")])
+def test_labels_with_a_channel_axis(backend, device, mode, pool):
+    """``[N, 1, H, W]`` integer labels (segmentation_models_pytorch, MONAI): the same loss and
+    gradient, bit for bit, as the ``[N, H, W]`` map they hold, and the reference's."""
+    x, labels = make_inputs((2, 3, 13, 11), 14, mode=mode, label_dtype=torch.uint8,
+                            device=device)
+    opts = dict(mode=mode, pool=pool, stride=2, radius=2)
+    compare(backend, x, labels[:, None], **opts)
+    loss, grad = run(x, labels[:, None], backend, **opts)
+    loss_map, grad_map = run(x, labels, backend, **opts)
+    assert torch.equal(loss, loss_map) and torch.equal(grad, grad_map)
+
+
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 def test_every_pixel_ignored(backend, device, mode):
     x, labels = make_inputs((2, 3, 24, 24), 1, mode=mode, device=device)

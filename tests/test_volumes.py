@@ -294,6 +294,16 @@ def test_volume_ignore_index_fused(backend, ignore_index):
                 ignore_index=ignore_index, mode=mode)
 
 
+@pytest.mark.parametrize("backend", ["reference", *VOLUME_BACKENDS])
+def test_volume_labels_with_a_channel_axis(backend):
+    """``[N, 1, D, H, W]`` integer labels: the loss and gradient of the ``[N, D, H, W]`` map."""
+    x, labels = volume_inputs((2, 3, 5, 6, 6), 6)
+    opts = dict(radius=(1, 2, 2), stride=(1, 2, 2), pool="max")
+    loss, grad = run(x, labels[:, None], backend, **opts)
+    loss_map, grad_map = run(x, labels, backend, **opts)
+    assert torch.equal(loss, loss_map) and torch.equal(grad, grad_map)
+
+
 @pytest.mark.parametrize("backend", VOLUME_BACKENDS)
 @pytest.mark.parametrize("mode,pool", [("sigmoid", "avg"), ("softmax", "max"),
                                        ("sigmoid", "interp")])
@@ -445,6 +455,7 @@ def test_volume_compiles_fullgraph(backend):
     kernels): one graph, the eager loss and gradient."""
     torch._dynamo.reset()
     x, labels = volume_inputs((1, 2, 5, 8, 9), 21, dtype=torch.float32)
+    labels = labels[:, None]  # [N, 1, D, H, W]: the channel axis is dropped inside the graph
     step = lambda t: rmi_ext.rmi_loss(t, labels, radius=(1, 2, 2), stride=(1, 2, 2), pool="max",
                                       backend=backend)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
