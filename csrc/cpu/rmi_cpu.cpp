@@ -195,7 +195,11 @@ struct PlaneScratch {
   std::vector<T> yp, pp;         // [pad + pooled plane + pad] pooled Y and P, then centred; the
                                  // pads (zeros, kMapPad each side) let the moment and stencil
                                  // loops run over whole blocks of rows (see MomentGeometry)
-  std::vector<T> grad_pp;        // [pooled plane] dloss/dP on the pooled map (backward)
+  std::vector<T> grad_pp;        // [pooled plane] dloss/dP on the pooled map (backward), unless
+                                 // the gradient's own plane holds it (see dp)
+  T* dp = nullptr;               // where stage (d) puts dloss/dP of the current plane: grad_pp,
+                                 // or without pooling the gradient's plane when it is a
+                                 // contiguous plane of T (stage (e) then overwrites it row by row)
   std::vector<T> grad_full;      // [plane] dloss/dP at full resolution (backward, max/interp)
   std::vector<T> row_a, row_b;   // [W] one full-resolution row
   std::vector<T> rows_p, rows_y; // [pooled rows * W] average pooling: the sums over each pooled
@@ -212,7 +216,7 @@ struct PlaneScratch {
   // then cancels far less); returns the two means.
   std::pair<double, double> centre(int64_t n) { return {centre_map(y_map(), n), centre_map(p_map(), n)}; }
 
-  void resize(const Problem& p, bool backward) {
+  void resize(const Problem& p, bool backward, bool dp_in_gradient = false) {
     const int64_t W = axis_x(p).size, pooled = pooled_plane(p);
     sig.resize(row_sigmoid(p) ? W : full_plane(p)), yp.assign(pooled + 2 * kMapPad, T(0)), pp.assign(pooled + 2 * kMapPad, T(0));
     row_a.resize(W), row_b.resize(W);
@@ -220,7 +224,7 @@ struct PlaneScratch {
       rows_p.resize(pooled_rows(p) * W), rows_y.resize(pooled_rows(p) * W);
     if (p.pools() && p.pool == rmi::kMaxPool) argmax.resize(pooled);
     if (!backward) return;
-    grad_pp.resize(pooled);
+    if (!dp_in_gradient) grad_pp.resize(pooled), dp = grad_pp.data();
     if (p.pools() && p.pool != rmi::kAvgPool) grad_full.resize(full_plane(p));
   }
 };
@@ -775,7 +779,7 @@ void pooled_grad_stencil_plane(const Problem& p, const MomentGeometry& g, const 
 
 // ---- stage (e): pooling adjoint and the full-resolution gradient ---------------------------
 
-// dloss/dP at full resolution from the pooled-map gradient s.grad_pp, into s.grad_full
+// dloss/dP at full resolution from the pooled-map gradient s.dp, into s.grad_full
 // (max and interp; average pooling is spread row by row in grad_prob_row).
 template <typename T>
 void pool_adjoint_plane(const Problem& p, PlaneScratch<T>& s) {
@@ -787,7 +791,7 @@ void pool_adjoint_plane(const Problem& p, PlaneScratch<T>& s) {
     for (int64_t oy = 0; oy < Y.pooled; ++oy) {
       const int64_t orow = oz * Y.pooled + oy;
       for (int64_t ox = 0; ox < w; ++ox) {
-        const double gpool = s.grad_pp[orow * w + ox];
+        const double gpool = s.dp[orow * w + ox];
         if (p.pool == rmi::kMaxPool) {  // where pooled_maps_plane found the maximum
           out[s.argmax[orow * w + ox]] += static_cast<T>(gpool);
           continue;
@@ -815,7 +819,7 @@ void pool_adjoint_plane(const Problem& p, PlaneScratch<T>& s) {
 }
 
 // Average pooling adjoint, columns: s.rows_p[orow][col] = sum over ox covering col of
-// grad_pp[orow][ox] / (kernel volume) (the rows are added per full-resolution row in
+// dp[orow][ox] / (kernel volume) (the rows are added per full-resolution row in
 // grad_prob_row).
 template <typename T>
 void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
@@ -826,7 +830,7 @@ void spread_pooled_columns(const Problem& p, PlaneScratch<T>& s) {
   for (int64_t orow = 0; orow < pooled_rows(p); ++orow) {
     T* row = s.rows_p.data() + orow * X.size;
     for (int64_t ox = 0; ox < X.pooled; ++ox) {
-      const T v = static_cast<T>(s.grad_pp[orow * X.pooled + ox] * inv_area);
+      const T v = static_cast<T>(s.dp[orow * X.pooled + ox] * inv_area);
       int64_t x0, x1;
       rmi::pool_window(ox, X.size, X.kernel, X.factor, &x0, &x1);
       for (int64_t xx = x0; xx < x1; ++xx) row[xx] += v;
@@ -839,7 +843,7 @@ template <typename T>
 void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
   const int64_t W = axis_x(p).size;
   if (!p.pools()) {
-    std::copy(s.grad_pp.begin() + r * W, s.grad_pp.begin() + (r + 1) * W, grow);
+    std::copy(s.dp + r * W, s.dp + (r + 1) * W, grow);
     return;
   }
   if (p.pool != rmi::kAvgPool) {
@@ -976,9 +980,13 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
       const double* shift_p = shift_c.const_data_ptr<double>();
       const T bscale = static_cast<T>(scale);
       const int64_t W = axis_x(p).size, S = full_plane(p);
+      // Without pooling dloss/dP has the gradient's layout: a contiguous gradient plane of the
+      // compute type holds it, instead of a plane of scratch per thread.
+      const bool dp_in_gradient = std::is_same_v<scalar_t, T> && !p.pools() && gX == 1 &&
+                                  gY == W && (planar || gZ == axis_y(p).size * W);
       at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
         PlaneScratch<T> s;
-        s.resize(p, /*backward=*/true);
+        s.resize(p, /*backward=*/true, dp_in_gradient);
         std::vector<double> tables;
         std::vector<T> grow(W);
         double unused_bce = 0.0;
@@ -992,12 +1000,15 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
           pooled_maps_plane(p, cls, c, s);
           const auto [y_shift, p_shift] = s.centre(pooled_plane(p));
           const double* cp = coef_p + plane * 2 * p.d * p.d;
+          scalar_t* gp = gout + n * gN + c * gC;
+          if constexpr (std::is_same_v<scalar_t, T>) {
+            if (dp_in_gradient) s.dp = gp;
+          }
           pooled_grad_stencil_plane(p, geom, s.y_map(), s.p_map(), y_shift, p_shift, cp, cp + p.d * p.d,
-                        shift_p + plane * p.d, s.grad_pp.data(), tables);
+                        shift_p + plane * p.d, s.dp, tables);
           if (p.pools() && p.pool == rmi::kAvgPool) spread_pooled_columns(p, s);
           if (p.pools() && p.pool != rmi::kAvgPool) pool_adjoint_plane(p, s);
           const T* lse = p.mode == rmi::kSoftmaxMode ? info.lse.data() + n * S : nullptr;
-          scalar_t* gp = gout + n * gN + c * gC;
           for (int64_t r = 0; r < full_rows(p); ++r) {
             grad_prob_row(p, r, s, grow.data());
             const int64_t u = r * W;
