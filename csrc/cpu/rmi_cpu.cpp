@@ -6,12 +6,13 @@
 // z * Y + y at full resolution and oz * y' + oy on the pooled maps.
 //
 // Work is split by (n, c) plane with at::parallel_for; each thread keeps scratch buffers of
-// its plane: the pooled maps and their gradient, and the sigmoid of the whole plane only for
-// max and interp pooling (no pooling and average pooling take it one row at a time). The extra
-// memory is then the class map (int16 per pixel of an image, int32 for 2^15 classes or more)
-// and a few pooled planes per thread: small beside the logits for many planes (2-D: N * C of
-// them), not at DF 1 for a few large ones (a volume batch of 8 planes on 2 threads: 1.9x the
-// logits, the gradient included; 1.27x at DF 2).
+// its plane: the pooled maps and their gradient (without pooling the gradient's own plane holds
+// the latter, PlaneScratch::dp), and the sigmoid of the whole plane only for max and interp
+// pooling (no pooling and average pooling take it one row at a time). The extra memory is then
+// the class map (int16 per pixel of an image, int32 for 2^15 classes or more) and a few pooled
+// planes per thread: small beside the logits for many planes (2-D: N * C of them), not at DF 1
+// for a few large ones (a volume batch of 8 planes on 2 threads: 1.6x the logits, the gradient
+// included; 1.4x at DF 2).
 //
 // Stage names as in every backend (docs/stages.md): forward_stats, per plane: (a)
 // first_term_plane (one pass over the logits: sigmoid, BCE partial sum, non-finite count; rows
