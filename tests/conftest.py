@@ -176,7 +176,7 @@ def _interpreter_patches_triton_language_once_per_launch():
     """The Triton interpreter swaps the builtins of ``triton.language`` (and ``.core``) for
     interpreted ones when a launch starts (and restores them when it ends), and again at every
     call of a ``@triton.jit`` function inside the launch (ours and ``tl.sum``'s kind): the same
-    substitution repeated, about a fifth of the interpreter's time on the backend's kernels.
+    substitution repeated, about a quarter of the interpreter's time on the backend's kernels.
     Here a launch swaps both modules once and the calls inside it swap nothing; the kernels and
     their results are unchanged. On a triton without these internals (``_patch_lang``) the
     interpreter is left as it is."""

@@ -941,13 +941,13 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
           moment_sums_plane(p, geom, s.y_map(), s.p_map(), y_shift, p_shift,
                         means_p + plane * 2 * p.d, cov_p + plane * 3 * p.d * p.d, tables);
         }
-    });
-    for (int64_t plane = 0; plane < planes; ++plane) {
-      base_sum += plane_bce[plane];
-      nonfinite_total += plane_bad[plane];
-    }
-    if (p.mode == rmi::kSoftmaxMode) base_sum = info.ce_sum;
-    base_count = info.valid_count;
+      });
+      for (int64_t plane = 0; plane < planes; ++plane) {
+        base_sum += plane_bce[plane];
+        nonfinite_total += plane_bad[plane];
+      }
+      if (p.mode == rmi::kSoftmaxMode) base_sum = info.ce_sum;
+      base_count = info.valid_count;
     });
   });
   return {at::scalar_tensor(base_sum, f64), at::scalar_tensor(base_count, f64),
@@ -1025,7 +1025,7 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
               full_res_grad_row<0>(p, sig, cls + u, int32_t(c), grow.data(), xr, lse_r, bscale, gr, gX);
           }
         }
-    });
+      });
     });
   });
   return grad;
