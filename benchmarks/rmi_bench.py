@@ -40,12 +40,14 @@ class Case:
     pool: str
     compile: bool = False  # time torch.compile of the reference in the default run
     full: bool = False  # only with --rmi-full
+    target: str = "labels"  # "labels": integer class ids; "float": a soft float target
 
     @property
     def id(self) -> str:
         n, spatial = self.shape[0], self.shape[2:]
         size = str(spatial[0]) if len(spatial) == 2 else "vol" + "x".join(map(str, spatial))
-        return f"{size}b{n}-df{self.stride}-r{self.radius}-{self.pool}"
+        suffix = "" if self.target == "labels" else f"-{self.target}"
+        return f"{size}b{n}-df{self.stride}-r{self.radius}-{self.pool}{suffix}"
 
     @property
     def is_volume(self) -> bool:
@@ -70,6 +72,7 @@ CASES = [
     *(Case(SMALL, 4, r, "avg") for r in (2, 5, 7)),  # R sweep (R 3 is above)
     *(Case(SMALL, 4, 3, pool) for pool in ("max", "interp")),  # pool modes (avg is above)
     *(Case(VOLUME, s, 3, "avg") for s in (1, 2)),  # volumes at DF 1 and 2
+    Case(PAPER, 4, 3, "avg", target="float"),  # a soft float target (issue "Targets")
 ]
 CASES_BY_ID = {case.id: case for case in CASES}
 
@@ -99,6 +102,8 @@ def why_unavailable(backend: str, case: Case, device: str, compile_all: bool = F
             return "rmi-pytorch is not installed (pip install rmi-pytorch)"
         if case.is_volume:
             return "rmi-pytorch is 2-D only"
+        if case.target != "labels":
+            return "the float-target cases compare rmi_ext's backends with integer labels"
         if case.pool not in ("avg", "max"):
             return f"rmi-pytorch has no {case.pool!r} pooling (only 'avg' and 'max')"
         return None
@@ -107,6 +112,8 @@ def why_unavailable(backend: str, case: Case, device: str, compile_all: bool = F
         return info["available"][backend]
     if case.is_volume and backend not in info["volumes"]:
         return f"backend {backend!r} does not compute volumes"
+    if case.target == "float" and backend not in info["float_targets"]:
+        return f"backend {backend!r} does not compute float targets yet"
     if backend == "triton" and not device.startswith("cuda"):
         return "the Triton interpreter on CPU (TRITON_INTERPRET=1) is for tests, not timing"
     return None
@@ -124,8 +131,14 @@ def random_inputs(shape, device: str, seed: int = 0):
 
 
 def make_inputs(case: Case, device: str, seed: int = 0):
-    """``random_inputs`` of the case's shape."""
-    return random_inputs(case.shape, device, seed)
+    """``random_inputs`` of the case's shape; for a float-target case the labels become the
+    float32 one-hot target with label smoothing 0.1 (``[N, C, *spatial]``, made before any
+    measurement: like the labels, it is not counted as extra memory)."""
+    logits, labels = random_inputs(case.shape, device, seed)
+    if case.target == "float":
+        c = case.shape[1]
+        labels = onehot_target(labels, c).mul_(0.9).add_(0.1 / c)
+    return logits, labels
 
 
 def rmi_pytorch_module(case: Case, bce_weight: float = 0.5):

@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from .targets import FLOAT_DTYPES
+
 POOL_MODES = ("avg", "max", "interp")
 LOSS_MODES = ("sigmoid", "softmax")
 BACKENDS = ("auto", "reference", "torch", "cpu", "cuda", "triton")
@@ -210,9 +212,28 @@ def label_map(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def check_inputs(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig) -> RMIConfig:
-    """Check ``logits [N, C, H, W]`` / ``[N, C, D, H, W]`` and ``labels [N, H, W]`` /
-    ``[N, D, H, W]`` (shapes, dtypes, devices) against ``cfg``; returns
+def _check_mask(logits: torch.Tensor, labels: torch.Tensor, mask) -> None:
+    """``mask``: ``None``, or ``[N, *spatial]`` bool beside a float target."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if labels.dtype not in FLOAT_DTYPES:
+        raise ValueError("mask is for float targets; integer labels mark ignored pixels with "
+                         "ignore_index")
+    n, _, *spatial = logits.shape
+    if mask.dtype != torch.bool or list(mask.shape) != [n, *spatial]:
+        raise ValueError(f"mask must be a bool tensor of shape {[n, *spatial]} (True = counted), "
+                         f"got {mask.dtype} {list(mask.shape)}")
+    if mask.device != logits.device:
+        raise ValueError(f"mask must be on the logits' device {logits.device}, got {mask.device}")
+
+
+def check_inputs(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig,
+                 mask: torch.Tensor | None = None) -> RMIConfig:
+    """Check ``logits [N, C, H, W]`` / ``[N, C, D, H, W]`` and ``labels`` (integer ``[N, H, W]``
+    / ``[N, D, H, W]``, or a float target of the logits' shape with an optional bool ``mask``
+    ``[N, *spatial]``: shapes, dtypes, devices) against ``cfg``; returns
     ``cfg.for_rank(logits.dim() - 2)``.
 
     Never reads tensor values (no host sync); non-finite logits are caught in the forward pass.
@@ -226,10 +247,20 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig) -> 
                          f"{tuple(logits.shape)}")
     if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be uint8, int8, int16, int32 or int64, got {labels.dtype}")
     n, c, *spatial = logits.shape
-    if list(labels.shape) != [n, *spatial]:
+    _check_mask(logits, labels, mask)
+    if labels.dtype in FLOAT_DTYPES:
+        if list(labels.shape) in ([n, *spatial], [n, 1, *spatial]) and c > 1:
+            raise TypeError(f"labels must be uint8, int8, int16, int32 or int64 class ids of "
+                            f"shape {list(labels.shape)}, got {labels.dtype} (a float target "
+                            f"must have the logits' shape {list(logits.shape)})")
+        if labels.shape != logits.shape:
+            raise ValueError(f"a float target (labels, {labels.dtype}) must have the logits' "
+                             f"shape {list(logits.shape)}, got {list(labels.shape)}")
+    elif labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be uint8, int8, int16, int32 or int64, got {labels.dtype} "
+                        f"(or a float target of the logits' shape)")
+    elif list(labels.shape) != [n, *spatial]:
         axes = "[N, H, W]" if len(spatial) == 2 else "[N, D, H, W]"
         raise ValueError(
             f"labels must have shape {axes} = {[n, *spatial]} (or {[n, 1, *spatial]}) to "

@@ -106,32 +106,52 @@ def resolve_backend(name: str, device: str) -> str:
     return name
 
 
+#: Features beyond planar integer-label losses, by the module attribute that declares them.
+FEATURES = {"volumes": "supports_volumes", "float_targets": "supports_float_targets"}
+#: What each feature is, for messages.
+FEATURE_NAMES = {"volumes": "3-D logits [N, C, D, H, W] and per-axis radius/stride/pool_size",
+                 "float_targets": "float targets and region_mi"}
+
+
 @torch.compiler.assume_constant_result
+def supports(name: str, feature: str) -> bool:
+    """Whether backend ``name`` computes ``feature`` (a key of :data:`FEATURES`: its module sets
+    the attribute to ``True``; the reference computes everything). ``False`` if it cannot load."""
+    return name == "reference" or bool(getattr(_load(name)[0], FEATURES[feature], False))
+
+
 def supports_volumes(name: str) -> bool:
-    """Whether backend ``name`` computes volumes and per-axis options (its module sets
-    ``supports_volumes = True``; the reference always does). ``False`` if it cannot load."""
-    return name == "reference" or bool(getattr(_load(name)[0], "supports_volumes", False))
+    """Whether backend ``name`` computes volumes and per-axis options."""
+    return supports(name, "volumes")
 
 
 @torch.compiler.assume_constant_result
-def auto_volume_backend(device: str) -> str:
-    """What ``"auto"`` runs for volumes and per-axis options on ``device``: the fastest
-    available backend that :func:`supports_volumes`, else ``"reference"``."""
+def auto_backend_for(device: str, features: tuple[str, ...]) -> str:
+    """What ``"auto"`` runs on ``device`` when the call needs ``features``: the fastest
+    available backend that :func:`supports` them all, else ``"reference"``."""
     device = torch.device(device)
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if supports_volumes(name) and why_unavailable(name, device) is None:
+        if all(supports(name, f) for f in features) and why_unavailable(name, device) is None:
             return name
     return "reference"
 
 
+def auto_volume_backend(device: str) -> str:
+    """What ``"auto"`` runs for volumes and per-axis options on ``device``."""
+    return auto_backend_for(device, ("volumes",))
+
+
 def backend_info(device="cpu") -> dict:
-    """What runs on ``device``: ``{"device", "auto", "auto_volumes", "available": {name: True or
-    reason}, "volumes": [names that compute volumes and per-axis options]}``."""
+    """What runs on ``device``: ``{"device", "auto", "auto_volumes", "auto_float_targets",
+    "available": {name: True or reason}, "volumes": [names that compute volumes and per-axis
+    options], "float_targets": [names that compute float targets and region_mi]}``."""
     device = torch.device(device)
     available = {}
     for name in BACKENDS[1:]:
         reason = why_unavailable(name, device)
         available[name] = True if reason is None else reason
-    return {"device": str(device), "auto": auto_backend(device),
-            "auto_volumes": auto_volume_backend(device), "available": available,
-            "volumes": [name for name in BACKENDS[1:] if supports_volumes(name)]}
+    info = {"device": str(device), "auto": auto_backend(device)}
+    info.update({f"auto_{f}": auto_backend_for(str(device), (f,)) for f in FEATURES})
+    info["available"] = available
+    info.update({f: [name for name in BACKENDS[1:] if supports(name, f)] for f in FEATURES})
+    return info

@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 from . import linalg
 from ._config import LABEL_DTYPES, MAX_RADIUS, RMIConfig
 from ._dispatch import LOADED
+from .targets import FloatTarget, as_target
 
 
 def empty_stats(logits: torch.Tensor, dim: int):
@@ -86,7 +87,8 @@ def base_normaliser(base_count: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
 NONFINITE_MESSAGE = "rmi_loss: logits contain NaN or Inf values"
 
 
-def nonfinite_poison(nonfinite: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
+def nonfinite_poison(nonfinite: torch.Tensor, cfg: RMIConfig,
+                     message: str = NONFINITE_MESSAGE) -> torch.Tensor:
     """0-d float64: 0, or NaN when the logits had NaN/Inf values and the policy is not to raise.
 
     Raising (``cfg.raises_on_nonfinite``): on CPU ``torch._assert_async`` raises at once (no
@@ -95,31 +97,33 @@ def nonfinite_poison(nonfinite: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
     """
     if cfg.raises_on_nonfinite(nonfinite.device):
         if nonfinite.device.type == "cpu":
-            torch._assert_async(nonfinite == 0, NONFINITE_MESSAGE)
+            torch._assert_async(nonfinite == 0, message)
         elif bool(nonfinite):  # opt-in strict mode on a GPU: one host sync
-            raise RuntimeError(NONFINITE_MESSAGE)
+            raise RuntimeError(message)
     return torch.where(nonfinite > 0, float("nan"), 0.0).to(torch.float64)
 
 
 class RMIFunction(torch.autograd.Function):
-    """``(logits, labels) -> (base_term, rmi_term)``, two 0-d float64 tensors."""
+    """``(logits, labels, mask) -> (base_term, rmi_term)``, two 0-d float64 tensors; ``labels``
+    an integer map (``mask`` None) or a float target (:class:`rmi_ext.targets.FloatTarget`
+    with ``mask``), which takes no gradient."""
 
     @staticmethod
-    def forward(ctx, logits, labels, cfg: RMIConfig, backend: str):
+    def forward(ctx, logits, labels, mask, cfg: RMIConfig, backend: str):
         base_sum, base_count, nonfinite, means, cov = LOADED[backend].forward_stats(
-            logits, labels, cfg)
+            logits, as_target(labels, mask), cfg)
         poison = nonfinite_poison(nonfinite, cfg)
         norm = base_normaliser(base_count, cfg)
         rmi_nc, (a, chol) = linalg.rmi_from_moments(cov)
         rmi_term = rmi_nc.mean(dim=0).sum() / cfg.dim
         ctx.cfg, ctx.backend = cfg, backend
-        ctx.save_for_backward(logits, labels, norm, means, cov, a, chol, poison)
+        ctx.save_for_backward(logits, labels, mask, norm, means, cov, a, chol, poison)
         return base_sum / norm + poison, rmi_term + poison
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, grad_base, grad_rmi):
-        logits, labels, norm, means, cov, a, chol, poison = ctx.saved_tensors
+        logits, labels, mask, norm, means, cov, a, chol, poison = ctx.saved_tensors
         cfg = ctx.cfg
         grad_base = torch.zeros_like(norm) if grad_base is None else grad_base.double()
         grad_rmi = torch.zeros_like(norm) if grad_rmi is None else grad_rmi.double()
@@ -127,5 +131,41 @@ class RMIFunction(torch.autograd.Function):
         coef, shift = linalg.stencil_coefficients(cov, means, a, chol, scale)
         # NaN logits (policy "nan"): NaN coefficients make every gradient element NaN.
         coef, base_scale = coef + poison, grad_base / norm + poison
-        grad = LOADED[ctx.backend].backward_grad(logits, labels, cfg, base_scale, coef, shift)
-        return grad, None, None, None
+        grad = LOADED[ctx.backend].backward_grad(logits, as_target(labels, mask), cfg, base_scale,
+                                                 coef, shift)
+        return grad, None, None, None, None
+
+
+REGION_NONFINITE_MESSAGE = "region_mi: pred or target contain NaN or Inf values"
+
+
+class RegionMIFunction(torch.autograd.Function):
+    """``(pred, target, mask) -> rmi [N, C]`` float64 (:func:`rmi_ext.region_mi`, ``cfg.mode
+    == "region"``), with the hand-written backward to both maps: stages (d)+(e) of the backend
+    for ``pred``, :func:`target_grad` for ``target`` (only when it requires grad)."""
+
+    @staticmethod
+    def forward(ctx, pred, target, mask, cfg: RMIConfig, backend: str):
+        _, _, nonfinite, means, cov = LOADED[backend].forward_stats(
+            pred, FloatTarget(target, mask), cfg)
+        poison = nonfinite_poison(nonfinite, cfg, REGION_NONFINITE_MESSAGE)
+        rmi_nc, (a, chol) = linalg.rmi_from_moments(cov)
+        ctx.cfg, ctx.backend = cfg, backend
+        ctx.save_for_backward(pred, target, mask, means, cov, a, chol, poison)
+        return rmi_nc + poison
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rmi):
+        pred, target, mask, means, cov, a, chol, poison = ctx.saved_tensors
+        backend, both = LOADED[ctx.backend], FloatTarget(target, mask)
+        scale = grad_rmi.double()
+        grad_pred = grad_target = None
+        if ctx.needs_input_grad[0]:
+            coef, shift = linalg.stencil_coefficients(cov, means, a, chol, scale)
+            grad_pred = backend.backward_grad(pred, both, ctx.cfg, torch.zeros_like(poison),
+                                              coef + poison, shift)
+        if ctx.needs_input_grad[1]:
+            coef, shift = linalg.target_stencil_coefficients(cov, means, a, chol, scale)
+            grad_target = backend.target_grad(pred, both, ctx.cfg, coef + poison, shift)
+        return grad_pred, grad_target, None, None, None

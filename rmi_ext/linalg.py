@@ -61,16 +61,32 @@ def stencil_coefficients(cov, means, a, chol, scale):
     ``[N, C, d, d]``, ``scale`` broadcastable to ``[N, C]`` (e.g. ``grad_rmi / (N d)``).
     Returns ``coef [N, C, 2, d, d]`` (``Cp, Cy``) and ``shift [N, C, d]``, float64.
     """
-    b = cov[:, :, 2]
-    eye = _eye(cov.shape[-1], cov)
-    diag = chol.diagonal(dim1=-2, dim2=-1)
-    linv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-    d_scale = (diag / (diag + LOG_EPS)).unsqueeze(-1)
-    g = (0.5 * scale)[..., None, None] * (linv.transpose(-2, -1) @ (d_scale * linv))
-    ba = b @ a
+    g, ba = _dloss_dm(chol, scale), cov[:, :, 2] @ a
     h = g @ ba  # G B A
     cp = 2.0 * ba.transpose(-2, -1) @ h
     cy = -2.0 * h.transpose(-2, -1)
     mu_y, mu_p = means.unbind(dim=2)
     shift = -(cp @ mu_p.unsqueeze(-1) + cy @ mu_y.unsqueeze(-1)).squeeze(-1)
     return torch.stack((cp, cy), dim=2), shift
+
+
+def _dloss_dm(chol, scale):
+    """``G = dloss/dM = scale * 0.5 * L^-T D L^-1``, ``D = diag(L_ii / (L_ii + 1e-8))``."""
+    eye = _eye(chol.shape[-1], chol)
+    diag = chol.diagonal(dim1=-2, dim2=-1)
+    linv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    d_scale = (diag / (diag + LOG_EPS)).unsqueeze(-1)
+    return (0.5 * scale)[..., None, None] * (linv.transpose(-2, -1) @ (d_scale * linv))
+
+
+def target_stencil_coefficients(cov, means, a, chol, scale):
+    """Backward of :func:`rmi_from_moments` to the target map's region vectors (RMI_SPEC.md
+    section 6): ``dloss/dy_k = Dy y_k + Dp p_k + c`` with ``Dy = 2 G``, ``Dp = -2 G B A`` and
+    ``c = -Dy mu_y - Dp mu_p``. Same arguments as :func:`stencil_coefficients`; returns
+    ``coef [N, C, 2, d, d]`` (``Dy, Dp``) and ``shift [N, C, d]``, float64: the stencil of
+    ``dloss/dP`` computes ``dloss/dY`` from them with the two maps swapped."""
+    g = _dloss_dm(chol, scale)
+    dy, dp = 2.0 * g, -2.0 * g @ cov[:, :, 2] @ a
+    mu_y, mu_p = means.unbind(dim=2)
+    shift = -(dy @ mu_y.unsqueeze(-1) + dp @ mu_p.unsqueeze(-1)).squeeze(-1)
+    return torch.stack((dy, dp), dim=2), shift

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._config import CLIP_MIN, LOG_EPS, POS_ALPHA, RMIConfig
+from .targets import is_float_target
 
 #: Pooling op by ``(pool, rank)`` and resize mode of ``pool="interp"`` by rank (the torch
 #: backend uses them too).
@@ -80,9 +81,11 @@ def rmi_per_image_class(y: torch.Tensor, p: torch.Tensor, radius) -> torch.Tenso
     return torch.log(torch.diagonal(chol, dim1=-2, dim2=-1) + LOG_EPS).sum(-1)
 
 
-def reference_terms(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
+def reference_terms(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig,
+                    target_mask: torch.Tensor | None = None):
     """Both terms of the loss: ``(base, rmi)``, 0-d tensors, for ``logits [N, C, *S]`` and
-    ``labels [N, *S]`` (``S = (H, W)`` or ``(D, H, W)``).
+    ``labels [N, *S]`` (``S = (H, W)`` or ``(D, H, W)``), or a float target ``labels [N, C, *S]``
+    with its bool ``target_mask [N, *S]`` (``None``: every pixel counted).
 
     ``base`` is the BCE (sigmoid mode) or CE (softmax mode) term, ``rmi`` the RMI lower-bound term
     ``sum_c mean_n rmi[n, c] / d``. Both are float64 for float64 logits and float32 otherwise
@@ -92,12 +95,20 @@ def reference_terms(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(out_dtype)
     num_classes = x.shape[1]
-    mask, onehot = valid_mask_and_onehot(labels, num_classes, cfg.ignore_index)
-    mask, onehot = mask.to(out_dtype), onehot.to(out_dtype)
+    if is_float_target(labels):  # RMI_SPEC.md section 6: Y = target * mask
+        mask = (torch.ones_like(x[:, :1]) if target_mask is None
+                else target_mask.unsqueeze(1).to(out_dtype))
+        onehot = labels.to(out_dtype) * mask
+    else:
+        mask, onehot = valid_mask_and_onehot(labels, num_classes, cfg.ignore_index)
+        mask, onehot = mask.to(out_dtype), onehot.to(out_dtype)
     if cfg.mode == "sigmoid":
         bce = F.binary_cross_entropy_with_logits(x, onehot, weight=mask, reduction="sum")
         base = bce / (mask.sum() + 1.0)
         probs = torch.sigmoid(x) * mask + CLIP_MIN
+    elif is_float_target(labels):  # soft-target cross entropy over the counted pixels
+        base = -(onehot * torch.log_softmax(x, dim=1)).sum() / mask.sum().clamp_min(1.0)
+        probs = (torch.sigmoid(x) * mask).clamp(min=CLIP_MIN, max=1.0)
     else:
         # The authors use reduction='mean', which is 0/0 = NaN when every pixel is ignored; we
         # divide by max(count, 1) instead so that case gives 0 (same value whenever count > 0).
@@ -112,8 +123,20 @@ def reference_terms(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
     return base, rmi_term
 
 
-def reference_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
+def reference_region_mi(pred: torch.Tensor, target: torch.Tensor, cfg: RMIConfig,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """RMI between two float maps ``pred, target [N, C, *S]`` (RMI_SPEC.md section 6):
+    ``rmi [N, C]`` float64 of ``P = pred * mask`` and ``Y = target * mask`` (no sigmoid),
+    downsampled as the loss's ``P`` and ``Y``. Autograd gives the gradient to both."""
+    cfg = cfg.for_rank(pred.dim() - 2)
+    m = 1.0 if mask is None else mask.unsqueeze(1).double()
+    y, p = downsample(target.double() * m, pred.double() * m, cfg)
+    return rmi_per_image_class(y, p, cfg.radii)
+
+
+def reference_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig,
+                   target_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The total loss ``w_base * base + w_rmi * rmi`` (see :attr:`RMIConfig.term_weights`)."""
-    base, rmi = reference_terms(logits, labels, cfg)
+    base, rmi = reference_terms(logits, labels, cfg, target_mask)
     w_base, w_rmi = cfg.term_weights
     return w_base * base + w_rmi * rmi

@@ -34,9 +34,12 @@ import torch.nn.functional as F
 
 from ._config import CLIP_MIN, RMIConfig
 from .reference import POOL_OPS, RESIZE_MODES
+from .targets import FloatTarget
 
-#: Volumes and per-axis options run here (:func:`rmi_ext.loss._backend_for`).
+#: Volumes, per-axis options, float targets and region_mi run here
+#: (:func:`rmi_ext.loss._backend_for`).
 supports_volumes = True
+supports_float_targets = True
 
 _POOL_BACKWARD = {("avg", 2): torch.ops.aten.avg_pool2d_backward,
                   ("avg", 3): torch.ops.aten.avg_pool3d_backward,
@@ -44,6 +47,8 @@ _POOL_BACKWARD = {("avg", 2): torch.ops.aten.avg_pool2d_backward,
                   ("max", 3): torch.ops.aten.max_pool3d_with_indices_backward}
 _RESIZE_BACKWARD = {2: torch.ops.aten.upsample_bilinear2d_backward,
                     3: torch.ops.aten.upsample_trilinear3d_backward}
+_NEAREST_BACKWARD = {2: torch.ops.aten.upsample_nearest2d_backward,
+                     3: torch.ops.aten.upsample_nearest3d_backward}
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -166,7 +171,10 @@ def _pooled_rows_touching(cfg: RMIConfig, j0: int, j1: int, pooled_height: int):
 
 # ---- (a) first term ------------------------------------------------------------------------------
 
-def _label_maps(labels: torch.Tensor, num_classes: int, ignore_index: int):
+def _label_maps(labels, num_classes: int, ignore_index: int):
+    """``(labels, valid [N, *S] bool)``; a :class:`FloatTarget` stays as it is."""
+    if isinstance(labels, FloatTarget):
+        return labels, labels.valid()
     labels = labels.long()
     valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
     return labels, valid
@@ -174,6 +182,8 @@ def _label_maps(labels: torch.Tensor, num_classes: int, ignore_index: int):
 
 def _onehot(labels, valid, num_classes, dtype, first=0):
     """``Y [N, num_classes, *S]`` for classes ``first .. first + num_classes - 1``."""
+    if isinstance(labels, FloatTarget):
+        return labels.planes(valid, first, num_classes, dtype)
     classes = torch.arange(first, first + num_classes, device=labels.device)
     classes = _spatial(classes.unsqueeze(0), labels.dim() - 1)
     return ((labels.unsqueeze(1) == classes) & valid.unsqueeze(1)).to(dtype)
@@ -185,10 +195,15 @@ def _base_loss(x, labels, valid, cfg: RMIConfig):
     CE counts the pixels whose label is in [0, C) and not ignore_index (the authors'
     F.cross_entropy raises on any other label; the fused kernels cannot check without a sync).
     """
+    if cfg.mode == "region":
+        return x.new_zeros(()), x.new_zeros(())
     if cfg.mode == "sigmoid":
         y = _onehot(labels, valid, x.shape[1], x.dtype)
         loss = F.binary_cross_entropy_with_logits(x, y, reduction="none")
         return loss.mul_(valid.unsqueeze(1)).sum(), valid.sum()
+    if isinstance(labels, FloatTarget):  # soft-target CE
+        y = _onehot(labels, valid, x.shape[1], x.dtype)
+        return -(torch.log_softmax(x, dim=1).mul_(y)).sum(), valid.sum()
     target = torch.where(valid, labels, 0)
     nll = -torch.log_softmax(x, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
     return (nll * valid).sum(), valid.sum()
@@ -197,9 +212,15 @@ def _base_loss(x, labels, valid, cfg: RMIConfig):
 def _base_loss_grad(x, labels, valid, cfg: RMIConfig, first: int = 0, lse=None):
     """Per-pixel gradient of the summed first-term loss of :func:`_base_loss`, for the classes
     ``first .. first + c - 1`` of ``x [N, c, H, W]`` (softmax: all of them, or ``lse [N, 1, H,
-    W]``, the log-sum-exp over all of them)."""
+    W]``, the log-sum-exp over all of them). A float target's soft CE: ``softmax * sum_c Y_c
+    - Y`` (its classes need not sum to 1)."""
+    if cfg.mode == "region":
+        return torch.zeros_like(x)
     if cfg.mode == "sigmoid":
         grad = torch.sigmoid(x)
+    elif isinstance(labels, FloatTarget):
+        grad = torch.softmax(x, dim=1) if lse is None else torch.sub(x, lse).exp_()
+        grad.mul_(labels.planes(valid, 0, labels.values.shape[1], x.dtype).sum(1, keepdim=True))
     else:
         labels = torch.where(valid, labels, 0)
         grad = torch.softmax(x, dim=1) if lse is None else torch.sub(x, lse).exp_()
@@ -231,6 +252,9 @@ def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
         base_sum += loss.double()
         base_count += count.double()
         nonfinite += (~torch.isfinite(x)).sum()
+        if isinstance(lab, FloatTarget):  # the loss's target in [0, 1], region_mi's finite
+            nonfinite += ((~torch.isfinite(lab.values)).sum() if cfg.mode == "region"
+                          else lab.out_of_range())
     return base_sum, base_count, nonfinite
 
 
@@ -238,7 +262,11 @@ def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
 
 def _probs(x: torch.Tensor, valid: torch.Tensor, cfg: RMIConfig, with_grad: bool = True):
     """``P`` at full resolution and ``dP/dx`` (``None`` unless ``with_grad``; sigmoid mode:
-    ``+1e-6``; softmax: clamp), written in place where that saves a temporary."""
+    ``+1e-6``; softmax: clamp; region_mi: ``P = x * valid``), written in place where that saves
+    a temporary."""
+    if cfg.mode == "region":
+        mask = valid.unsqueeze(1).to(x.dtype)
+        return x * mask, (mask if with_grad else None)
     p = torch.sigmoid(x)
     dpdx = (1.0 - p).mul_(p).mul_(valid.unsqueeze(1)) if with_grad else None
     p.mul_(valid.unsqueeze(1))
@@ -290,12 +318,16 @@ def _pool(t: torch.Tensor, cfg: RMIConfig, *, nearest: bool) -> torch.Tensor:
     return F.interpolate(t, size=size, mode=RESIZE_MODES[rank], align_corners=True)
 
 
-def _pool_adjoint(grad: torch.Tensor, p_full: torch.Tensor, cfg: RMIConfig) -> torch.Tensor:
-    """Adjoint of :func:`_pool` of ``P``: pooled-size ``grad`` -> gradient on the rows of
-    ``p_full`` (those of :func:`_row_span`, padding rows included)."""
+def _pool_adjoint(grad: torch.Tensor, p_full: torch.Tensor, cfg: RMIConfig, *,
+                  nearest: bool = False) -> torch.Tensor:
+    """Adjoint of :func:`_pool` of ``P`` (``nearest``: of ``Y``): pooled-size ``grad`` ->
+    gradient on the rows of ``p_full`` (those of :func:`_row_span`, padding rows included)."""
     if not cfg.pools:
         return grad
     rank = grad.dim() - 2
+    if cfg.pool == "interp" and nearest:
+        return _NEAREST_BACKWARD[rank](grad, list(grad.shape[2:]), list(p_full.shape),
+                                       *(None,) * rank)
     if cfg.pool == "avg":
         return _POOL_BACKWARD["avg", rank](grad, p_full, *_pool_args(cfg), False, True, None)
     if cfg.pool == "max":
@@ -453,6 +485,27 @@ def full_res_grad(grad_pooled, p_full, dpdx, cfg: RMIConfig) -> torch.Tensor:
     (``P`` and ``dP/dx`` on the full-resolution rows of :func:`_row_span`, compute dtype)."""
     cfg = _resolved(cfg, p_full.dim() - 2)
     return _pool_adjoint(grad_pooled.to(p_full.dtype), p_full, cfg).mul_(dpdx)
+
+
+def target_grad(pred: torch.Tensor, target: FloatTarget, cfg: RMIConfig, coef, shift):
+    """Stages (d)+(e) of :func:`rmi_ext.region_mi` for the target map: ``dloss/dtarget`` in
+    the target's dtype, from ``coef, shift`` of :func:`rmi_ext.linalg.target_stencil_coefficients`
+    (the stencil of ``dloss/dP`` with the maps swapped), through the target's downsampling
+    (nearest for ``interp``; max: the target's own arg-max) and the mask. Whole maps at once:
+    about the target's size in temporaries (pooled maps, one full-resolution map)."""
+    cfg = _resolved(cfg, pred.dim() - 2)
+    height = pred.shape[2]
+    a, b = _row_span(cfg, 0, cfg.pooled_size(*pred.shape[2:])[0], height)
+    y_full, p_full, _ = _full_res_maps(pred, target, cfg, 0, None, (a, b), with_grad=False)
+    y, p = _pool(y_full, cfg, nearest=True), _pool(p_full, cfg, nearest=False)
+    del p_full
+    grad_y = pooled_grad_stencil(p, y, coef, shift, cfg.radii)
+    del y, p
+    spread = _pool_adjoint(grad_y.to(y_full.dtype), y_full, cfg, nearest=True)
+    grad = torch.zeros_like(target.values, dtype=y_full.dtype)
+    lo, hi = max(a, 0), min(b, height)  # rows no pooling window reaches keep no gradient
+    grad[:, :, lo:hi] = spread[:, :, lo - a:hi - a]
+    return grad.mul_(target.valid().unsqueeze(1)).to(target.values.dtype)
 
 
 def base_grad(logits, labels, cfg: RMIConfig, base_scale, first: int = 0,

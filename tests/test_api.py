@@ -115,10 +115,12 @@ def test_rmi_term_may_be_negative():
 
 def test_backend_info_structure():
     info = rmi_ext.backend_info("cpu")
-    assert set(info) == {"device", "auto", "auto_volumes", "available", "volumes"}
-    assert "reference" in info["volumes"] and set(info["volumes"]) <= set(info["available"])
-    assert info["auto_volumes"] in info["volumes"]
-    assert info["available"][info["auto_volumes"]] is True
+    assert set(info) == {"device", "auto", "auto_volumes", "auto_float_targets", "available",
+                         "volumes", "float_targets"}
+    for feature in ("volumes", "float_targets"):
+        assert "reference" in info[feature] and set(info[feature]) <= set(info["available"])
+        assert info[f"auto_{feature}"] in info[feature]
+        assert info["available"][info[f"auto_{feature}"]] is True
     assert info["device"] == "cpu"
     assert set(info["available"]) == {"reference", "torch", "cpu", "cuda", "triton"}
     for name, value in info["available"].items():

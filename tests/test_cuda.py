@@ -350,7 +350,7 @@ class Emulated:
         (for ``conftest.compare``): straight to the autograd.Function, not a public backend."""
         cfg = make_config(**opts)
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        base, rmi = RMIFunction.apply(logits, labels, cfg, self.name)
+        base, rmi = RMIFunction.apply(logits, labels, None, cfg, self.name)
         w_base, w_rmi = cfg.term_weights
         return w_base * base.to(out_dtype) + w_rmi * rmi.to(out_dtype)
 
