@@ -25,13 +25,15 @@ using ForwardStatsResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using ForwardStatsFn = ForwardStatsResult(const Tensor& logits, const Tensor& labels,
                                           at::IntArrayRef radius, at::IntArrayRef stride,
                                           c10::string_view pool, at::IntArrayRef pool_size,
-                                          int64_t ignore_index, c10::string_view mode);
+                                          int64_t ignore_index, c10::string_view mode,
+                                          const c10::optional<Tensor>& mask);
 // backward_grad -> grad_logits in the logits' dtype and memory format.
 using BackwardGradFn = Tensor(const Tensor& logits, const Tensor& labels,
                               const Tensor& base_scale, const Tensor& coef, const Tensor& shift,
                               at::IntArrayRef radius, at::IntArrayRef stride,
                               c10::string_view pool, at::IntArrayRef pool_size,
-                              int64_t ignore_index, c10::string_view mode);
+                              int64_t ignore_index, c10::string_view mode,
+                              const c10::optional<Tensor>& mask);
 
 // The kernels of one dispatch key (TORCH_LIBRARY_IMPL(rmi_ext, KEY, m)).
 inline void register_kernels(torch::Library& m, ForwardStatsFn* forward_stats,
@@ -68,15 +70,28 @@ inline std::string join_sizes(const int64_t* sizes, int n) {
 }
 
 // Checks the inputs of either op (`op` names it in messages) and describes the problem:
-// logits [N, C, H, W] or [N, C, D, H, W], labels [N, H, W] or [N, D, H, W], and radius, stride,
+// logits [N, C, H, W] or [N, C, D, H, W], labels [N, H, W] or [N, D, H, W] (or a float target of
+// the logits' shape with an optional bool mask [N, H, W] / [N, D, H, W]), and radius, stride,
 // pool_size with one side per spatial axis.
 inline Problem check_inputs(const char* op, const Tensor& logits, const Tensor& labels,
                             at::IntArrayRef radius, at::IntArrayRef stride, c10::string_view pool,
                             at::IntArrayRef pool_size, int64_t ignore_index,
-                            c10::string_view mode) {
+                            c10::string_view mode, const c10::optional<Tensor>& mask) {
   TORCH_CHECK(labels.device() == logits.device(), op, ": labels must be on the logits' device ",
               logits.device(), ", got ", labels.device());
   const int rank = static_cast<int>(logits.dim()) - 2;
+  const bool float_target = at::isFloatingType(labels.scalar_type());
+  TORCH_CHECK(!float_target || labels.sizes() == logits.sizes(), op,
+              ": a float target must have the logits' shape ", logits.sizes(), ", got ",
+              labels.sizes());
+  if (mask.has_value()) {
+    const Tensor& m = *mask;
+    bool mask_match = float_target && m.scalar_type() == at::kBool && m.dim() == rank + 1 &&
+                      m.device() == logits.device() && m.size(0) == logits.size(0);
+    for (int i = 0; mask_match && i < rank; ++i) mask_match = m.size(1 + i) == logits.size(2 + i);
+    TORCH_CHECK(mask_match, op, ": mask must be a bool [N, *spatial] tensor on the logits' "
+                "device beside a float target, got ", m.scalar_type(), " ", m.sizes());
+  }
   TORCH_CHECK(rank == 2 || rank == kMaxSpatialAxes, op,
               ": logits must be 4-D [N, C, H, W] or 5-D [N, C, D, H, W], got shape ",
               logits.sizes());
@@ -84,12 +99,15 @@ inline Problem check_inputs(const char* op, const Tensor& logits, const Tensor& 
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               op, ": logits must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK(is_label_dtype(labels.scalar_type()), op,
-              ": labels must be uint8, int8, int16, int32 or int64, got ",
+  TORCH_CHECK(float_target || is_label_dtype(labels.scalar_type()), op,
+              ": labels must be uint8, int8, int16, int32 or int64, or a float target, got ",
               labels.scalar_type());
-  bool labels_match = labels.dim() == rank + 1 && labels.size(0) == logits.size(0);
+  // A float target is checked against the logits above; its spatial sizes and strides are those
+  // of its axes past the class axis.
+  const Tensor label_map = float_target ? labels.select(1, 0) : labels;
+  bool labels_match = label_map.dim() == rank + 1 && label_map.size(0) == logits.size(0);
   for (int i = 0; labels_match && i < rank; ++i)
-    labels_match = labels.size(1 + i) == logits.size(2 + i);
+    labels_match = label_map.size(1 + i) == logits.size(2 + i);
   TORCH_CHECK(labels_match, op, ": labels must have shape [N, ", rank == 2 ? "H, W" : "D, H, W",
               "] to match logits ", logits.sizes(), ", got ", labels.sizes());
   TORCH_CHECK(logits.numel() > 0, op, ": logits must not be empty, got shape ", logits.sizes());
@@ -112,7 +130,7 @@ inline Problem check_inputs(const char* op, const Tensor& logits, const Tensor& 
   int64_t sizes[2 + kMaxSpatialAxes], x_strides[2 + kMaxSpatialAxes];
   int64_t l_strides[1 + kMaxSpatialAxes];
   for (int i = 0; i < 2 + rank; ++i) sizes[i] = logits.size(i), x_strides[i] = logits.stride(i);
-  for (int i = 0; i < 1 + rank; ++i) l_strides[i] = labels.stride(i);
+  for (int i = 0; i < 1 + rank; ++i) l_strides[i] = label_map.stride(i);
   const Problem p = make_problem(rank, sizes, x_strides, l_strides, radius.data(), stride.data(),
                                  pool_size.data(), parse_pool(pool), ignore_index,
                                  parse_mode(mode));

@@ -107,10 +107,11 @@ def resolve_backend(name: str, device: str) -> str:
 
 
 #: Features beyond planar integer-label losses, by the module attribute that declares them.
-FEATURES = {"volumes": "supports_volumes", "float_targets": "supports_float_targets"}
+FEATURES = {"volumes": "supports_volumes", "float_targets": "supports_float_targets",
+            "region_mi": "supports_region_mi"}
 #: What each feature is, for messages.
 FEATURE_NAMES = {"volumes": "3-D logits [N, C, D, H, W] and per-axis radius/stride/pool_size",
-                 "float_targets": "float targets and region_mi"}
+                 "float_targets": "float targets", "region_mi": "region_mi"}
 
 
 @torch.compiler.assume_constant_result
@@ -142,9 +143,10 @@ def auto_volume_backend(device: str) -> str:
 
 
 def backend_info(device="cpu") -> dict:
-    """What runs on ``device``: ``{"device", "auto", "auto_volumes", "auto_float_targets",
-    "available": {name: True or reason}, "volumes": [names that compute volumes and per-axis
-    options], "float_targets": [names that compute float targets and region_mi]}``."""
+    """What runs on ``device``: ``{"device", "auto", "available": {name: True or reason}}`` and,
+    per feature of :data:`FEATURES` (``"volumes"``: volumes and per-axis options,
+    ``"float_targets"``, ``"region_mi"``), ``feature``: the backends that compute it and
+    ``auto_<feature>``: what ``"auto"`` runs for it."""
     device = torch.device(device)
     available = {}
     for name in BACKENDS[1:]:

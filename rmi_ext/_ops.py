@@ -9,6 +9,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
 from .function import fake_backward_grad, fake_forward_stats
+from .targets import FloatTarget
 
 ops = torch.ops.rmi_ext
 torch.library.register_fake("rmi_ext::forward_stats")(fake_forward_stats)
@@ -21,15 +22,23 @@ def _sides(logits, cfg):
     return list(cfg.radii), list(cfg.strides), list(cfg.pool_sizes)
 
 
+def _labels_and_mask(labels):
+    """The ops' ``labels`` and ``mask``: an integer map and None, or a float target's values
+    and mask (:class:`rmi_ext.targets.FloatTarget`)."""
+    return (labels.values, labels.mask) if isinstance(labels, FloatTarget) else (labels, None)
+
+
 def forward_stats(logits, labels, cfg):
     """Stages (a)+(b) through the compiled kernels; see :mod:`rmi_ext.function`."""
     radius, stride, pool_size = _sides(logits, cfg)
+    labels, mask = _labels_and_mask(labels)
     return ops.forward_stats(logits, labels, radius, stride, cfg.pool, pool_size,
-                             cfg.ignore_index, cfg.mode)
+                             cfg.ignore_index, cfg.mode, mask)
 
 
 def backward_grad(logits, labels, cfg, base_scale, coef, shift):
     """Stages (d)+(e) through the compiled kernels; see :mod:`rmi_ext.function`."""
     radius, stride, pool_size = _sides(logits, cfg)
+    labels, mask = _labels_and_mask(labels)
     return ops.backward_grad(logits, labels, base_scale, coef, shift, radius, stride, cfg.pool,
-                             pool_size, cfg.ignore_index, cfg.mode)
+                             pool_size, cfg.ignore_index, cfg.mode, mask)

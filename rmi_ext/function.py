@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 from . import linalg
 from ._config import LABEL_DTYPES, MAX_RADIUS, RMIConfig
 from ._dispatch import LOADED
-from .targets import FloatTarget, as_target
+from .targets import FLOAT_DTYPES, FloatTarget, as_target
 
 
 def empty_stats(logits: torch.Tensor, dim: int):
@@ -37,14 +37,23 @@ def empty_stats(logits: torch.Tensor, dim: int):
             logits.new_empty((n, c, 2, dim), **f64), logits.new_empty((n, c, 3, dim, dim), **f64))
 
 
-def _check_op_inputs(logits, labels, radius) -> int:
+def _check_op_inputs(logits, labels, radius, mask=None) -> int:
     """The checks of csrc/rmi_ops.h, for the fake kernels (``torch._check``: symbolic shapes);
-    returns ``d``. ``radius``: an int (the 2-D Triton ops) or one side per spatial axis."""
+    returns ``d``. ``radius``: an int (the 2-D Triton ops) or one side per spatial axis;
+    ``labels`` a label map, or a float target of the logits' shape with an optional ``mask``."""
     torch._check(logits.dim() in (4, 5),
                  lambda: f"logits must be [N, C, H, W] or [N, C, D, H, W], got {logits.shape}")
     torch._check(logits.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
                  lambda: f"logits must be a float tensor, got {logits.dtype}")
-    torch._check(labels.dtype in LABEL_DTYPES,
+    float_target = labels.dtype in FLOAT_DTYPES and labels.dim() == logits.dim()
+    if float_target:  # its label-map axes are checked below
+        torch._check(labels.shape[1] == logits.shape[1],
+                     lambda: f"a float target must have the logits' shape, got {labels.shape}")
+        labels = labels[:, 0]
+    torch._check(mask is None or (float_target and mask.dtype == torch.bool
+                                  and mask.shape == labels.shape),
+                 lambda: f"mask must be a bool [N, *spatial] tensor beside a float target")
+    torch._check(float_target or labels.dtype in LABEL_DTYPES,
                  lambda: f"labels must be uint8, int8, int16, int32 or int64, got {labels.dtype}")
     torch._check(labels.dim() == logits.dim() - 1,
                  lambda: f"labels must be [N, *spatial], got {labels.shape}")
@@ -60,15 +69,16 @@ def _check_op_inputs(logits, labels, radius) -> int:
     return math.prod(sides)
 
 
-def fake_forward_stats(logits, labels, radius, stride, pool, pool_size, ignore_index, mode):
+def fake_forward_stats(logits, labels, radius, stride, pool, pool_size, ignore_index, mode,
+                       mask=None):
     """Fake (meta) kernel of every ``forward_stats`` op: checks, then :func:`empty_stats`."""
-    return empty_stats(logits, _check_op_inputs(logits, labels, radius))
+    return empty_stats(logits, _check_op_inputs(logits, labels, radius, mask))
 
 
 def fake_backward_grad(logits, labels, base_scale, coef, shift, radius, stride, pool, pool_size,
-                       ignore_index, mode):
+                       ignore_index, mode, mask=None):
     """Fake (meta) kernel of every ``backward_grad`` op: checks, then ``empty_like(logits)``."""
-    d = _check_op_inputs(logits, labels, radius)
+    d = _check_op_inputs(logits, labels, radius, mask)
     n, c = logits.shape[0], logits.shape[1]
     for name, t, shape in (("base_scale", base_scale, ()), ("coef", coef, (n, c, 2, d, d)),
                            ("shift", shift, (n, c, d))):
@@ -110,8 +120,11 @@ class RMIFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, mask, cfg: RMIConfig, backend: str):
+        target = as_target(labels, mask)
         base_sum, base_count, nonfinite, means, cov = LOADED[backend].forward_stats(
-            logits, as_target(labels, mask), cfg)
+            logits, target, cfg)
+        if isinstance(target, FloatTarget) and not cfg.raises_on_nonfinite(logits.device):
+            nonfinite = nonfinite + target.out_of_range()  # else check_target_values raised
         poison = nonfinite_poison(nonfinite, cfg)
         norm = base_normaliser(base_count, cfg)
         rmi_nc, (a, chol) = linalg.rmi_from_moments(cov)

@@ -26,13 +26,13 @@ class RMITerms(NamedTuple):
 
 
 def _backend_for(backend: str, cfg: RMIConfig, device: torch.device,
-                 float_target: bool = False) -> str:
+                 feature: str | None = None) -> str:
     """The backend that runs: :func:`resolve_backend`, except for volumes and per-axis options
-    (``cfg`` resolved, not :attr:`~RMIConfig.is_planar_isotropic`) and float targets, which run
-    on the backends that :func:`supports` them: ``"auto"`` takes the fastest of those
-    (:func:`auto_backend_for`), a named backend without them raises ValueError."""
-    features = (("volumes",) * (not cfg.is_planar_isotropic)
-                + ("float_targets",) * float_target)
+    (``cfg`` resolved, not :attr:`~RMIConfig.is_planar_isotropic`) and ``feature``
+    (``"float_targets"``, ``"region_mi"``), which run on the backends that :func:`supports`
+    them: ``"auto"`` takes the fastest of those (:func:`auto_backend_for`), a named backend
+    without them raises ValueError."""
+    features = ("volumes",) * (not cfg.is_planar_isotropic) + ((feature,) if feature else ())
     if not features:
         return resolve_backend(backend, str(device))
     name = auto_backend_for(str(device), features) if backend == "auto" else backend
@@ -68,7 +68,7 @@ def rmi_loss_terms(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=
                              "maps with gradients to both")
         check_target_values(labels, cfg.raises_on_nonfinite(labels.device))
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    name = _backend_for(backend, cfg, logits.device, float_target)
+    name = _backend_for(backend, cfg, logits.device, "float_targets" if float_target else None)
     # The float64 matrix stage must not be autocast; the kernels choose their own precision.
     with torch.autocast(logits.device.type, enabled=False):
         if name == "reference":
@@ -194,7 +194,7 @@ def region_mi(pred, target, *, radius=3, stride=4, pool="avg", pool_size=None, m
                                                  nonfinite=nonfinite), mask)
     cfg = cfg._replace(mode="region")
     out_dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
-    name = _backend_for(backend, cfg, pred.device, float_target=True)
+    name = _backend_for(backend, cfg, pred.device, "region_mi")
     with torch.autocast(pred.device.type, enabled=False):
         if name == "reference":
             rmi = reference_region_mi(pred, target, cfg, mask)

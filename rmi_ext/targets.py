@@ -41,8 +41,9 @@ class FloatTarget:
         return self.values[:, first:first + count].to(dtype) * valid.unsqueeze(1)
 
     def out_of_range(self) -> torch.Tensor:
-        """0-d int64: the number of values outside ``[0, 1]`` or NaN."""
-        return (~((self.values >= 0) & (self.values <= 1))).sum()
+        """0-d int64: 1 when some value is outside ``[0, 1]`` or NaN, else 0."""
+        low, high = torch.aminmax(self.values)
+        return (~((low >= 0) & (high <= 1))).long()
 
 
 def is_float_target(labels: torch.Tensor) -> bool:
@@ -57,11 +58,12 @@ def as_target(labels: torch.Tensor, mask: torch.Tensor | None):
 def check_target_values(target: torch.Tensor, raises: bool) -> None:
     """Raise when a float target of the loss has values outside ``[0, 1]`` (``raises``: the
     non-finite policy raises on this device). CPU: ``torch._assert_async`` (no sync); CUDA:
-    a host sync, the strict mode's. Otherwise the forward pass counts them with the non-finite
-    logits, and they make the loss and its gradient NaN."""
+    a host sync, the strict mode's. Otherwise ``RMIFunction`` counts them with the non-finite
+    logits (:meth:`FloatTarget.out_of_range`), and they make the loss and its gradient NaN."""
     if not raises:
         return
-    ok = ((target >= 0) & (target <= 1)).all()
+    low, high = torch.aminmax(target)  # one pass, no temporaries; NaN gives NaN
+    ok = (low >= 0) & (high <= 1)
     if target.device.type == "cpu":
         torch._assert_async(ok, RANGE_MESSAGE)
     elif not bool(ok):

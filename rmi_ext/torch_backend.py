@@ -40,6 +40,7 @@ from .targets import FloatTarget
 #: (:func:`rmi_ext.loss._backend_for`).
 supports_volumes = True
 supports_float_targets = True
+supports_region_mi = True
 
 _POOL_BACKWARD = {("avg", 2): torch.ops.aten.avg_pool2d_backward,
                   ("avg", 3): torch.ops.aten.avg_pool3d_backward,
@@ -252,9 +253,8 @@ def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
         base_sum += loss.double()
         base_count += count.double()
         nonfinite += (~torch.isfinite(x)).sum()
-        if isinstance(lab, FloatTarget):  # the loss's target in [0, 1], region_mi's finite
-            nonfinite += ((~torch.isfinite(lab.values)).sum() if cfg.mode == "region"
-                          else lab.out_of_range())
+        if cfg.mode == "region":  # region_mi: the target map must be finite too
+            nonfinite += (~torch.isfinite(lab.values)).sum()
     return base_sum, base_count, nonfinite
 
 

@@ -115,9 +115,10 @@ def test_rmi_term_may_be_negative():
 
 def test_backend_info_structure():
     info = rmi_ext.backend_info("cpu")
-    assert set(info) == {"device", "auto", "auto_volumes", "auto_float_targets", "available",
-                         "volumes", "float_targets"}
-    for feature in ("volumes", "float_targets"):
+    features = ("volumes", "float_targets", "region_mi")
+    assert set(info) == {"device", "auto", "available", *features,
+                         *(f"auto_{feature}" for feature in features)}
+    for feature in features:
         assert "reference" in info[feature] and set(info[feature]) <= set(info["available"])
         assert info[f"auto_{feature}"] in info[feature]
         assert info["available"][info[f"auto_{feature}"]] is True

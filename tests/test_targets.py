@@ -1,6 +1,7 @@
 """Float targets of the loss and ``region_mi`` (RMI_SPEC.md section 6, issue 17).
 
-The backends that compute them (``backend_info()["float_targets"]``) are checked against the
+The backends that compute them (``backend_info()["float_targets"]``, ``["region_mi"]``: the
+torch backend both, the C++ cpu backend float targets) are checked against the
 reference with the harness' tolerances; the reference's float-target loss is checked against
 the integer-label loss (one-hot targets) and against ``F.cross_entropy`` / BCE written out.
 """
@@ -17,6 +18,7 @@ from rmi_ext._config import CLIP_MIN
 
 INFO = rmi_ext.backend_info("cpu")
 FLOAT_BACKENDS = [b for b in fast_backends() if b in INFO["float_targets"]]
+REGION_BACKENDS = [b for b in fast_backends() if b in INFO["region_mi"]]
 POOLS = [("avg", 1), ("avg", 2), ("avg", 3), ("max", 2), ("max", 3), ("interp", 2),
          ("interp", 3)]
 
@@ -101,11 +103,13 @@ def test_float_targets_match_reference(backend, kind, mode, pool, stride):
 @pytest.mark.parametrize("backend", FLOAT_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_float_targets_low_precision(backend, dtype):
-    """Logits and target in ``dtype``; the harness' tolerances."""
+    """Logits and target in ``dtype`` (a float16 target beside bfloat16 logits too); the
+    harness' tolerances."""
     x, _ = make_inputs((2, 3, 21, 18), 8, dtype=dtype)
     target, mask = targets("soft", x.shape, dtype=dtype)
     compare(backend, x, target, stride=2, mask=mask)
     compare(backend, x, target, stride=1, mode="softmax", mask=mask)
+    compare(backend, x, target.half(), stride=3, pool="interp", mode="softmax")
 
 
 @pytest.mark.parametrize("backend", FLOAT_BACKENDS)
@@ -164,7 +168,7 @@ def region_mi_and_grads(backend, pred, target, weights, **opts):
     return rmi.detach(), gp, gt
 
 
-@pytest.mark.parametrize("backend", FLOAT_BACKENDS)
+@pytest.mark.parametrize("backend", REGION_BACKENDS)
 @pytest.mark.parametrize("pool,stride", POOLS, ids=map(pool_id, POOLS))
 def test_region_mi_matches_reference(backend, pool, stride):
     pred, target, mask = two_maps((2, 3, 17, 19))
@@ -177,7 +181,7 @@ def test_region_mi_matches_reference(backend, pool, stride):
             assert rel_err(a, b) <= 1e-10
 
 
-@pytest.mark.parametrize("backend", FLOAT_BACKENDS)
+@pytest.mark.parametrize("backend", REGION_BACKENDS)
 def test_region_mi_float32_and_volumes(backend):
     pred, target, mask = two_maps((2, 3, 23, 21), dtype=torch.float32)
     weights = torch.ones((2, 3), dtype=torch.float32)
@@ -196,7 +200,7 @@ def test_region_mi_float32_and_volumes(backend):
         assert rel_err(a, b) <= 1e-10
 
 
-@pytest.mark.parametrize("backend", ["reference", *FLOAT_BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", *REGION_BACKENDS])
 @pytest.mark.parametrize("pool,stride", [("avg", 1), ("avg", 2), ("max", 2), ("interp", 2)])
 def test_region_mi_gradcheck_both_maps(backend, pool, stride):
     pred, target, mask = two_maps((1, 2, 3 * stride + 4, 3 * stride + 5))
@@ -206,7 +210,7 @@ def test_region_mi_gradcheck_both_maps(backend, pool, stride):
     assert torch.autograd.gradcheck(fn, (pred, target), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", *FLOAT_BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", *REGION_BACKENDS])
 def test_region_mi_is_the_loss_rmi_term(backend):
     """``region_mi(P, Y)`` with the loss's ``P = sigmoid(x) * m + 1e-6`` and one-hot ``Y`` is
     the loss's RMI term (reduction "mean"); "sum" and "none" agree with it."""
@@ -222,7 +226,7 @@ def test_region_mi_is_the_loss_rmi_term(backend):
                    per.sum()) <= 1e-14
 
 
-@pytest.mark.parametrize("backend", FLOAT_BACKENDS)
+@pytest.mark.parametrize("backend", REGION_BACKENDS)
 def test_no_target_gradient_work_unless_required(backend, monkeypatch):
     calls = []
     real = torch_backend.target_grad
@@ -243,9 +247,11 @@ def test_compiles_fullgraph(backend):
     target, mask = targets("soft", x.shape)
     pred, other, _ = two_maps((2, 3, 12, 13))
 
+    region = backend if backend in REGION_BACKENDS else INFO["auto_region_mi"]
+
     def step(logits, target, mask, pred, other):
         return (rmi_ext.rmi_loss(logits, target, mask=mask, stride=2, backend=backend)
-                + rmi_ext.region_mi(pred, other, stride=2, backend=backend))
+                + rmi_ext.region_mi(pred, other, stride=2, backend=region))
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     p = pred.clone().requires_grad_()
@@ -262,22 +268,55 @@ def test_compiles_fullgraph(backend):
 
 
 def test_routing():
-    assert "torch" in INFO["float_targets"] and "reference" in INFO["float_targets"]
-    assert INFO["auto_float_targets"] == "torch"
+    """"auto" runs the fastest backend that computes the feature; a named backend that does not
+    raises ValueError naming those that do."""
+    for feature, want in (("float_targets", "cpu"), ("region_mi", "torch")):
+        assert "torch" in INFO[feature] and "reference" in INFO[feature]
+        assert INFO[f"auto_{feature}"] == (want if INFO["available"][want] is True else "torch")
     x, _ = make_inputs((1, 2, 10, 10), 1, requires_grad=False)
     target, mask = targets("soft", x.shape)
-    want = rmi_ext.rmi_loss(x, target, mask=mask, backend="torch")
+    want = rmi_ext.rmi_loss(x, target, mask=mask, backend=INFO["auto_float_targets"])
     assert rel_err(rmi_ext.rmi_loss(x, target, mask=mask), want) == 0
-    for name in ("cpu", "cuda", "triton"):
-        if name in INFO["float_targets"]:
-            continue
-        with pytest.raises((ValueError, RuntimeError), match=rf"'{name}'"):
-            rmi_ext.rmi_loss(x, target, backend=name)
-        with pytest.raises((ValueError, RuntimeError), match=rf"'{name}'"):
-            rmi_ext.region_mi(x, target, backend=name)
-    if INFO["available"]["cpu"] is True and "cpu" not in INFO["float_targets"]:
-        with pytest.raises(ValueError, match=r"does not support float targets.*'torch'"):
-            rmi_ext.rmi_loss(x, target, backend="cpu")
+    want = rmi_ext.region_mi(x, target, mask=mask, backend=INFO["auto_region_mi"])
+    assert rel_err(rmi_ext.region_mi(x, target, mask=mask), want) == 0
+    for feature, call in (("float_targets", lambda b: rmi_ext.rmi_loss(x, target, backend=b)),
+                          ("region_mi", lambda b: rmi_ext.region_mi(x, target, backend=b))):
+        for name in ("cpu", "cuda", "triton"):
+            if name in INFO[feature]:
+                continue
+            with pytest.raises((ValueError, RuntimeError), match=rf"'{name}'"):
+                call(name)
+            if INFO["available"][name] is True:
+                with pytest.raises(ValueError, match=r"does not support .*'torch'"):
+                    call(name)
+
+
+@pytest.mark.skipif(INFO["available"]["cpu"] is not True, reason="the C++ extension is not built")
+def test_cpu_ops_take_a_float_target_and_check_it():
+    """The C++ ops directly: a float target gives the one-hot labels' statistics; a float target
+    of another shape, a mask beside integer labels or of another shape raise."""
+    ops = torch.ops.rmi_ext
+    x, labels = make_inputs((2, 3, 12, 11), 4, requires_grad=False)
+    onehot, valid = one_hot_of(labels, 3)
+    args = ([2, 2], [2, 2], "avg", [2, 2], 255, "sigmoid")
+    want = ops.forward_stats(x, labels, *args)
+    got = ops.forward_stats(x, onehot, *args, valid)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-13
+    with pytest.raises(RuntimeError, match="float target must have the logits' shape"):
+        ops.forward_stats(x, onehot[:, :2], *args, valid)
+    with pytest.raises(RuntimeError, match="mask must be a bool"):
+        ops.forward_stats(x, labels, *args, valid)
+    with pytest.raises(RuntimeError, match="mask must be a bool"):
+        ops.forward_stats(x, onehot, *args, valid[:, :5])
+    torch.library.opcheck(ops.forward_stats.default, (x, onehot, *args, valid))
+    _, _, _, means, cov = got
+    coef = torch.randn((2, 3, 2, 4, 4), dtype=torch.float64)
+    shift = torch.randn((2, 3, 4), dtype=torch.float64)
+    scale = torch.tensor(0.3, dtype=torch.float64)
+    bwd = (x, onehot, scale, coef, shift, *args, valid)
+    assert rel_err(ops.backward_grad(*bwd), ops.backward_grad(x, labels, *bwd[2:-1])) <= 1e-13
+    torch.library.opcheck(ops.backward_grad.default, bwd)
 
 
 def test_module_takes_a_mask():
@@ -299,8 +338,11 @@ def test_bad_targets():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(RuntimeError, match=r"values in \[0, 1\]"):
         rmi_ext.rmi_loss(x, bad)
-    loss = rmi_ext.rmi_loss(x.clone().requires_grad_(), bad, nonfinite="nan", backend="torch")
-    assert torch.isnan(loss)
+    for backend in FLOAT_BACKENDS:  # policy "nan": the loss and its gradient are NaN
+        xx = x.clone().requires_grad_()
+        loss = rmi_ext.rmi_loss(xx, target * 1.5, nonfinite="nan", backend=backend)
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(xx.grad).all(), backend
     with pytest.raises(ValueError, match=r"float target .*logits' shape \[1, 2, 10, 10\]"):
         rmi_ext.rmi_loss(x, target[:, :, :5])
     for float_ids in (labels.float(), labels[:, None].float()):

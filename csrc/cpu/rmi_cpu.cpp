@@ -14,6 +14,9 @@
 // for a few large ones (a volume batch of 8 planes on 2 threads: 1.6x the logits, the gradient
 // included; 1.4x at DF 2).
 //
+// Targets: integer labels through the class map, or a float target of the logits' shape and a
+// mask (RMI_SPEC.md section 6); the stages read either through ClassPlane / FloatPlane.
+//
 // Stage names as in every backend (docs/stages.md): forward_stats, per plane: (a)
 // first_term_plane (one pass over the logits: sigmoid, BCE partial sum, non-finite count; rows
 // into the pooled maps at once where they can) and pooled_maps_plane (the rest of pooled P and
@@ -168,6 +171,145 @@ PixelInfo<T, L> pixel_pass(const Problem& p, const logit_t* x, const Tensor& lab
   return info;
 }
 
+// Float targets (RMI_SPEC.md section 6): per pixel of an image whether it counts (the mask, 1
+// when there is none) and, in softmax mode, the logsumexp over classes and the sum over classes
+// of the target (the soft CE's gradient is softmax * that sum - Y); the number of counted
+// pixels and the soft CE sum -sum_c Y_c log_softmax(x)_c over them.
+template <typename T>
+struct FloatPixelInfo {
+  std::vector<uint8_t> mask;  // [N, plane]
+  std::vector<T> lse, y_sum;  // [N, plane], softmax mode only
+  double valid_count = 0.0;
+  double ce_sum = 0.0;
+};
+
+// Reads a float target [N, C, *spatial] (any float dtype, any strides) on the problem's three
+// axes: value(n, c, r, col) of full-resolution row r of an image.
+struct TargetView {
+  const Tensor& t;
+  int64_t sn, sc, sz, sy, sx;
+  explicit TargetView(const Tensor& target)
+      : t(target), sn(target.stride(0)), sc(target.stride(1)),
+        sz(target.dim() == 4 ? 0 : target.stride(2)), sy(target.stride(target.dim() - 2)),
+        sx(target.stride(target.dim() - 1)) {}
+  // f(const value_t* row of (n, c), step) for the target's dtype value_t.
+  template <typename F>
+  void row(const Problem& p, int64_t n, int64_t c, int64_t r, F&& f) const {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "rmi_ext_target", [&] {
+      f(t.const_data_ptr<scalar_t>() + n * sn + c * sc + row_offset(p, r, sz, sy), sx);
+    });
+  }
+};
+
+template <typename logit_t, typename T>
+FloatPixelInfo<T> float_pixel_pass(const Problem& p, const logit_t* x, const Tensor& target,
+                                   const c10::optional<Tensor>& mask) {
+  FloatPixelInfo<T> info;
+  const int64_t W = axis_x(p).size, image_rows = full_rows(p), S = full_plane(p);
+  const int64_t rows = p.N * image_rows;
+  const TargetView view(target);
+  info.mask.assign(p.N * S, 1);
+  if (mask.has_value()) {
+    const Tensor& m = *mask;
+    const bool* mp = m.const_data_ptr<bool>();
+    const int64_t mz = m.dim() == 3 ? 0 : m.stride(1), my = m.stride(m.dim() - 2),
+                  mx = m.stride(m.dim() - 1);
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t n = row / image_rows, r = row % image_rows;
+      const bool* mr = mp + n * m.stride(0) + row_offset(p, r, mz, my);
+      for (int64_t col = 0; col < W; ++col) info.mask[n * S + r * W + col] = mr[col * mx] ? 1 : 0;
+    }
+  }
+  if (p.mode == rmi::kSoftmaxMode) info.lse.resize(p.N * S), info.y_sum.resize(p.N * S);
+  std::vector<double> row_count(rows, 0.0), row_ce(rows, 0.0);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> mx(W), sum(W), ysum(W), yx(W);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / image_rows, r = row % image_rows;
+      const uint8_t* valid = info.mask.data() + n * S + r * W;
+      double count = 0.0;
+      for (int64_t col = 0; col < W; ++col) count += valid[col];
+      row_count[row] = count;
+      if (p.mode != rmi::kSoftmaxMode) continue;
+      const logit_t* xr = x + n * p.xs[0] + row_offset(p, r, p.xs[2], p.xs[3]);
+      auto logit = [&](int64_t c, int64_t col) { return static_cast<T>(xr[c * p.xs[1] + col * p.xs[4]]); };
+      std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
+      std::fill(sum.begin(), sum.end(), T(0));
+      std::fill(ysum.begin(), ysum.end(), T(0));
+      std::fill(yx.begin(), yx.end(), T(0));
+      for (int64_t c = 0; c < p.C; ++c)
+        for (int64_t col = 0; col < W; ++col) mx[col] = std::max(mx[col], logit(c, col));
+      for (int64_t c = 0; c < p.C; ++c) {
+        for (int64_t col = 0; col < W; ++col) sum[col] += exp_nonpos(logit(c, col) - mx[col]);
+        view.row(p, n, c, r, [&](const auto* yr, int64_t step) {
+          for (int64_t col = 0; col < W; ++col) {
+            const T y = static_cast<T>(yr[col * step]);
+            ysum[col] += y, yx[col] += y * logit(c, col);
+          }
+        });
+      }
+      T* lse = info.lse.data() + n * S + r * W;
+      T* y_sum = info.y_sum.data() + n * S + r * W;
+      double ce = 0.0;
+      for (int64_t col = 0; col < W; ++col) {
+        lse[col] = mx[col] + std::log(sum[col]);
+        y_sum[col] = valid[col] ? ysum[col] : T(0);
+        if (valid[col]) ce += ysum[col] * lse[col] - yx[col];  // -sum_c Y_c (x_c - lse)
+      }
+      row_ce[row] = ce;
+    }
+  });
+  for (int64_t row = 0; row < rows; ++row) {  // fixed order: the same sums for any thread count
+    info.valid_count += row_count[row];
+    info.ce_sum += row_ce[row];
+  }
+  return info;
+}
+
+// What the kernels read of the target in one (n, c) plane at full resolution, from pixel u on:
+// valid(u), Y(u), x * Y(u) (the BCE's cross term) and the sum over classes of Y (the softmax
+// CE gradient's factor). ClassPlane: integer labels (the class map); FloatPlane: a float
+// target's plane in the compute type, the mask and the per-pixel sums.
+template <typename T, typename L>
+struct ClassPlane {
+  const L* cls;
+  int32_t c;
+  bool valid(int64_t u) const { return cls[u] >= 0; }
+  T y(int64_t u) const { return cls[u] == c ? T(1) : T(0); }
+  T x_times_y(int64_t u, T x) const { return cls[u] == c ? x : T(0); }
+  T y_sum(int64_t) const { return T(1); }
+  ClassPlane from(int64_t u) const { return {cls + u, c}; }
+};
+
+template <typename T>
+struct FloatPlane {
+  const T* ys;           // the target's plane (contiguous, the compute type)
+  const uint8_t* mask;
+  const T* sums;         // softmax mode: sum over classes of Y; else nullptr
+  bool valid(int64_t u) const { return mask[u] != 0; }
+  T y(int64_t u) const { return mask[u] ? ys[u] : T(0); }
+  T x_times_y(int64_t u, T x) const { return x * y(u); }
+  T y_sum(int64_t u) const { return sums[u]; }
+  FloatPlane from(int64_t u) const { return {ys + u, mask + u, sums ? sums + u : nullptr}; }
+};
+
+// The plane (n, c) of a float target in the compute type: the target's own plane when it is a
+// contiguous plane of T (nothing copied), else a copy in ys.
+template <typename T>
+const T* target_plane(const Problem& p, const TargetView& view, int64_t n, int64_t c,
+                      std::vector<T>& ys) {
+  const int64_t W = axis_x(p).size;
+  if (view.t.scalar_type() == c10::CppTypeToScalarType<T>::value && view.sx == 1 &&
+      view.sy == W && (axis_z(p).size == 1 || view.sz == axis_y(p).size * W))
+    return view.t.const_data_ptr<T>() + n * view.sn + c * view.sc;
+  ys.resize(full_plane(p));
+  for (int64_t r = 0; r < full_rows(p); ++r)
+    view.row(p, n, c, r, [&](const auto* yr, int64_t step) {
+      for (int64_t col = 0; col < W; ++col) ys[r * W + col] = static_cast<T>(yr[col * step]);
+    });
+  return ys.data();
+}
+
 // ---- stage (a): one plane at full resolution, then pooled ---------------------------------
 
 // Zeros before and after each pooled map: a flat loop over a block of rows reads up to R - 1
@@ -207,6 +349,7 @@ struct PlaneScratch {
                                  // row's window of rows; backward: rows_p holds the pooled
                                  // gradient spread over columns
   std::vector<int64_t> argmax;   // [pooled plane] max pooling: the index of each maximum
+  std::vector<T> ys;             // [plane] a float target's plane copied (see target_plane)
 
   T* sig_of_row(const Problem& p, int64_t r) {
     return sig.data() + (row_sigmoid(p) ? 0 : r * axis_x(p).size);
@@ -238,9 +381,9 @@ enum class RowExtras { kNone, kNonFinite, kNonFiniteAndBce };
 // Sigmoid of one row into sig[], plus the RowExtras: the row's BCE added to *bce, the number of
 // non-finite logits to *bad. kStep: 1 for rows with unit stride (the loop then vectorises), 0
 // for any other stride `step`.
-template <int kStep, RowExtras kExtras, typename scalar_t, typename T, typename L>
-void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const L* cls, int32_t c,
-                 T* sig, double* bce, int64_t* bad) {
+template <int kStep, RowExtras kExtras, typename scalar_t, typename T, typename Lab>
+void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const Lab& lab, T* sig,
+                 double* bce, int64_t* bad) {
   step = kStep == 1 ? 1 : step;
   T row_bce = T(0), row_bad = T(0);
 #pragma omp simd reduction(+ : row_bce, row_bad)
@@ -251,8 +394,8 @@ void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const L* cls, int3
     const T inv = T(1) / (T(1) + e);
     sig[col] = x >= T(0) ? inv : e * inv;
     if constexpr (kExtras == RowExtras::kNonFiniteAndBce) {
-      const T loss = (x > T(0) ? x : T(0)) - (cls[col] == c ? x : T(0)) + log1p_unit(e);
-      row_bce += cls[col] >= 0 ? loss : T(0);
+      const T loss = (x > T(0) ? x : T(0)) - lab.x_times_y(col, x) + log1p_unit(e);
+      row_bce += lab.valid(col) ? loss : T(0);
     }
   }
   *bce += static_cast<double>(row_bce);
@@ -260,31 +403,29 @@ void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const L* cls, int3
 }
 
 // Sigmoid of full-resolution row r of a plane into sig[] (sigmoid_row, either stride).
-template <RowExtras kExtras, typename scalar_t, typename T, typename L>
-void sigmoid_row_of(const Problem& p, const scalar_t* xp, int64_t r, const L* cls, int32_t c,
-                    T* sig, double* bce, int64_t* bad) {
+template <RowExtras kExtras, typename scalar_t, typename T, typename Lab>
+void sigmoid_row_of(const Problem& p, const scalar_t* xp, int64_t r, const Lab& lab, T* sig,
+                    double* bce, int64_t* bad) {
   const int64_t W = axis_x(p).size;
   const scalar_t* xr = xp + row_offset(p, r, p.xs[2], p.xs[3]);
   if (p.xs[4] == 1)
-    sigmoid_row<1, kExtras>(xr, 1, W, cls + r * W, c, sig, bce, bad);
+    sigmoid_row<1, kExtras>(xr, 1, W, lab.from(r * W), sig, bce, bad);
   else
-    sigmoid_row<0, kExtras>(xr, p.xs[4], W, cls + r * W, c, sig, bce, bad);
+    sigmoid_row<0, kExtras>(xr, p.xs[4], W, lab.from(r * W), sig, bce, bad);
 }
 
-template <typename T, typename L>
-void add_pooled_row(const Problem& p, int64_t r, const T* sig, const L* cls, int32_t c,
-                    PlaneScratch<T>& s);
+template <typename T, typename Lab>
+void add_pooled_row(const Problem& p, int64_t r, const T* sig, const Lab& lab, PlaneScratch<T>& s);
 
 // The full-resolution pass of stage (a): the sigmoid of every row of one plane into s.sig
 // (PlaneScratch::row_sigmoid: each row then goes into the pooled maps at once, add_pooled_row;
 // pooled_maps_plane does the rest). With a non-null `nonfinite` (forward) also counts the
 // non-finite logits into it and returns the plane's BCE sum in sigmoid mode (0 otherwise).
-template <typename scalar_t, typename T, typename L>
-double first_term_plane(const Problem& p, const scalar_t* xp, const L* cls, int64_t c,
-                        PlaneScratch<T>& s, int64_t* nonfinite) {
+template <typename scalar_t, typename T, typename Lab>
+double first_term_plane(const Problem& p, const scalar_t* xp, const Lab& lab, PlaneScratch<T>& s,
+                        int64_t* nonfinite) {
   double bce = 0.0;
   int64_t bad = 0;
-  const int32_t cc = static_cast<int32_t>(c);
   const bool by_row = PlaneScratch<T>::row_sigmoid(p);
   if (by_row && p.pools()) {  // average pooling: window sums of rows, filled row by row
     std::fill(s.rows_p.begin(), s.rows_p.end(), T(0));
@@ -293,8 +434,8 @@ double first_term_plane(const Problem& p, const scalar_t* xp, const L* cls, int6
   auto rows = [&](auto extras) {
     for (int64_t r = 0; r < full_rows(p); ++r) {
       T* sig = s.sig_of_row(p, r);
-      sigmoid_row_of<decltype(extras)::value>(p, xp, r, cls, cc, sig, &bce, &bad);
-      if (by_row) add_pooled_row(p, r, sig, cls + r * axis_x(p).size, cc, s);
+      sigmoid_row_of<decltype(extras)::value>(p, xp, r, lab, sig, &bce, &bad);
+      if (by_row) add_pooled_row(p, r, sig, lab.from(r * axis_x(p).size), s);
     }
   };
   if (nonfinite == nullptr)
@@ -329,21 +470,21 @@ inline PooledRows pooled_rows_of(int64_t r, const Problem& p) {
 }
 
 // P and Y of one full-resolution row of class c (vectorised).
-template <typename T, typename L>
-void prob_row(const Problem& p, const T* sig, const L* cls, int32_t c, T* prow, T* yrow) {
+template <typename T, typename Lab>
+void prob_row(const Problem& p, const T* sig, const Lab& lab, T* prow, T* yrow) {
   const int64_t W = axis_x(p).size;
   // One loop per mode: a mode test inside the loop would stop it from vectorising.
   if (p.mode == rmi::kSigmoidMode) {
 #pragma omp simd
     for (int64_t col = 0; col < W; ++col) {
-      prow[col] = rmi::rmi_prob(sig[col], cls[col] >= 0, rmi::kSigmoidMode);
-      yrow[col] = cls[col] == c ? T(1) : T(0);
+      prow[col] = rmi::rmi_prob(sig[col], lab.valid(col), rmi::kSigmoidMode);
+      yrow[col] = lab.y(col);
     }
   } else {
 #pragma omp simd
     for (int64_t col = 0; col < W; ++col) {
-      prow[col] = rmi::rmi_prob(sig[col], cls[col] >= 0, rmi::kSoftmaxMode);
-      yrow[col] = cls[col] == c ? T(1) : T(0);
+      prow[col] = rmi::rmi_prob(sig[col], lab.valid(col), rmi::kSoftmaxMode);
+      yrow[col] = lab.y(col);
     }
   }
 }
@@ -351,19 +492,18 @@ void prob_row(const Problem& p, const T* sig, const L* cls, int32_t c, T* prow, 
 // One full-resolution row's P and Y (sigmoid sig[], classes cls[] of the row) into the pooled
 // maps: the maps' row itself without pooling, the window sums of rows s.rows_p / s.rows_y with
 // average pooling (PlaneScratch::row_sigmoid).
-template <typename T, typename L>
-void add_pooled_row(const Problem& p, int64_t r, const T* sig, const L* cls, int32_t c,
-                    PlaneScratch<T>& s) {
+template <typename T, typename Lab>
+void add_pooled_row(const Problem& p, int64_t r, const T* sig, const Lab& lab, PlaneScratch<T>& s) {
   const int64_t W = axis_x(p).size;
   if (!p.pools()) {  // the pooled maps are the full-resolution ones
-    prob_row(p, sig, cls, c, s.p_map() + r * W, s.y_map() + r * W);
+    prob_row(p, sig, lab, s.p_map() + r * W, s.y_map() + r * W);
     return;
   }
   const PooledRows to = pooled_rows_of(r, p);
   if (to.empty()) return;
   T* prow = s.row_a.data();
   T* yrow = s.row_b.data();
-  prob_row(p, sig, cls, c, prow, yrow);
+  prob_row(p, sig, lab, prow, yrow);
   for (int64_t oz = to.z0; oz <= to.z1; ++oz)
     for (int64_t oy = to.y0; oy <= to.y1; ++oy) {
       T* ap = s.rows_p.data() + (oz * axis_y(p).pooled + oy) * W;
@@ -375,10 +515,10 @@ void add_pooled_row(const Problem& p, int64_t r, const T* sig, const L* cls, int
 
 // Pooled Y and P of one plane into s.y_map(), s.p_map(), after first_term_plane: average
 // pooling sums the columns of its row sums; max and interp pooling read s.sig and the class map.
-template <typename T, typename L>
-void pooled_maps_plane(const Problem& p, const L* cls, int64_t c, PlaneScratch<T>& s) {
+template <typename T, typename Lab>
+void pooled_maps_plane(const Problem& p, const Lab& lab, PlaneScratch<T>& s) {
   const T* sig = s.sig.data();
-  auto prob = [&](int64_t u) { return rmi::rmi_prob(sig[u], cls[u] >= 0, p.mode); };
+  auto prob = [&](int64_t u) { return rmi::rmi_prob(sig[u], lab.valid(u), p.mode); };
   const rmi::Axis &Z = axis_z(p), &Y = axis_y(p), &X = axis_x(p);
   const int64_t W = X.size, w = X.pooled;
   T* ymap = s.y_map();
@@ -418,14 +558,14 @@ void pooled_maps_plane(const Problem& p, const L* cls, int64_t c, PlaneScratch<T
           };
           const T front = bilinear(tz.i0);
           pmap[orow * w + ox] = tz.w1 == T(0) ? front : tz.w0 * front + tz.w1 * bilinear(tz.i1);
-          ymap[orow * w + ox] =
-              cls[src_row + rmi::nearest_source(ox, W, w)] == c ? T(1) : T(0);
+          ymap[orow * w + ox] = lab.y(src_row + rmi::nearest_source(ox, W, w));
         }
       }
     }
     return;
   }
-  // Max pooling (-inf padding): P the window maximum, Y whether any window pixel is class c;
+  // Max pooling (-inf padding): P the window maximum, Y the window maximum of Y (integer labels:
+  // whether any window pixel is class c);
   // s.argmax keeps where the maximum is (the first in row-major window order, as max_pool2d /
   // max_pool3d pick it) for the backward's pooling adjoint.
   for (int64_t oz = 0; oz < Z.pooled; ++oz) {
@@ -440,17 +580,17 @@ void pooled_maps_plane(const Problem& p, const L* cls, int64_t c, PlaneScratch<T
         rmi::pool_window(ox, W, X.kernel, X.factor, &x0, &x1);
         T best = -std::numeric_limits<T>::infinity();
         int64_t arg = (z0 * Y.size + y0) * W + x0;
-        bool any = false;
+        T ymax = -std::numeric_limits<T>::infinity();
         for (int64_t zz = z0; zz < z1; ++zz)
           for (int64_t yy = y0; yy < y1; ++yy)
             for (int64_t xx = x0; xx < x1; ++xx) {
               const int64_t u = (zz * Y.size + yy) * W + xx;
               const T v = prob(u);
               if (v > best) best = v, arg = u;
-              any = any || cls[u] == c;
+              ymax = std::max(ymax, lab.y(u));
             }
         pmap[orow * w + ox] = best;
-        ymap[orow * w + ox] = any ? T(1) : T(0);
+        ymap[orow * w + ox] = ymax;
         s.argmax[orow * w + ox] = arg;
       }
     }
@@ -863,8 +1003,8 @@ void grad_prob_row(const Problem& p, int64_t r, PlaneScratch<T>& s, T* grow) {
 
 // grad_logits of one row: dP/dx times grow[] plus base_scale times the BCE or CE gradient.
 // lse is the row's logsumexp in softmax mode (nullptr in sigmoid mode).
-template <int kStep, typename scalar_t, typename T, typename L>
-void full_res_grad_row(const Problem& p, const T* sig, const L* cls, int32_t c, const T* grow,
+template <int kStep, typename scalar_t, typename T, typename Lab>
+void full_res_grad_row(const Problem& p, const T* sig, const Lab& lab, const T* grow,
               const scalar_t* xr, const T* lse, T bscale, scalar_t* gr, int64_t gstep) {
   const int64_t W = axis_x(p).size;
   const int64_t xstep = kStep == 1 ? 1 : p.xs[4];
@@ -872,8 +1012,8 @@ void full_res_grad_row(const Problem& p, const T* sig, const L* cls, int32_t c, 
   if (lse == nullptr) {  // sigmoid mode: BCE gradient
 #pragma omp simd
     for (int64_t col = 0; col < W; ++col) {
-      const bool valid = cls[col] >= 0;
-      const T base = valid ? bscale * (sig[col] - (cls[col] == c ? T(1) : T(0))) : T(0);
+      const bool valid = lab.valid(col);
+      const T base = valid ? bscale * (sig[col] - lab.y(col)) : T(0);
       const T slope = rmi::rmi_prob_slope(sig[col], valid, rmi::kSigmoidMode);
       gr[col * gstep] = static_cast<scalar_t>(grow[col] * slope + base);
     }
@@ -881,9 +1021,9 @@ void full_res_grad_row(const Problem& p, const T* sig, const L* cls, int32_t c, 
   }
 #pragma omp simd
   for (int64_t col = 0; col < W; ++col) {  // softmax mode: CE gradient
-    const bool valid = cls[col] >= 0;
+    const bool valid = lab.valid(col);
     const T prob = exp_nonpos(static_cast<T>(xr[col * xstep]) - lse[col]);
-    const T base = valid ? bscale * (prob - (cls[col] == c ? T(1) : T(0))) : T(0);
+    const T base = valid ? bscale * (prob * lab.y_sum(col) - lab.y(col)) : T(0);
     const T slope = rmi::rmi_prob_slope(sig[col], valid, rmi::kSoftmaxMode);
     gr[col * gstep] = static_cast<scalar_t>(grow[col] * slope + base);
   }
@@ -904,12 +1044,38 @@ void with_class_type(const Problem& p, F&& f) {
     f(int32_t{});
 }
 
+// f(info, labels_of) with the target's pixel pre-pass and labels_of(n, c, scratch), the
+// ClassPlane or FloatPlane of plane (n, c) (target_plane: the target's own plane, or a copy in
+// the thread's scratch.ys).
+template <typename scalar_t, typename T, typename F>
+void with_target(const Problem& p, const scalar_t* x, const Tensor& labels,
+                 const c10::optional<Tensor>& mask, F&& f) {
+  const int64_t S = full_plane(p);
+  if (at::isFloatingType(labels.scalar_type())) {
+    const FloatPixelInfo<T> info = float_pixel_pass<scalar_t, T>(p, x, labels, mask);
+    const TargetView view(labels);
+    f(info, [&](int64_t n, int64_t c, PlaneScratch<T>& s) {
+      return FloatPlane<T>{target_plane(p, view, n, c, s.ys), info.mask.data() + n * S,
+                           p.mode == rmi::kSoftmaxMode ? info.y_sum.data() + n * S : nullptr};
+    });
+    return;
+  }
+  with_class_type(p, [&](auto class_type) {
+    using L = decltype(class_type);
+    const PixelInfo<T, L> info = pixel_pass<scalar_t, T, L>(p, x, labels);
+    f(info, [&](int64_t n, int64_t c, PlaneScratch<T>&) {
+      return ClassPlane<T, L>{info.cls.data() + n * S, static_cast<int32_t>(c)};
+    });
+  });
+}
+
 rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& labels,
                                           at::IntArrayRef radius, at::IntArrayRef stride,
                                           c10::string_view pool, at::IntArrayRef pool_size,
-                                          int64_t ignore_index, c10::string_view mode) {
+                                          int64_t ignore_index, c10::string_view mode,
+                                          const c10::optional<Tensor>& mask) {
   const Problem p = rmi::check_inputs("rmi_ext::forward_stats", logits, labels, radius, stride,
-                                      pool, pool_size, ignore_index, mode)
+                                      pool, pool_size, ignore_index, mode, mask)
                         .as_volume();
   const auto f64 = logits.options().dtype(at::kDouble);
   Tensor means = at::empty({p.N, p.C, 2, p.d}, f64);
@@ -919,9 +1085,7 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rmi_forward_stats", [&] {
     using T = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    with_class_type(p, [&](auto class_type) {
-      using L = decltype(class_type);
-      const PixelInfo<T, L> info = pixel_pass<scalar_t, T, L>(p, x, labels);
+    with_target<scalar_t, T>(p, x, labels, mask, [&](const auto& info, auto&& labels_of) {
       const MomentGeometry geom(p);
       const int64_t planes = p.N * p.C;
       std::vector<double> plane_bce(planes, 0.0);
@@ -934,9 +1098,9 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
         std::vector<double> tables;
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t n = plane / p.C, c = plane % p.C;
-          const L* cls = info.cls.data() + n * full_plane(p);
-          plane_bce[plane] = first_term_plane(p, x + n * p.xs[0] + c * p.xs[1], cls, c, s, &plane_bad[plane]);
-          pooled_maps_plane(p, cls, c, s);
+          const auto lab = labels_of(n, c, s);
+          plane_bce[plane] = first_term_plane(p, x + n * p.xs[0] + c * p.xs[1], lab, s, &plane_bad[plane]);
+          pooled_maps_plane(p, lab, s);
           const auto [y_shift, p_shift] = s.centre(pooled_plane(p));
           moment_sums_plane(p, geom, s.y_map(), s.p_map(), y_shift, p_shift,
                         means_p + plane * 2 * p.d, cov_p + plane * 3 * p.d * p.d, tables);
@@ -957,9 +1121,10 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
 Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tensor& base_scale,
                          const Tensor& coef, const Tensor& shift, at::IntArrayRef radius,
                          at::IntArrayRef stride, c10::string_view pool, at::IntArrayRef pool_size,
-                         int64_t ignore_index, c10::string_view mode) {
+                         int64_t ignore_index, c10::string_view mode,
+                         const c10::optional<Tensor>& mask) {
   const Problem checked = rmi::check_inputs("rmi_ext::backward_grad", logits, labels, radius,
-                                            stride, pool, pool_size, ignore_index, mode);
+                                            stride, pool, pool_size, ignore_index, mode, mask);
   rmi::check_backward_inputs(checked, logits, base_scale, coef, shift);
   const Problem p = checked.as_volume();
   const Tensor coef_c = coef.contiguous(), shift_c = shift.contiguous();
@@ -973,9 +1138,7 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
     using T = compute_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* gout = grad.data_ptr<scalar_t>();
-    with_class_type(p, [&](auto class_type) {
-      using L = decltype(class_type);
-      const PixelInfo<T, L> info = pixel_pass<scalar_t, T, L>(p, x, labels);
+    with_target<scalar_t, T>(p, x, labels, mask, [&](const auto& info, auto&& labels_of) {
       const MomentGeometry geom(p);
       const double* coef_p = coef_c.const_data_ptr<double>();
       const double* shift_p = shift_c.const_data_ptr<double>();
@@ -995,10 +1158,10 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
         const bool unit_stride = p.xs[4] == 1 && gX == 1;
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t n = plane / p.C, c = plane % p.C;
-          const L* cls = info.cls.data() + n * S;
+          const auto lab = labels_of(n, c, s);
           const scalar_t* xp = x + n * p.xs[0] + c * p.xs[1];
-          first_term_plane(p, xp, cls, c, s, nullptr);
-          pooled_maps_plane(p, cls, c, s);
+          first_term_plane(p, xp, lab, s, nullptr);
+          pooled_maps_plane(p, lab, s);
           const auto [y_shift, p_shift] = s.centre(pooled_plane(p));
           const double* cp = coef_p + plane * 2 * p.d * p.d;
           scalar_t* gp = gout + n * gN + c * gC;
@@ -1018,11 +1181,11 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
             scalar_t* gr = gp + row_offset(p, r, gZ, gY);
             T* sig = s.sig_of_row(p, r);
             if (PlaneScratch<T>::row_sigmoid(p))  // recomputed: s.sig holds one row
-              sigmoid_row_of<RowExtras::kNone>(p, xp, r, cls, int32_t(c), sig, &unused_bce, &unused_bad);
+              sigmoid_row_of<RowExtras::kNone>(p, xp, r, lab, sig, &unused_bce, &unused_bad);
             if (unit_stride)
-              full_res_grad_row<1>(p, sig, cls + u, int32_t(c), grow.data(), xr, lse_r, bscale, gr, 1);
+              full_res_grad_row<1>(p, sig, lab.from(u), grow.data(), xr, lse_r, bscale, gr, 1);
             else
-              full_res_grad_row<0>(p, sig, cls + u, int32_t(c), grow.data(), xr, lse_r, bscale, gr, gX);
+              full_res_grad_row<0>(p, sig, lab.from(u), grow.data(), xr, lse_r, bscale, gr, gX);
           }
         }
       });

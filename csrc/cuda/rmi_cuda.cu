@@ -27,13 +27,22 @@ using at::Tensor;
 // problem; returns it. Sizes past 2^31 elements (or planes) need no check: indices are int64
 // and every grid dimension is capped by plan_launches() (rmi_kernels.cuh), with the kernels
 // looping past the caps.
+// The CUDA kernels take integer labels only (float targets: backend 'torch').
+void require_integer_labels(const char* op, const Tensor& labels,
+                            const c10::optional<Tensor>& mask) {
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && !mask.has_value(), op,
+              ": the CUDA kernels take integer labels only, got ", labels.scalar_type(),
+              mask.has_value() ? " labels and a mask" : " labels",
+              "; use backend 'torch' for float targets");
+}
+
 Problem check_cuda_inputs(const char* op, const Tensor& logits, const Tensor& labels,
                           at::IntArrayRef radius, at::IntArrayRef stride, c10::string_view pool,
                           at::IntArrayRef pool_size, int64_t ignore_index,
                           c10::string_view mode) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got ", logits.device());
-  const Problem p =
-      check_inputs(op, logits, labels, radius, stride, pool, pool_size, ignore_index, mode);
+  const Problem p = check_inputs(op, logits, labels, radius, stride, pool, pool_size,
+                                 ignore_index, mode, c10::nullopt);
   TORCH_CHECK(p.is_planar_isotropic(), op, ": the CUDA kernels compute 2-D maps with one ",
               "radius, stride and pool_size on both axes, got logits ", logits.sizes(),
               ", radius ", radius, ", stride ", stride, ", pool_size ", pool_size,
@@ -65,7 +74,9 @@ bool records_argmax(const Problem& g) { return g.pool == kMaxPool && g.factor() 
 ForwardStatsResult forward_stats_cuda(const Tensor& logits, const Tensor& labels_in,
                                       at::IntArrayRef radius, at::IntArrayRef stride,
                                       c10::string_view pool, at::IntArrayRef pool_size,
-                                      int64_t ignore_index, c10::string_view mode) {
+                                      int64_t ignore_index, c10::string_view mode,
+                                      const c10::optional<Tensor>& mask) {
+  require_integer_labels("rmi_ext::forward_stats", labels_in, mask);
   const Tensor labels = kernel_labels(labels_in);
   const Problem g = check_cuda_inputs("rmi_ext::forward_stats", logits, labels, radius, stride,
                                       pool, pool_size, ignore_index, mode);
@@ -130,7 +141,8 @@ Tensor backward_grad_cuda(const Tensor& logits, const Tensor& labels_in, const T
                           const Tensor& coef, const Tensor& shift, at::IntArrayRef radius,
                           at::IntArrayRef stride, c10::string_view pool,
                           at::IntArrayRef pool_size, int64_t ignore_index,
-                          c10::string_view mode) {
+                          c10::string_view mode, const c10::optional<Tensor>& mask) {
+  require_integer_labels("rmi_ext::backward_grad", labels_in, mask);
   const Tensor labels = kernel_labels(labels_in);
   const Problem g = check_cuda_inputs("rmi_ext::backward_grad", logits, labels, radius, stride,
                                       pool, pool_size, ignore_index, mode);
