@@ -52,8 +52,9 @@ inline int parse_pool(c10::string_view pool) {
 
 inline int parse_mode(c10::string_view mode) {
   if (mode == "sigmoid") return kSigmoidMode;
-  TORCH_CHECK(mode == "softmax", "rmi_ext: mode must be 'sigmoid' or 'softmax', got '", mode,
-              "'");
+  if (mode == "region") return kRegionMode;  // region_mi: P = the map times the mask
+  TORCH_CHECK(mode == "softmax", "rmi_ext: mode must be 'sigmoid', 'softmax' or 'region', got '",
+              mode, "'");
   return kSoftmaxMode;
 }
 

@@ -161,6 +161,8 @@ class RegionMIFunction(torch.autograd.Function):
     def forward(ctx, pred, target, mask, cfg: RMIConfig, backend: str):
         _, _, nonfinite, means, cov = LOADED[backend].forward_stats(
             pred, FloatTarget(target, mask), cfg)
+        # The backends count the non-finite values of pred; the target's: one aminmax pass.
+        nonfinite = nonfinite + (~torch.isfinite(torch.stack(torch.aminmax(target)))).any()
         poison = nonfinite_poison(nonfinite, cfg, REGION_NONFINITE_MESSAGE)
         rmi_nc, (a, chol) = linalg.rmi_from_moments(cov)
         ctx.cfg, ctx.backend = cfg, backend

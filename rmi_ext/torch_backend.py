@@ -253,8 +253,6 @@ def first_term_sums(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig):
         base_sum += loss.double()
         base_count += count.double()
         nonfinite += (~torch.isfinite(x)).sum()
-        if cfg.mode == "region":  # region_mi: the target map must be finite too
-            nonfinite += (~torch.isfinite(lab.values)).sum()
     return base_sum, base_count, nonfinite
 
 

@@ -15,7 +15,8 @@
 // included; 1.4x at DF 2).
 //
 // Targets: integer labels through the class map, or a float target of the logits' shape and a
-// mask (RMI_SPEC.md section 6); the stages read either through ClassPlane / FloatPlane.
+// mask (RMI_SPEC.md section 6); the stages read either through ClassPlane / FloatPlane. Mode
+// "region" (region_mi) reads the logits as the map P itself (times the mask), no first term.
 //
 // Stage names as in every backend (docs/stages.md): forward_stats, per plane: (a)
 // first_term_plane (one pass over the logits: sigmoid, BCE partial sum, non-finite count; rows
@@ -402,13 +403,28 @@ void sigmoid_row(const scalar_t* xr, int64_t step, int64_t W, const Lab& lab, T*
   *bad += static_cast<int64_t>(row_bad);
 }
 
-// Sigmoid of full-resolution row r of a plane into sig[] (sigmoid_row, either stride).
+// Region mode (region_mi): the map's values themselves into sig[], non-finite ones counted.
+template <RowExtras kExtras, typename scalar_t, typename T>
+void value_row(const scalar_t* xr, int64_t step, int64_t W, T* sig, int64_t* bad) {
+  T row_bad = T(0);
+  for (int64_t col = 0; col < W; ++col) {
+    const T x = static_cast<T>(xr[col * step]);
+    if constexpr (kExtras != RowExtras::kNone) row_bad += (x - x == T(0)) ? T(0) : T(1);
+    sig[col] = x;
+  }
+  *bad += static_cast<int64_t>(row_bad);
+}
+
+// Sigmoid of full-resolution row r of a plane into sig[] (sigmoid_row, either stride; the
+// values themselves in region mode).
 template <RowExtras kExtras, typename scalar_t, typename T, typename Lab>
 void sigmoid_row_of(const Problem& p, const scalar_t* xp, int64_t r, const Lab& lab, T* sig,
                     double* bce, int64_t* bad) {
   const int64_t W = axis_x(p).size;
   const scalar_t* xr = xp + row_offset(p, r, p.xs[2], p.xs[3]);
-  if (p.xs[4] == 1)
+  if (p.mode == rmi::kRegionMode)
+    value_row<kExtras>(xr, p.xs[4], W, sig, bad);
+  else if (p.xs[4] == 1)
     sigmoid_row<1, kExtras>(xr, 1, W, lab.from(r * W), sig, bce, bad);
   else
     sigmoid_row<0, kExtras>(xr, p.xs[4], W, lab.from(r * W), sig, bce, bad);
@@ -474,7 +490,13 @@ template <typename T, typename Lab>
 void prob_row(const Problem& p, const T* sig, const Lab& lab, T* prow, T* yrow) {
   const int64_t W = axis_x(p).size;
   // One loop per mode: a mode test inside the loop would stop it from vectorising.
-  if (p.mode == rmi::kSigmoidMode) {
+  if (p.mode == rmi::kRegionMode) {
+#pragma omp simd
+    for (int64_t col = 0; col < W; ++col) {
+      prow[col] = rmi::rmi_prob(sig[col], lab.valid(col), rmi::kRegionMode);
+      yrow[col] = lab.y(col);
+    }
+  } else if (p.mode == rmi::kSigmoidMode) {
 #pragma omp simd
     for (int64_t col = 0; col < W; ++col) {
       prow[col] = rmi::rmi_prob(sig[col], lab.valid(col), rmi::kSigmoidMode);
@@ -1009,6 +1031,12 @@ void full_res_grad_row(const Problem& p, const T* sig, const Lab& lab, const T* 
   const int64_t W = axis_x(p).size;
   const int64_t xstep = kStep == 1 ? 1 : p.xs[4];
   gstep = kStep == 1 ? 1 : gstep;
+  if (p.mode == rmi::kRegionMode) {  // region_mi: P = x * mask, no first term
+#pragma omp simd
+    for (int64_t col = 0; col < W; ++col)
+      gr[col * gstep] = static_cast<scalar_t>(lab.valid(col) ? grow[col] : T(0));
+    return;
+  }
   if (lse == nullptr) {  // sigmoid mode: BCE gradient
 #pragma omp simd
     for (int64_t col = 0; col < W; ++col) {

@@ -43,6 +43,8 @@ Problem check_cuda_inputs(const char* op, const Tensor& logits, const Tensor& la
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got ", logits.device());
   const Problem p = check_inputs(op, logits, labels, radius, stride, pool, pool_size,
                                  ignore_index, mode, c10::nullopt);
+  TORCH_CHECK(p.mode != kRegionMode, op, ": the CUDA kernels do not compute region_mi; use "
+              "backend 'torch'");
   TORCH_CHECK(p.is_planar_isotropic(), op, ": the CUDA kernels compute 2-D maps with one ",
               "radius, stride and pool_size on both axes, got logits ", logits.sizes(),
               ", radius ", radius, ", stride ", stride, ", pool_size ", pool_size,
