@@ -35,7 +35,8 @@ status=0
 if [[ $dry == 0 ]]; then
   log "GPU tests"
   (cd tests && "$py" -m pytest -q -p no:cacheprovider -x --junitxml="$out/tests.xml" \
-      test_cuda.py test_triton.py test_training.py test_build.py) 2>&1 | tee "$out/tests.log" \
+      test_cuda.py test_triton.py test_training.py test_targets.py test_build.py) 2>&1 \
+    | tee "$out/tests.log" \
     | tail -n 5 || status=1
 else
   log "dry run: build test only (CI runs the whole suite separately)"

@@ -75,6 +75,12 @@ def _backend_device_params():
 BACKEND_DEVICES = _backend_device_params()
 
 
+def feature_params(feature: str) -> list:
+    """:data:`BACKEND_DEVICES` of the backends that compute ``feature`` (a key of
+    ``rmi_ext._dispatch.FEATURES``, e.g. ``"float_targets"``); unavailable ones stay as skips."""
+    return [p for p in BACKEND_DEVICES if p.values[0] in rmi_ext.backend_info("cpu")[feature]]
+
+
 def fast_backends(device: str = "cpu") -> list[str]:
     """The fused backends that run on ``device`` here (never ``"reference"``)."""
     available = rmi_ext.backend_info(device)["available"]

@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 
 import rmi_ext
-from conftest import TOL, compare, fast_backends, make_inputs, rel_err
+from conftest import TOL, compare, fast_backends, feature_params, make_inputs, rel_err
 from rmi_ext._config import CLIP_MIN
 
 INFO = rmi_ext.backend_info("cpu")
 FLOAT_BACKENDS = [b for b in fast_backends() if b in INFO["float_targets"]]
 REGION_BACKENDS = [b for b in fast_backends() if b in INFO["region_mi"]]
+#: (backend, device) of the comparisons with the reference: CUDA too on a GPU machine.
+FLOAT_ON = feature_params("float_targets")
+REGION_ON = feature_params("region_mi")
 POOLS = [("avg", 1), ("avg", 2), ("avg", 3), ("max", 2), ("max", 3), ("interp", 2),
          ("interp", 3)]
 
@@ -90,24 +93,24 @@ def test_reference_first_terms_written_out():
 # ---- the fast backends against the reference --------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", FLOAT_BACKENDS)
+@pytest.mark.parametrize("backend,device", FLOAT_ON)
 @pytest.mark.parametrize("kind", ["soft", "multi", "smooth"])
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("pool,stride", POOLS, ids=map(pool_id, POOLS))
-def test_float_targets_match_reference(backend, kind, mode, pool, stride):
-    x, _ = make_inputs((2, 3, 19, 16), 7)
-    target, mask = targets(kind, x.shape)
+def test_float_targets_match_reference(backend, device, kind, mode, pool, stride):
+    x, _ = make_inputs((2, 3, 19, 16), 7, device=device)
+    target, mask = (t.to(device) for t in targets(kind, x.shape))
     for m in (mask, None):
         compare(backend, x, target, mode=mode, pool=pool, stride=stride, radius=3, mask=m)
 
 
-@pytest.mark.parametrize("backend", FLOAT_BACKENDS)
+@pytest.mark.parametrize("backend,device", FLOAT_ON)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_float_targets_low_precision(backend, dtype):
+def test_float_targets_low_precision(backend, device, dtype):
     """Logits and target in ``dtype`` (a float16 target beside bfloat16 logits too); the
     harness' tolerances."""
-    x, _ = make_inputs((2, 3, 21, 18), 8, dtype=dtype)
-    target, mask = targets("soft", x.shape, dtype=dtype)
+    x, _ = make_inputs((2, 3, 21, 18), 8, dtype=dtype, device=device)
+    target, mask = (t.to(device) for t in targets("soft", x.shape, dtype=dtype))
     compare(backend, x, target, stride=2, mask=mask)
     compare(backend, x, target, stride=1, mode="softmax", mask=mask)
     compare(backend, x, target.half(), stride=3, pool="interp", mode="softmax")
@@ -125,14 +128,16 @@ def test_float_targets_layouts_and_grad_output(backend):
             stride=3, pool="max", mode="softmax")
 
 
-@pytest.mark.parametrize("backend", FLOAT_BACKENDS)
+@pytest.mark.parametrize("backend,device", FLOAT_ON)
 @pytest.mark.parametrize("opts", [dict(radius=(1, 3, 3), stride=(1, 2, 2)),
                                   dict(radius=2, stride=1), dict(radius=2, stride=2, pool="max"),
                                   dict(radius=(2, 2, 1), stride=2, pool="interp")], ids=str)
-def test_float_targets_on_volumes(backend, opts):
+def test_float_targets_on_volumes(backend, device, opts):
+    if backend not in INFO["volumes"]:
+        pytest.skip(f"{backend} computes no volumes")
     gen = torch.Generator().manual_seed(4)
-    x = (2 * torch.randn((2, 3, 7, 11, 10), generator=gen, dtype=torch.float64))
-    target, mask = targets("soft", x.shape)
+    x = (2 * torch.randn((2, 3, 7, 11, 10), generator=gen, dtype=torch.float64)).to(device)
+    target, mask = (t.to(device) for t in targets("soft", x.shape))
     for mode in ("sigmoid", "softmax"):
         compare(backend, x, target, mask=mask, mode=mode, **opts)
 
@@ -169,11 +174,12 @@ def region_mi_and_grads(backend, pred, target, weights, **opts):
     return rmi.detach(), gp, gt
 
 
-@pytest.mark.parametrize("backend", REGION_BACKENDS)
+@pytest.mark.parametrize("backend,device", REGION_ON)
 @pytest.mark.parametrize("pool,stride", POOLS, ids=map(pool_id, POOLS))
-def test_region_mi_matches_reference(backend, pool, stride):
-    pred, target, mask = two_maps((2, 3, 17, 19))
-    weights = torch.randn((2, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+def test_region_mi_matches_reference(backend, device, pool, stride):
+    pred, target, mask = (t.to(device) for t in two_maps((2, 3, 17, 19)))
+    weights = torch.randn((2, 3), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.float64).to(device)
     for m in (mask, None):
         opts = dict(pool=pool, stride=stride, radius=3, mask=m)
         got = region_mi_and_grads(backend, pred, target, weights, **opts)
@@ -182,18 +188,18 @@ def test_region_mi_matches_reference(backend, pool, stride):
             assert rel_err(a, b) <= 1e-10
 
 
-@pytest.mark.parametrize("backend", REGION_BACKENDS)
-def test_region_mi_float32_and_volumes(backend):
-    pred, target, mask = two_maps((2, 3, 23, 21), dtype=torch.float32)
-    weights = torch.ones((2, 3), dtype=torch.float32)
+@pytest.mark.parametrize("backend,device", REGION_ON)
+def test_region_mi_float32_and_volumes(backend, device):
+    pred, target, mask = (t.to(device) for t in two_maps((2, 3, 23, 21), dtype=torch.float32))
+    weights = torch.ones((2, 3), dtype=torch.float32, device=device)
     got = region_mi_and_grads(backend, pred, target, weights, stride=2, mask=mask)
     want = region_mi_and_grads("reference", pred, target, weights, stride=2, mask=mask)
     tol_value, tol_grad = TOL[torch.float32]
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
     assert rel_err(got[0], want[0]) <= tol_value
     assert rel_err(got[1], want[1]) <= tol_grad and rel_err(got[2], want[2]) <= tol_grad
-    pred, target, mask = two_maps((1, 2, 6, 9, 8))
-    weights = torch.tensor([[0.5, -2.0]], dtype=torch.float64)
+    pred, target, mask = (t.to(device) for t in two_maps((1, 2, 6, 9, 8)))
+    weights = torch.tensor([[0.5, -2.0]], dtype=torch.float64, device=device)
     opts = dict(radius=(1, 2, 3), stride=(1, 2, 1), pool="max", mask=mask)
     got = region_mi_and_grads(backend, pred, target, weights, **opts)
     want = region_mi_and_grads("reference", pred, target, weights, **opts)
@@ -318,6 +324,9 @@ def test_cpu_ops_take_a_float_target_and_check_it():
     bwd = (x, onehot, scale, coef, shift, *args, valid)
     assert rel_err(ops.backward_grad(*bwd), ops.backward_grad(x, labels, *bwd[2:-1])) <= 1e-13
     torch.library.opcheck(ops.backward_grad.default, bwd)
+    region = (*args[:-1], "region")  # region_mi's mode: P = the map itself
+    torch.library.opcheck(ops.forward_stats.default, (x, onehot, *region, valid))
+    torch.library.opcheck(ops.backward_grad.default, (*bwd[:5], *region, valid))
 
 
 def test_module_takes_a_mask():
