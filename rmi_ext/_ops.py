@@ -9,7 +9,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
 from .function import fake_backward_grad, fake_forward_stats
-from .targets import FloatTarget
+from .targets import labels_and_mask as _labels_and_mask
 
 ops = torch.ops.rmi_ext
 torch.library.register_fake("rmi_ext::forward_stats")(fake_forward_stats)
@@ -20,12 +20,6 @@ def _sides(logits, cfg):
     """``radius, stride, pool_size`` of the ops: one side per spatial axis of ``logits``."""
     cfg = cfg.for_rank(logits.dim() - 2)
     return list(cfg.radii), list(cfg.strides), list(cfg.pool_sizes)
-
-
-def _labels_and_mask(labels):
-    """The ops' ``labels`` and ``mask``: an integer map and None, or a float target's values
-    and mask (:class:`rmi_ext.targets.FloatTarget`)."""
-    return (labels.values, labels.mask) if isinstance(labels, FloatTarget) else (labels, None)
 
 
 def forward_stats(logits, labels, cfg):

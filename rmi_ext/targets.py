@@ -46,6 +46,12 @@ class FloatTarget:
         return (~((low >= 0) & (high <= 1))).long()
 
 
+def labels_and_mask(labels):
+    """The ops' ``labels`` and ``mask``: a label map and None, or a :class:`FloatTarget`'s
+    values and mask."""
+    return (labels.values, labels.mask) if isinstance(labels, FloatTarget) else (labels, None)
+
+
 def is_float_target(labels: torch.Tensor) -> bool:
     return isinstance(labels, torch.Tensor) and labels.dtype in FLOAT_DTYPES
 

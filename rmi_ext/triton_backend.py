@@ -25,6 +25,10 @@ forward+backward allocate no full-size tensor but the gradient. Stride > 1: the 
 (a), (d) and (e) on blocks of planes (:func:`_plane_blocks`), its pooled maps within 1/16 of
 the logits. Tile sizes: :data:`TILES`.
 
+Targets: integer labels, or a float target of the logits' shape and its mask (``TARGET`` 1,
+:func:`_target`; softmax mode: the soft CE and the per-pixel sum of the target over classes in
+:func:`_first_term_lse_kernel`); ``region_mi`` is ``MODE`` 2 (``P`` the map itself).
+
 Precision: the per-pixel math runs in float32 (float64 for float64 logits). Per-program partial
 sums of the first term are combined in float64; moment sums and the stencil accumulate in float64.
 No host syncs; inputs of any strides are read in place.
@@ -32,7 +36,7 @@ No host syncs; inputs of any strides are read in place.
 import contextlib
 import gc
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -40,10 +44,17 @@ import triton.language as tl
 
 from ._config import RMIConfig
 from .function import fake_backward_grad, fake_forward_stats
+from .targets import FloatTarget, labels_and_mask as _labels_and_mask
 from .torch_backend import compute_dtype as _compute_dtype
+from .torch_backend import target_grad  # noqa: F401  (region_mi's gradient to the target map)
 
 _POOL_IDS = {"avg": 0, "max": 1, "interp": 2}
-_MODE_IDS = {"sigmoid": 0, "softmax": 1}
+_MODE_IDS = {"sigmoid": 0, "softmax": 1, "region": 2}  # region: region_mi, P = the map
+
+#: Float targets and region_mi run here (:func:`rmi_ext.loss._backend_for`; the kernels read
+#: either target through :func:`_target`, region_mi as ``MODE`` 2); volumes do not.
+supports_float_targets = True
+supports_region_mi = True
 
 #: Whether the kernels are interpreted (CPU tensors) rather than compiled (CUDA tensors): Triton
 #: decides when ``@triton.jit`` decorates, from ``TRITON_INTERPRET`` (so do ``tl.sum`` and the
@@ -127,43 +138,61 @@ def _label_parts(lab, c, C, ignore_index):
     return valid, valid & (lab == c)
 
 
+@triton.jit
+def _target(lrow, mrow, cols, mask, c, C, ignore_index, slw, smw, TARGET: tl.constexpr,
+            DT: tl.constexpr):
+    """``(valid, Y)`` of plane ``c`` at columns ``cols`` of the rows whose target pointers are
+    ``lrow`` (the plane's, class offset included) and mask pointers ``mrow``. ``TARGET`` 0:
+    integer labels (valid: 0 <= label < C and label != ignore_index; ``Y`` the one-hot bit);
+    1: a float target (valid: the mask; ``Y`` the target where valid, else 0)."""
+    cols64 = cols.to(tl.int64)
+    if TARGET == 0:
+        valid, hot = _label_parts(_load_labels(lrow + cols64 * slw, mask), c, C, ignore_index)
+        return valid, tl.where(hot, 1.0, 0.0).to(DT)
+    else:
+        valid = mask & (tl.load(mrow + cols64 * smw, mask=mask, other=0) != 0)
+        return valid, tl.load(lrow + cols64 * slw, mask=valid, other=0.0).to(DT)
+
+
 class _Pixel(NamedTuple):
-    """One pixel of plane ``c`` (:func:`_pixel`): label masks, sigmoid, ``P`` and BCE term."""
-    valid: tl.tensor  # 0 <= label < C and label != ignore_index
-    hot: tl.tensor  # valid and label == c
+    """One pixel of plane ``c`` (:func:`_pixel`): sigmoid, ``P`` and BCE term."""
     sig: tl.tensor  # sigmoid(x)
     p: tl.tensor  # sig*m + 1e-6, or clamp(sig*m, 1e-6, 1) in softmax mode
     bce: tl.tensor  # masked BCE term
 
 
 @triton.jit
-def _pixel(x, lab, c, C, ignore_index, MODE: tl.constexpr):
-    """:class:`_Pixel` of ``x`` with label ``lab`` in plane ``c``: ``valid``, one-hot ``hot``,
-    ``sig``, ``P`` (``sig*m + 1e-6``, or ``clamp(sig*m, 1e-6, 1)`` in softmax mode) and the
-    masked BCE term.
+def _pixel(x, valid, y, MODE: tl.constexpr):
+    """:class:`_Pixel` of ``x`` where the pixel counts (``valid``) and its target is ``y``
+    (:func:`_target`): ``sig``, ``P`` (``sig*m + 1e-6``, or ``clamp(sig*m, 1e-6, 1)`` in
+    softmax mode) and the masked BCE term.
 
     One helper rather than several: unused results are dead code on the GPU, while the
     interpreter pays per call. ``sig`` and ``log1p(exp(-|x|))`` come from one exp; ``log1p`` uses
     Goldberg's trick (no libdevice call, so the interpreter runs it too).
     """
-    valid, hot = _label_parts(lab, c, C, ignore_index)
     e = tl.exp(-tl.abs(x))
     inv = 1.0 / (1.0 + e)
     sig = tl.where(x >= 0, inv, e * inv)
     pm = tl.where(valid, sig, 0.0)
     if MODE == 0:
         p = pm + 1e-6
-    else:
+    elif MODE == 1:
         p = tl.minimum(tl.maximum(pm, 1e-6), 1.0)
+    else:  # region_mi: P is the map itself
+        p = tl.where(valid, x, 0.0)
     u = 1.0 + e
     log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
-    bce = tl.where(valid, tl.maximum(x, 0.0) - tl.where(hot, x, 0.0) + log1p_e, 0.0)
-    return _Pixel(valid, hot, sig, p, bce)
+    bce = tl.where(valid, tl.maximum(x, 0.0) - x * y + log1p_e, 0.0)
+    return _Pixel(sig, p, bce)
 
 
 @triton.jit
 def _rmi_prob_slope(sig, valid, MODE: tl.constexpr):
-    """``dP/dx``: ``m*sig*(1-sig)``; softmax mode also 0 where ``sig*m`` is clamped."""
+    """``dP/dx``: ``m*sig*(1-sig)``; softmax mode also 0 where ``sig*m`` is clamped; region
+    mode ``m``."""
+    if MODE == 2:
+        return tl.where(valid, 1.0, 0.0)
     slope = tl.where(valid, sig * (1.0 - sig), 0.0)
     if MODE == 1:
         slope = tl.where((sig >= 1e-6) & (sig <= 1.0), slope, 0.0)
@@ -171,45 +200,55 @@ def _rmi_prob_slope(sig, valid, MODE: tl.constexpr):
 
 
 @triton.jit
-def _full_res_grad_value(g_full, x, lab, c, C, ignore_index, lse_ptrs, mask, scale_ptr,
-                         MODE: tl.constexpr):
-    """Stage (e) at pixels ``x``: ``g_full * dP/dx + base_scale * d(first term)/dx``, where
-    ``g_full`` is the pooling adjoint of ``dloss/dP`` (in the compute dtype); the softmax mode
-    reads the pixels' ``lse`` at ``lse_ptrs`` (where ``mask``)."""
-    px = _pixel(x, lab, c, C, ignore_index, MODE)
-    grad = g_full * _rmi_prob_slope(px.sig, px.valid, MODE)
+def _full_res_grad_value(g_full, x, valid, y, lse_ptrs, hw, mask, scale_ptr, MODE: tl.constexpr,
+                         TARGET: tl.constexpr):
+    """Stage (e) at pixels ``x`` (``valid``, ``y``: :func:`_target`): ``g_full * dP/dx +
+    base_scale * d(first term)/dx``, where ``g_full`` is the pooling adjoint of ``dloss/dP``
+    (in the compute dtype); the softmax mode reads the pixels' ``lse`` at ``lse_ptrs`` (where
+    ``mask``) and, for a float target, the sum over classes of ``Y`` ``hw`` elements further
+    (the soft CE's gradient is ``softmax * sum_c Y_c - Y``)."""
+    px = _pixel(x, valid, y, MODE)
+    grad = g_full * _rmi_prob_slope(px.sig, valid, MODE).to(g_full.dtype)
+    if MODE == 2:  # region_mi: no first term
+        return grad
     if MODE == 0:
-        base = tl.where(px.valid, px.sig - tl.where(px.hot, 1.0, 0.0), 0.0)
+        base = tl.where(valid, px.sig - y, 0.0)
     else:
-        lse = tl.load(lse_ptrs, mask=mask, other=0.0)
-        base = tl.where(px.valid, tl.exp(x - lse) - tl.where(px.hot, 1.0, 0.0), 0.0)
+        soft = tl.exp(x - tl.load(lse_ptrs, mask=mask, other=0.0))
+        if TARGET == 1:
+            soft = soft * tl.load(lse_ptrs + hw, mask=mask, other=0.0)
+        base = tl.where(valid, soft - y, 0.0)
     return grad + tl.load(scale_ptr).to(g_full.dtype) * base
 
 
 @triton.jit
-def _load_y(ymap_plane, lab_base, rows, cols, mask, w, c, ignore_index, slh, slw,
-            Y_FROM_LABELS: tl.constexpr, DT: tl.constexpr):
-    """Pooled ``Y`` at ``(rows, cols)``: from the stored map, or (stride 1) from the labels
-    (``label == c`` already implies ``0 <= label < C``)."""
+def _load_y(ymap_plane, lbase, mbase, rows, cols, mask, w, c, C, ignore_index, slh, slw, smh,
+            smw, Y_FROM_LABELS: tl.constexpr, TARGET: tl.constexpr, DT: tl.constexpr):
+    """Pooled ``Y`` at ``(rows, cols)``: from the stored map, or (stride 1) from the target
+    (:func:`_target`; ``lbase``, ``mbase``: the plane's pointers)."""
     if Y_FROM_LABELS:
-        lab = _load_labels(lab_base + rows.to(tl.int64) * slh + cols.to(tl.int64) * slw, mask)
-        return tl.where((lab == c) & (lab != ignore_index), 1.0, 0.0).to(DT)
+        r64 = rows.to(tl.int64)
+        return _target(lbase + r64 * slh, mbase + r64 * smh, cols, mask, c, C, ignore_index,
+                       slw, smw, TARGET, DT)[1]
     else:
         return tl.load(ymap_plane + rows * w + cols, mask=mask, other=0.0).to(DT)
 
 
 @triton.jit
-def _load_p(pplane, xbase, lbase, rows, cols, mask, w, c, C, ignore_index, sxh, sxw, slh, slw,
-            P_FROM_LOGITS: tl.constexpr, MODE: tl.constexpr, DT: tl.constexpr):
+def _load_p(pplane, xbase, lbase, mbase, rows, cols, mask, w, c, C, ignore_index, sxh, sxw, slh,
+            slw, smh, smw, P_FROM_LOGITS: tl.constexpr, MODE: tl.constexpr,
+            TARGET: tl.constexpr, DT: tl.constexpr):
     """Pooled ``P`` at ``(rows, cols)`` in ``DT`` (0 outside ``mask``): from the stored map, or
     (stride 1, where the pooled map is the full-resolution one) recomputed from the logits and
-    labels (``xbase``, ``lbase``: the plane's pointers), so no full-size map is allocated."""
+    the target (``xbase``, ``lbase``, ``mbase``: the plane's pointers), so no full-size map is
+    allocated."""
     if P_FROM_LOGITS:
         r64 = rows.to(tl.int64)
         c64 = cols.to(tl.int64)
         x = tl.load(xbase + r64 * sxh + c64 * sxw, mask=mask, other=0.0).to(DT)
-        lab = _load_labels(lbase + r64 * slh + c64 * slw, mask)
-        return tl.where(mask, _pixel(x, lab, c, C, ignore_index, MODE).p, 0.0)
+        valid, y = _target(lbase + r64 * slh, mbase + r64 * smh, cols, mask, c, C,
+                           ignore_index, slw, smw, TARGET, DT)
+        return tl.where(mask, _pixel(x, valid, y, MODE).p, 0.0)
     else:
         return tl.load(pplane + rows * w + cols, mask=mask, other=0.0).to(DT)
 
@@ -219,15 +258,18 @@ def _load_p(pplane, xbase, lbase, rows, cols, mask, w, c, C, ignore_index, sxh, 
 # ================================================================================================
 
 @triton.jit(do_not_specialize=["C", "H", "W", "ignore_index"])
-def _first_term_lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw, sln, slh, slw,
-                ignore_index, STORE_LSE: tl.constexpr, CE_SUMS: tl.constexpr,
-                DT: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+def _first_term_lse_kernel(x_ptr, lab_ptr, m_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw,
+                sln, slc, slh, slw, smn, smh, smw, ignore_index, STORE_LSE: tl.constexpr,
+                CE_SUMS: tl.constexpr, TARGET: tl.constexpr, DT: tl.constexpr,
+                BC: tl.constexpr, BP: tl.constexpr):
     """Softmax mode, per pixel: ``lse = logsumexp_c x`` (online over channel blocks).
 
     Grid ``(cdiv(H*W, BP), N)`` (``N <= 65535``: a 1-D grid would lift that, but its div/mod
     cost 28 more registers on sm_90 with triton 3.6). ``STORE_LSE``: write ``lse [N, H*W]``
-    (backward). ``CE_SUMS``: write this program's ``(sum CE, valid count)`` to
-    ``part_ptr[pid, 0:2]``, ``pid = n * cdiv(H*W, BP) + pblk``.
+    (backward; a float target: ``[N, 2, H*W]``, then the sum over classes of ``Y``).
+    ``CE_SUMS``: write this program's ``(sum CE, valid count)`` to ``part_ptr[pid, 0:2]``,
+    ``pid = n * cdiv(H*W, BP) + pblk`` (a float target: the soft CE ``sum_c Y_c (lse - x_c)``
+    over the masked pixels, a second pass over the classes).
     """
     pblk = tl.program_id(0)
     n = tl.program_id(1)
@@ -247,9 +289,30 @@ def _first_term_lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc,
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(xv - new_max[None, :]), 0)
         run_max = new_max
     lse = run_max + tl.log(run_sum)
-    if STORE_LSE:
+    if TARGET == 1:
+        valid = pmask & (tl.load(m_ptr + n.to(tl.int64) * smn + hh * smh + ww * smw, mask=pmask,
+                                 other=0) != 0)
+        ybase = lab_ptr + n.to(tl.int64) * sln + hh * slh + ww * slw  # [BP] pointers
+        y_sum = tl.full([BP], 0, DT)
+        ce = tl.full([BP], 0, DT)
+        for c0 in range(0, _loop_bound(C), BC):
+            cc = c0 + tl.arange(0, BC)[:, None]
+            m2 = (cc < C) & valid[None, :]
+            xv = tl.load(xbase[None, :] + cc.to(tl.int64) * sxc, mask=m2, other=0.0).to(DT)
+            yv = tl.load(ybase[None, :] + cc.to(tl.int64) * slc, mask=m2, other=0.0).to(DT)
+            y_sum += tl.sum(yv, 0)
+            ce += tl.sum(yv * (lse[None, :] - xv), 0)
+        if STORE_LSE:
+            row = lse_ptr + n.to(tl.int64) * 2 * H * W + pix
+            tl.store(row, lse, mask=pmask)
+            tl.store(row + H * W, y_sum, mask=pmask)
+        if CE_SUMS:
+            pid = n.to(tl.int64) * tl.num_programs(0) + pblk
+            tl.store(part_ptr + pid * 2, tl.sum(tl.where(valid, ce, 0.0), 0).to(tl.float64))
+            tl.store(part_ptr + pid * 2 + 1, tl.sum(valid.to(tl.int32), 0).to(tl.float64))
+    elif STORE_LSE:
         tl.store(lse_ptr + n.to(tl.int64) * H * W + pix, lse, mask=pmask)
-    if CE_SUMS:
+    if CE_SUMS and TARGET == 0:
         lab = _load_labels(lab_ptr + n.to(tl.int64) * sln + hh * slh + ww * slw, pmask)
         valid = pmask & (lab >= 0) & (lab < C) & (lab != ignore_index)
         x_lab = tl.load(xbase + tl.where(valid, lab, 0) * sxc, mask=valid, other=0.0).to(DT)
@@ -261,10 +324,11 @@ def _first_term_lse_kernel(x_ptr, lab_ptr, lse_ptr, part_ptr, C, H, W, sxn, sxc,
 
 @triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index", "plane0"])
 def _first_term_and_pooled_maps_kernel(
-        x_ptr, lab_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cnt_ptr, C, H, W, h, w, sxn, sxc,
-        sxh, sxw, sln, slh, slw, ignore_index, plane0, S: tl.constexpr, PK: tl.constexpr,
-        POOL: tl.constexpr, MODE: tl.constexpr, FIRST_TERM: tl.constexpr, STORE_P: tl.constexpr,
-        STORE_Y: tl.constexpr, STORE_ARGMAX: tl.constexpr, DT: tl.constexpr, BH: tl.constexpr,
+        x_ptr, lab_ptr, m_ptr, pmap_ptr, ymap_ptr, amax_ptr, part_ptr, cnt_ptr, C, H, W, h, w,
+        sxn, sxc, sxh, sxw, sln, slc, slh, slw, smn, smh, smw, ignore_index, plane0,
+        S: tl.constexpr, PK: tl.constexpr, POOL: tl.constexpr, MODE: tl.constexpr,
+        FIRST_TERM: tl.constexpr, STORE_P: tl.constexpr, STORE_Y: tl.constexpr,
+        STORE_ARGMAX: tl.constexpr, TARGET: tl.constexpr, DT: tl.constexpr, BH: tl.constexpr,
         BW: tl.constexpr):
     """Stage (a) for one ``(n, c)`` plane tile. Grid ``(planes, TH, TW)``: planes ``plane0 +
     program_id(0)`` of the ``N*C`` (the maps and partial sums hold these ``planes`` only).
@@ -285,7 +349,8 @@ def _first_term_and_pooled_maps_kernel(
     n = plane // C
     c = plane % C
     xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
-    lbase = lab_ptr + n.to(tl.int64) * sln
+    lbase = lab_ptr + n.to(tl.int64) * sln + c.to(tl.int64) * slc  # slc 0 for labels
+    mbase = m_ptr + n.to(tl.int64) * smn
     oh = th * BH + tl.arange(0, BH)[:, None]
     ow = tw * BW + tl.arange(0, BW)[None, :]
     omask = (oh < h) & (ow < w)
@@ -298,9 +363,8 @@ def _first_term_and_pooled_maps_kernel(
         near_w = tl.math.div_rn(tl.cast(W, tl.float32), tl.cast(w, tl.float32))
         src_h = tl.minimum(tl.floor(oh.to(tl.float32) * near_h).to(tl.int32), H - 1)
         src_w = tl.minimum(tl.floor(ow.to(tl.float32) * near_w).to(tl.int32), W - 1)
-        lab = _load_labels(lbase + src_h.to(tl.int64) * slh + src_w.to(tl.int64) * slw, omask)
-        hot = _label_parts(lab, c, C, ignore_index)[1]
-        y_out = tl.where(hot, 1.0, 0.0).to(DT)
+        y_out = _target(lbase + src_h.to(tl.int64) * slh, mbase + src_h.to(tl.int64) * smh,
+                        src_w, omask, c, C, ignore_index, slw, smw, TARGET, DT)[1]
         lin_h = _linear_scale(H, h, DT)
         lin_w = _linear_scale(W, w, DT)
         h0, h1, lh = _bilinear_source(oh, lin_h, H, DT)
@@ -312,8 +376,9 @@ def _first_term_and_pooled_maps_kernel(
             wgt = tl.where(tap // 2 == 0, 1.0 - lh, lh) * tl.where(tap % 2 == 0, 1.0 - lw, lw)
             x = tl.load(xbase + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw, mask=omask,
                         other=0.0).to(DT)
-            lab = _load_labels(lbase + ih.to(tl.int64) * slh + iw.to(tl.int64) * slw, omask)
-            p = _pixel(x, lab, c, C, ignore_index, MODE).p
+            valid, y = _target(lbase + ih.to(tl.int64) * slh, mbase + ih.to(tl.int64) * smh, iw,
+                               omask, c, C, ignore_index, slw, smw, TARGET, DT)
+            p = _pixel(x, valid, y, MODE).p
             p_out += wgt * p
     else:
         # avg (count_include_pad: always / PK^2) or max (-inf padding, first max wins).
@@ -328,15 +393,14 @@ def _first_term_and_pooled_maps_kernel(
             mh = omask & (ih >= 0) & (ih < H)
             xrow = xbase + ih.to(tl.int64) * sxh
             lrow = lbase + ih.to(tl.int64) * slh
+            mrow = mbase + ih.to(tl.int64) * smh
             for kw in range(PK):
                 iw = ow * S - PAD + kw
                 m = mh & (iw >= 0) & (iw < W)
                 iw64 = iw.to(tl.int64)
                 x = tl.load(xrow + iw64 * sxw, mask=m, other=0.0).to(DT)
-                lab = _load_labels(lrow + iw64 * slw, m)
-                px = _pixel(x, lab, c, C, ignore_index, MODE)
-                p = px.p
-                yv = tl.where(px.hot, 1.0, 0.0).to(DT)
+                valid, yv = _target(lrow, mrow, iw, m, c, C, ignore_index, slw, smw, TARGET, DT)
+                p = _pixel(x, valid, yv, MODE).p
                 if POOL == 1:
                     upd = m & (p > p_out)
                     p_out = tl.where(upd, p, p_out)
@@ -370,6 +434,7 @@ def _first_term_and_pooled_maps_kernel(
             ih = (th * S + sh) * BH + tl.arange(0, BH)[:, None]
             xrow = xbase + ih.to(tl.int64) * sxh
             lrow = lbase + ih.to(tl.int64) * slh
+            mrow = mbase + ih.to(tl.int64) * smh
             for sw in range(S):
                 iw = (tw * S + sw) * BW + tl.arange(0, BW)[None, :]
                 m = (ih < H) & (iw < W)
@@ -377,10 +442,10 @@ def _first_term_and_pooled_maps_kernel(
                 x = tl.load(xrow + iw64 * sxw, mask=m, other=0.0).to(DT)
                 n_bad += (m & ((x != x) | (tl.abs(x) == float("inf")))).to(tl.int32)
                 if MODE == 0:
-                    lab = _load_labels(lrow + iw64 * slw, m)
-                    px = _pixel(x, lab, c, C, ignore_index, MODE)
-                    base += px.bce
-                    n_valid += px.valid.to(tl.int32)
+                    valid, y = _target(lrow, mrow, iw, m, c, C, ignore_index, slw, smw, TARGET,
+                                       DT)
+                    base += _pixel(x, valid, y, MODE).bce
+                    n_valid += valid.to(tl.int32)
         tl.store(part_ptr + pid * 3, tl.sum(base).to(tl.float64))
         n_valid_sum = tl.sum(n_valid)
         tl.store(cnt_ptr + pid * 2, tl.where(c == 0, n_valid_sum, 0))
@@ -392,12 +457,12 @@ def _first_term_and_pooled_maps_kernel(
 # ================================================================================================
 
 @triton.jit(do_not_specialize=["C", "h", "w", "ignore_index", "CHUNKS"])
-def _moment_sums_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, off_ptr, raw_ptr, sums_ptr,
-                        C, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, ignore_index, CHUNKS,
-                        R: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+def _moment_sums_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, m_ptr, off_ptr, raw_ptr, sums_ptr,
+                        C, h, w, sxn, sxc, sxh, sxw, sln, slc, slh, slw, smn, smh, smw,
+                        ignore_index, CHUNKS, R: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
                         Y_FROM_LABELS: tl.constexpr, P_FROM_LOGITS: tl.constexpr,
-                        MODE: tl.constexpr, DT: tl.constexpr, BD: tl.constexpr,
-                        BK: tl.constexpr):
+                        MODE: tl.constexpr, TARGET: tl.constexpr, DT: tl.constexpr,
+                        BD: tl.constexpr, BK: tl.constexpr):
     """Grid ``(N*C, NB*NB, KS)``: plane, offset-block pair ``(ib, jb)`` of ``BD`` offsets each,
     and split ``ks`` of the ``K`` windows (``CHUNKS`` chunks of ``BK`` windows per split).
 
@@ -430,7 +495,8 @@ def _moment_sums_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, off_ptr, raw_ptr, su
     off_p = tl.load(off_ptr + plane.to(tl.int64) * 2 + 1)
     pplane = pmap_ptr + plane.to(tl.int64) * h * w
     yplane = ymap_ptr + plane.to(tl.int64) * h * w
-    lbase = lab_ptr + n.to(tl.int64) * sln
+    lbase = lab_ptr + n.to(tl.int64) * sln + c.to(tl.int64) * slc
+    mbase = m_ptr + n.to(tl.int64) * smn
     xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
     nw = w - R + 1
     K = (h - R + 1) * nw
@@ -448,14 +514,16 @@ def _moment_sums_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, off_ptr, raw_ptr, su
         b = (kk % nw)[None, :]
         m_i = mi[:, None] & mk
         m_j = mj[:, None] & mk
-        yi = _load_y(yplane, lbase, a + dyi, b + dxi, m_i, w, c, ignore_index, slh, slw,
-                     Y_FROM_LABELS, tl.float64)
-        pi = _load_p(pplane, xbase, lbase, a + dyi, b + dxi, m_i, w, c, C, ignore_index, sxh,
-                     sxw, slh, slw, P_FROM_LOGITS, MODE, DT).to(tl.float64)
-        yj = _load_y(yplane, lbase, a + dyj, b + dxj, m_j, w, c, ignore_index, slh, slw,
-                     Y_FROM_LABELS, tl.float64)
-        pj = _load_p(pplane, xbase, lbase, a + dyj, b + dxj, m_j, w, c, C, ignore_index, sxh,
-                     sxw, slh, slw, P_FROM_LOGITS, MODE, DT).to(tl.float64)
+        yi = _load_y(yplane, lbase, mbase, a + dyi, b + dxi, m_i, w, c, C, ignore_index, slh,
+                     slw, smh, smw, Y_FROM_LABELS, TARGET, DT).to(tl.float64)
+        pi = _load_p(pplane, xbase, lbase, mbase, a + dyi, b + dxi, m_i, w, c, C, ignore_index,
+                     sxh, sxw, slh, slw, smh, smw, P_FROM_LOGITS, MODE, TARGET,
+                     DT).to(tl.float64)
+        yj = _load_y(yplane, lbase, mbase, a + dyj, b + dxj, m_j, w, c, C, ignore_index, slh,
+                     slw, smh, smw, Y_FROM_LABELS, TARGET, DT).to(tl.float64)
+        pj = _load_p(pplane, xbase, lbase, mbase, a + dyj, b + dxj, m_j, w, c, C, ignore_index,
+                     sxh, sxw, slh, slw, smh, smw, P_FROM_LOGITS, MODE, TARGET,
+                     DT).to(tl.float64)
         yi = tl.where(m_i, yi - off_y, 0.0)
         pi = tl.where(m_i, pi - off_p, 0.0)
         yj = tl.where(m_j, yj - off_y, 0.0)
@@ -498,11 +566,11 @@ def _moment_sums_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, off_ptr, raw_ptr, su
 
 @triton.jit(do_not_specialize=["NPL", "C", "h", "w", "ignore_index", "plane0"])
 def _pooled_grad_stencil_kernel(
-        pmap_ptr, ymap_ptr, x_ptr, lab_ptr, coef_ptr, shift_ptr, lse_ptr, scale_ptr, g_ptr, NPL,
-        C, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, son, soc, soh, sow, ignore_index, plane0,
-        R: tl.constexpr, D: tl.constexpr, Y_FROM_LABELS: tl.constexpr,
+        pmap_ptr, ymap_ptr, x_ptr, lab_ptr, m_ptr, coef_ptr, shift_ptr, lse_ptr, scale_ptr, g_ptr,
+        NPL, C, h, w, sxn, sxc, sxh, sxw, sln, slc, slh, slw, smn, smh, smw, son, soc, soh, sow,
+        ignore_index, plane0, R: tl.constexpr, D: tl.constexpr, Y_FROM_LABELS: tl.constexpr,
         P_FROM_LOGITS: tl.constexpr, FUSE_GRAD: tl.constexpr, MODE: tl.constexpr,
-        DT: tl.constexpr, BJ: tl.constexpr, BLOCK: tl.constexpr):
+        TARGET: tl.constexpr, DT: tl.constexpr, BJ: tl.constexpr, BLOCK: tl.constexpr):
     """Grid ``(NPL * cdiv(h*w, BLOCK),)``, planes fastest (``NPL`` planes ``plane0 ...`` of the
     ``N*C``, whose maps ``P``, ``Y`` and ``G`` hold these planes only; a 1-D grid has no 65535
     limit): ``dloss/dP`` at ``BLOCK`` pooled pixels ``u`` of one plane.
@@ -525,7 +593,8 @@ def _pooled_grad_stencil_kernel(
     ub = u % w
     pplane = pmap_ptr + local.to(tl.int64) * h * w
     yplane = ymap_ptr + local.to(tl.int64) * h * w
-    lbase = lab_ptr + n.to(tl.int64) * sln
+    lbase = lab_ptr + n.to(tl.int64) * sln + c.to(tl.int64) * slc
+    mbase = m_ptr + n.to(tl.int64) * smn
     xbase = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
     cp_base = coef_ptr + plane.to(tl.int64) * 2 * D * D
     cy_base = cp_base + D * D
@@ -545,19 +614,22 @@ def _pooled_grad_stencil_kernel(
             rows = wa[None, :] + (jj // R)[:, None]
             cols = wb[None, :] + (jj % R)[:, None]
             m2 = mj[:, None] & wv[None, :]  # invalid windows and offsets load 0
-            pv = _load_p(pplane, xbase, lbase, rows, cols, m2, w, c, C, ignore_index, sxh, sxw,
-                         slh, slw, P_FROM_LOGITS, MODE, DT).to(tl.float64)
-            yv = _load_y(yplane, lbase, rows, cols, m2, w, c, ignore_index, slh, slw,
-                         Y_FROM_LABELS, tl.float64)
+            pv = _load_p(pplane, xbase, lbase, mbase, rows, cols, m2, w, c, C, ignore_index, sxh,
+                         sxw, slh, slw, smh, smw, P_FROM_LOGITS, MODE, TARGET,
+                         DT).to(tl.float64)
+            yv = _load_y(yplane, lbase, mbase, rows, cols, m2, w, c, C, ignore_index, slh, slw,
+                         smh, smw, Y_FROM_LABELS, TARGET, DT).to(tl.float64)
             acc += cp * pv + cy * yv
     g = tl.sum(acc, 0) + acc_shift
     if FUSE_GRAD:
         ua64 = ua.to(tl.int64)
         ub64 = ub.to(tl.int64)
         x = tl.load(xbase + ua64 * sxh + ub64 * sxw, mask=mu, other=0.0).to(DT)
-        lab = _load_labels(lbase + ua64 * slh + ub64 * slw, mu)
-        grad = _full_res_grad_value(g.to(DT), x, lab, c, C, ignore_index,
-                                    lse_ptr + n.to(tl.int64) * h * w + u, mu, scale_ptr, MODE)
+        valid, y = _target(lbase + ua64 * slh, mbase + ua64 * smh, ub, mu, c, C, ignore_index,
+                           slw, smw, TARGET, DT)
+        lse_row = lse_ptr + n.to(tl.int64) * (1 + TARGET) * h * w  # lse, then sum_c Y_c
+        grad = _full_res_grad_value(g.to(DT), x, valid, y, lse_row + u, h * w, mu, scale_ptr,
+                                    MODE, TARGET)
         tl.store(g_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + ua64 * soh + ub64 * sow,
                  grad.to(g_ptr.dtype.element_ty), mask=mu)
     else:
@@ -569,11 +641,12 @@ def _pooled_grad_stencil_kernel(
 # ================================================================================================
 
 @triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "ignore_index", "plane0"])
-def _full_res_grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
-                          C, H, W, h, w, sxn, sxc, sxh, sxw, sln, slh, slw, son, soc, soh, sow,
-                          ignore_index, plane0, S: tl.constexpr, PK: tl.constexpr,
-                          POOL: tl.constexpr, MODE: tl.constexpr, WIDE: tl.constexpr,
-                          DT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+def _full_res_grad_kernel(x_ptr, lab_ptr, m_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, out_ptr,
+                          C, H, W, h, w, sxn, sxc, sxh, sxw, sln, slc, slh, slw, smn, smh, smw,
+                          son, soc, soh, sow, ignore_index, plane0, S: tl.constexpr,
+                          PK: tl.constexpr, POOL: tl.constexpr, MODE: tl.constexpr,
+                          TARGET: tl.constexpr, WIDE: tl.constexpr, DT: tl.constexpr,
+                          BH: tl.constexpr, BW: tl.constexpr):
     """Grid ``(planes, cdiv(H, BH), cdiv(W, BW))``: ``grad_logits`` of a ``BH x BW`` pixel tile
     of plane ``plane0 + program_id(0)``, from ``dloss/dP`` (``g_ptr``) and the arg-max map of
     these ``planes`` only.
@@ -594,7 +667,9 @@ def _full_res_grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, o
     iw64 = iw.to(tl.int64)
     x = tl.load(x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + ih64 * sxh + iw64 * sxw,
                 mask=m, other=0.0).to(DT)
-    lab = _load_labels(lab_ptr + n.to(tl.int64) * sln + ih64 * slh + iw64 * slw, m)
+    valid, y = _target(lab_ptr + n.to(tl.int64) * sln + c.to(tl.int64) * slc + ih64 * slh,
+                       m_ptr + n.to(tl.int64) * smn + ih64 * smh, iw, m, c, C, ignore_index, slw,
+                       smw, TARGET, DT)
     gplane = g_ptr + local.to(tl.int64) * h * w
     PAD: tl.constexpr = PK // 2
     TAPS: tl.constexpr = (PK + S - 1) // S
@@ -636,8 +711,9 @@ def _full_res_grad_kernel(x_ptr, lab_ptr, g_ptr, amax_ptr, lse_ptr, scale_ptr, o
                 gp += g
         if POOL == 0:
             gp = _exact_div(gp, tl.full([BH, BW], PK * PK, DT))
-    grad = _full_res_grad_value(gp, x, lab, c, C, ignore_index,
-                                lse_ptr + n.to(tl.int64) * H * W + ih * W + iw, m, scale_ptr, MODE)
+    lse_row = lse_ptr + n.to(tl.int64) * (1 + TARGET) * H * W  # lse, then sum_c Y_c
+    grad = _full_res_grad_value(gp, x, valid, y, lse_row + ih * W + iw, H * W, m, scale_ptr, MODE,
+                                TARGET)
     tl.store(out_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc + ih64 * soh + iw64 * sow,
              grad.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -717,13 +793,35 @@ def _checked_grid(grid, t, what):
     return grid
 
 
+class TargetArgs(NamedTuple):
+    """The target as the kernels read it (:func:`_target`)."""
+    values: torch.Tensor  # labels [N, H, W], or a float target's values [N, C, H, W]
+    mask: torch.Tensor  # a float target's mask [N, H, W] (a zero-stride view of ones when it
+    #                     has none); the labels again for labels (never read)
+    strides: tuple  # sln, slc, slh, slw, smn, smh, smw (slc 0 for labels)
+    kind: int  # TARGET: 0 labels, 1 a float target
+
+
+def _target_args(labels) -> TargetArgs:
+    """:class:`TargetArgs` of a label map or a :class:`~rmi_ext.targets.FloatTarget`."""
+    if not isinstance(labels, FloatTarget):
+        sln, slh, slw = labels.stride()
+        return TargetArgs(labels, labels, (sln, 0, slh, slw, 0, 0, 0), 0)
+    values, mask = labels.values, labels.mask
+    if mask is None:
+        n, _, hgt, wid = values.shape
+        mask = torch.ones((), dtype=torch.bool, device=values.device).expand(n, hgt, wid)
+    return TargetArgs(values, mask, (*values.stride(), *mask.stride()), 1)
+
+
 class LogSumExp(NamedTuple):
     """Softmax mode, stage (a): :func:`_first_term_lse`."""
-    lse: torch.Tensor  # [N, H*W], compute dtype (or a [1] placeholder)
+    lse: torch.Tensor  # [N, H*W] (a float target: [N, 2, H*W], then sum_c Y_c), compute dtype
+    #                    (or a [1] placeholder)
     ce_partials: torch.Tensor  # [programs, 2] float64: (sum CE, valid count) (or [1])
 
 
-def _first_term_lse(logits, labels, cfg, *, store_lse, ce_sums) -> LogSumExp:
+def _first_term_lse(logits, target: TargetArgs, cfg, *, store_lse, ce_sums) -> LogSumExp:
     """Softmax mode: the per-pixel log-sum-exp (``store_lse``) and the CE partial sums of the
     first term (``ce_sums``)."""
     n, c, hgt, wid = logits.shape
@@ -731,12 +829,14 @@ def _first_term_lse(logits, labels, cfg, *, store_lse, ce_sums) -> LogSumExp:
     bc = _pow2(c, TILES["lse"]["BC"])
     bp = _pow2(hgt * wid, 4096 if _INTERPRETER_BLOCKS else TILES["lse"]["BP"])
     grid = _checked_grid((triton.cdiv(hgt * wid, bp), n), logits, "logsumexp")
-    lse = torch.empty((n, hgt * wid) if store_lse else (1,), dtype=dt, device=logits.device)
+    shape = (n, hgt * wid) if target.kind == 0 else (n, 2, hgt * wid)
+    lse = torch.empty(shape if store_lse else (1,), dtype=dt, device=logits.device)
     part = torch.empty((grid[0] * grid[1], 2) if ce_sums else (1,), dtype=torch.float64,
                        device=logits.device)
     _first_term_lse_kernel[grid](
-        logits, labels, lse, part, c, hgt, wid, *logits.stride(), *labels.stride(),
-        cfg.ignore_index, STORE_LSE=store_lse, CE_SUMS=ce_sums, DT=_TL_DTYPES[dt], BC=bc, BP=bp)
+        logits, target.values, target.mask, lse, part, c, hgt, wid, *logits.stride(),
+        *target.strides, cfg.ignore_index, STORE_LSE=store_lse, CE_SUMS=ce_sums,
+        TARGET=target.kind, DT=_TL_DTYPES[dt], BC=bc, BP=bp)
     return LogSumExp(lse, part)
 
 
@@ -749,7 +849,7 @@ class PooledMaps(NamedTuple):
     counts: torch.Tensor  # [programs, 2] int32: (valid pixels, non-finite logits)
 
 
-def _first_term_and_pooled_maps(logits, labels, cfg, *, first_term, store_argmax,
+def _first_term_and_pooled_maps(logits, target: TargetArgs, cfg, *, first_term, store_argmax,
                                 planes=None) -> PooledMaps:
     """Stage (a) on ``planes`` (a ``range`` of the ``N*C`` planes; default all): pooled ``P``
     and ``Y`` (stored when ``stride > 1``; at stride 1 the later stages recompute them from the
@@ -776,10 +876,11 @@ def _first_term_and_pooled_maps(logits, labels, cfg, *, first_term, store_argmax
     part = torch.zeros((programs, 3), dtype=torch.float64, device=dev)
     cnt = torch.zeros((programs, 2), dtype=torch.int32, device=dev)
     _first_term_and_pooled_maps_kernel[grid](
-        logits, labels, pmap, ymap, amax, part, cnt, c, hgt, wid, ph, pw, *logits.stride(),
-        *labels.stride(), cfg.ignore_index, planes.start, S=s, PK=pk, POOL=pool,
-        MODE=_MODE_IDS[cfg.mode], FIRST_TERM=first_term, STORE_P=s > 1, STORE_Y=s > 1,
-        STORE_ARGMAX=store_argmax, DT=_TL_DTYPES[dt], BH=bh, BW=bw)
+        logits, target.values, target.mask, pmap, ymap, amax, part, cnt, c, hgt, wid, ph, pw,
+        *logits.stride(), *target.strides, cfg.ignore_index, planes.start, S=s, PK=pk,
+        POOL=pool, MODE=_MODE_IDS[cfg.mode], FIRST_TERM=first_term, STORE_P=s > 1,
+        STORE_Y=s > 1, STORE_ARGMAX=store_argmax, TARGET=target.kind, DT=_TL_DTYPES[dt], BH=bh,
+        BW=bw)
     return PooledMaps(pmap, ymap, amax, part, cnt)
 
 
@@ -789,7 +890,7 @@ class Moments(NamedTuple):
     cov: torch.Tensor  # [N, C, 3, d, d] float64: centred (YY, PP, YP) product sums
 
 
-def _moment_sums(logits, pmap, ymap, labels, offsets, cfg, tiling=None) -> Moments:
+def _moment_sums(logits, pmap, ymap, target: TargetArgs, offsets, cfg, tiling=None) -> Moments:
     """Stage (b) from the pooled maps of :func:`_first_term_and_pooled_maps` on all planes
     (stride 1: placeholders, ``P``/``Y`` come from ``logits``/``labels``).
 
@@ -821,10 +922,10 @@ def _moment_sums(logits, pmap, ymap, labels, offsets, cfg, tiling=None) -> Momen
     raw = torch.empty((n * c, splits, 3, d, d), dtype=torch.float64, device=dev)
     sums = torch.empty((n * c, splits, 2, d), dtype=torch.float64, device=dev)
     _moment_sums_kernel[_checked_grid((n * c, nb * nb, splits), logits, "moment")](
-        pmap, ymap, logits, labels, offsets, raw, sums, c, ph, pw, *logits.stride(),
-        *labels.stride(), cfg.ignore_index, chunks, R=r, D=d, NB=nb,
+        pmap, ymap, logits, target.values, target.mask, offsets, raw, sums, c, ph, pw,
+        *logits.stride(), *target.strides, cfg.ignore_index, chunks, R=r, D=d, NB=nb,
         Y_FROM_LABELS=cfg.stride == 1, P_FROM_LOGITS=cfg.stride == 1, MODE=_MODE_IDS[cfg.mode],
-        DT=_TL_DTYPES[_compute_dtype(logits)], BD=bd, BK=bk)
+        TARGET=target.kind, DT=_TL_DTYPES[_compute_dtype(logits)], BD=bd, BK=bk)
     raw, sums = raw.sum(dim=1), sums.sum(dim=1)  # [N*C, 3, d, d], [N*C, 2, d]
     s_y, s_p = sums.unbind(dim=1)
     outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)
@@ -833,7 +934,7 @@ def _moment_sums(logits, pmap, ymap, labels, offsets, cfg, tiling=None) -> Momen
     return Moments(means.view(n, c, 2, d), cov.view(n, c, 3, d, d))
 
 
-def _pooled_grad_stencil(logits, pmap, ymap, labels, coef, shift, cfg, *, planes=None,
+def _pooled_grad_stencil(logits, pmap, ymap, target: TargetArgs, coef, shift, cfg, *, planes=None,
                          lse=None, scale=None, grad_out=None):
     """Stage (d) on ``planes`` (a ``range``; default all): ``dloss/dP [planes, h, w]`` in the
     compute dtype, from the maps of :func:`_first_term_and_pooled_maps` on these planes (stride
@@ -861,15 +962,15 @@ def _pooled_grad_stencil(logits, pmap, ymap, labels, coef, shift, cfg, *, planes
     scale = shift if scale is None else scale  # read when fused only
     grid = _checked_grid((len(planes) * triton.cdiv(ph * pw, block),), logits, "stencil")
     _pooled_grad_stencil_kernel[grid](
-        pmap, ymap, logits, labels, coef, shift, lse, scale, g, len(planes), c, ph, pw,
-        *logits.stride(), *labels.stride(), *g_strides, cfg.ignore_index, planes.start,
-        R=cfg.radius, D=d, Y_FROM_LABELS=cfg.stride == 1, P_FROM_LOGITS=cfg.stride == 1,
-        FUSE_GRAD=fused, MODE=_MODE_IDS[cfg.mode], DT=_TL_DTYPES[dt], BJ=bj, BLOCK=block,
-        num_warps=tiles["num_warps"])
+        pmap, ymap, logits, target.values, target.mask, coef, shift, lse, scale, g, len(planes),
+        c, ph, pw, *logits.stride(), *target.strides, *g_strides, cfg.ignore_index,
+        planes.start, R=cfg.radius, D=d, Y_FROM_LABELS=cfg.stride == 1,
+        P_FROM_LOGITS=cfg.stride == 1, FUSE_GRAD=fused, MODE=_MODE_IDS[cfg.mode],
+        TARGET=target.kind, DT=_TL_DTYPES[dt], BJ=bj, BLOCK=block, num_warps=tiles["num_warps"])
     return g
 
 
-def _full_res_grad(logits, labels, g, argmax, lse, scale, grad_out, cfg, planes):
+def _full_res_grad(logits, target: TargetArgs, g, argmax, lse, scale, grad_out, cfg, planes):
     """Stage (e) on ``planes`` (a ``range``): writes their planes of ``grad_out`` (the logits'
     shape, dtype and strides) from ``dloss/dP`` ``g [planes, h, w]`` and the arg-max map (max
     pool) of these planes, ``lse [N, H*W]`` (softmax mode, else ``None``) and ``scale``."""
@@ -884,11 +985,11 @@ def _full_res_grad(logits, labels, g, argmax, lse, scale, grad_out, cfg, planes)
     # interp: whether ih * (h - 1) or iw * (w - 1) can pass int32 (padded rows/columns included)
     wide = max((grid[1] * bh - 1) * (ph - 1), (grid[2] * bw - 1) * (pw - 1)) >= 2**31
     _full_res_grad_kernel[grid](
-        logits, labels, g, argmax, g if lse is None else lse, scale, grad_out, logits.shape[1],
-        hgt, wid, ph, pw, *logits.stride(), *labels.stride(), *grad_out.stride(),
-        cfg.ignore_index, planes.start, S=cfg.stride, PK=cfg.pool_size, POOL=pool,
-        MODE=_MODE_IDS[cfg.mode], WIDE=pool == 2 and wide, DT=_TL_DTYPES[g.dtype], BH=bh, BW=bw,
-        num_warps=tiles["num_warps"])
+        logits, target.values, target.mask, g, argmax, g if lse is None else lse, scale, grad_out,
+        logits.shape[1], hgt, wid, ph, pw, *logits.stride(), *target.strides,
+        *grad_out.stride(), cfg.ignore_index, planes.start, S=cfg.stride, PK=cfg.pool_size,
+        POOL=pool, MODE=_MODE_IDS[cfg.mode], TARGET=target.kind, WIDE=pool == 2 and wide,
+        DT=_TL_DTYPES[g.dtype], BH=bh, BW=bw, num_warps=tiles["num_warps"])
 
 
 #: At stride > 1 the backward runs stages (a), (d) and (e) on blocks of planes, so that the
@@ -911,20 +1012,21 @@ def _plane_blocks(logits, cfg) -> list:
 def _forward_impl(logits, labels, cfg):
     _check_plane(logits)
     n, c = logits.shape[:2]
-    maps = _first_term_and_pooled_maps(logits, labels, cfg, first_term=True,
+    target = _target_args(labels)
+    maps = _first_term_and_pooled_maps(logits, target, cfg, first_term=True,
                                        store_argmax=False)
-    if cfg.mode == "sigmoid":
+    if cfg.mode == "softmax":
+        ce = _first_term_lse(logits, target, cfg, store_lse=False, ce_sums=True).ce_partials
+        base_sum, base_count = ce[:, 0].sum(), ce[:, 1].sum()
+    else:  # sigmoid mode; region mode has no first term (its sums are 0)
         base_sum = maps.partial_sums[:, 0].sum()
         base_count = maps.counts[:, 0].sum(dtype=torch.int64).double()
-    else:
-        ce = _first_term_lse(logits, labels, cfg, store_lse=False, ce_sums=True).ce_partials
-        base_sum, base_count = ce[:, 0].sum(), ce[:, 1].sum()
     nonfinite = maps.counts[:, 1].sum(dtype=torch.int64)
     # Plane means of the pooled maps: the moment kernel subtracts them (covariances unchanged).
     ph, pw = cfg.pooled_size(*logits.shape[2:])
     offsets = maps.partial_sums[:, 1:].reshape(n * c, -1, 2).sum(dim=1) / float(ph * pw)
     offsets = offsets.flip(1)  # (off_y, off_p) per plane; flip, not a list index: no H2D copy
-    means, cov = _moment_sums(logits, maps.p, maps.y, labels, offsets, cfg)
+    means, cov = _moment_sums(logits, maps.p, maps.y, target, offsets, cfg)
     del maps
     _collect_interpreter_garbage()
     return base_sum, base_count, nonfinite, means, cov
@@ -932,22 +1034,23 @@ def _forward_impl(logits, labels, cfg):
 
 def _backward_impl(logits, labels, cfg, base_scale, coef, shift):
     _check_plane(logits)
+    target = _target_args(labels)
     lse = None
     if cfg.mode == "softmax":
-        lse = _first_term_lse(logits, labels, cfg, store_lse=True, ce_sums=False).lse
+        lse = _first_term_lse(logits, target, cfg, store_lse=True, ce_sums=False).lse
     scale = base_scale.to(device=logits.device, dtype=torch.float64).reshape(1)
     coef, shift = coef.contiguous(), shift.contiguous()
     _collect_interpreter_garbage()
     grad = torch.empty_like(logits)
     if cfg.stride == 1:  # stages (d)+(e) fused, P/Y recomputed: no full-size map but the gradient
-        return _pooled_grad_stencil(logits, logits, logits, labels, coef, shift, cfg, lse=lse,
+        return _pooled_grad_stencil(logits, logits, logits, target, coef, shift, cfg, lse=lse,
                                     scale=scale, grad_out=grad)
     for planes in _plane_blocks(logits, cfg):
-        maps = _first_term_and_pooled_maps(logits, labels, cfg, first_term=False,
+        maps = _first_term_and_pooled_maps(logits, target, cfg, first_term=False,
                                            store_argmax=cfg.pool == "max", planes=planes)
-        g = _pooled_grad_stencil(logits, maps.p, maps.y, labels, coef, shift, cfg,
+        g = _pooled_grad_stencil(logits, maps.p, maps.y, target, coef, shift, cfg,
                                  planes=planes)
-        _full_res_grad(logits, labels, g, maps.argmax, lse, scale, grad, cfg, planes)
+        _full_res_grad(logits, target, g, maps.argmax, lse, scale, grad, cfg, planes)
         del maps, g
         _collect_interpreter_garbage()
     return grad
@@ -1000,21 +1103,29 @@ def _cfg(radius, stride, pool, pool_size, ignore_index, mode):
                      ignore_index=ignore_index, mode=mode)
 
 
+def _as_target(labels: torch.Tensor, mask: Optional[torch.Tensor]):
+    """The ops' ``labels`` and ``mask`` as the launchers take them: the label map, or a
+    :class:`~rmi_ext.targets.FloatTarget` (a float ``labels`` of the logits' shape)."""
+    return FloatTarget(labels, mask) if labels.is_floating_point() else labels
+
+
 def _forward_stats_impl(logits: torch.Tensor, labels: torch.Tensor, radius: int, stride: int,
-                        pool: str, pool_size: int, ignore_index: int, mode: str
+                        pool: str, pool_size: int, ignore_index: int, mode: str,
+                        mask: Optional[torch.Tensor] = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
     cfg = _cfg(radius, stride, pool, pool_size, ignore_index, mode)
     with _device_guard(logits):
-        return _forward_impl(logits, labels, cfg)
+        return _forward_impl(logits, _as_target(labels, mask), cfg)
 
 
 def _backward_grad_impl(logits: torch.Tensor, labels: torch.Tensor, base_scale: torch.Tensor,
                         coef: torch.Tensor, shift: torch.Tensor, radius: int, stride: int,
-                        pool: str, pool_size: int, ignore_index: int, mode: str) -> torch.Tensor:
+                        pool: str, pool_size: int, ignore_index: int, mode: str,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     cfg = _cfg(radius, stride, pool, pool_size, ignore_index, mode)
     with _device_guard(logits):
-        return _backward_impl(logits, labels, cfg, base_scale, coef, shift)
+        return _backward_impl(logits, _as_target(labels, mask), cfg, base_scale, coef, shift)
 
 
 _forward_stats_op = torch.library.custom_op(
@@ -1029,12 +1140,15 @@ _backward_grad_op.register_fake(fake_backward_grad)
 
 def forward_stats(logits, labels, cfg: RMIConfig):
     """Stages (a)+(b): ``(base_sum, base_count, nonfinite, means, cov)``; see
-    :mod:`rmi_ext.function`."""
+    :mod:`rmi_ext.function`. ``labels``: a label map or a
+    :class:`~rmi_ext.targets.FloatTarget`."""
+    labels, mask = _labels_and_mask(labels)
     return _forward_stats_op(logits, labels, cfg.radius, cfg.stride, cfg.pool, cfg.pool_size,
-                             cfg.ignore_index, cfg.mode)
+                             cfg.ignore_index, cfg.mode, mask)
 
 
 def backward_grad(logits, labels, cfg: RMIConfig, base_scale, coef, shift):
     """Stages (d)+(e): ``grad_logits`` (recomputes the pooled maps rather than storing them)."""
+    labels, mask = _labels_and_mask(labels)
     return _backward_grad_op(logits, labels, base_scale, coef, shift, cfg.radius, cfg.stride,
-                             cfg.pool, cfg.pool_size, cfg.ignore_index, cfg.mode)
+                             cfg.pool, cfg.pool_size, cfg.ignore_index, cfg.mode, mask)

@@ -198,6 +198,8 @@ def test_region_mi_float32_and_volumes(backend, device):
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
     assert rel_err(got[0], want[0]) <= tol_value
     assert rel_err(got[1], want[1]) <= tol_grad and rel_err(got[2], want[2]) <= tol_grad
+    if backend not in INFO["volumes"]:
+        return
     pred, target, mask = (t.to(device) for t in two_maps((1, 2, 6, 9, 8)))
     weights = torch.tensor([[0.5, -2.0]], dtype=torch.float64, device=device)
     opts = dict(radius=(1, 2, 3), stride=(1, 2, 1), pool="max", mask=mask)

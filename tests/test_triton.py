@@ -58,14 +58,15 @@ def test_moment_window_splits(stride):
     (d = 25 > 16 at stride 1) and arbitrary plane offsets: same moments as the torch stage."""
     logits, labels = make_inputs((2, 2, 12, 11), requires_grad=False)
     cfg = make_config(radius=5 if stride == 1 else 3, stride=stride, pool="avg")
-    maps = tb._first_term_and_pooled_maps(logits, labels, cfg, first_term=False,
+    target = tb._target_args(labels)
+    maps = tb._first_term_and_pooled_maps(logits, target, cfg, first_term=False,
                                           store_argmax=False)
     _, _, _, y, p = torch_backend.prepare_maps(logits, labels, cfg)
     want = torch_backend.moment_sums(y, p, cfg.radius)
     offsets = torch.tensor([[0.3, 0.7]], dtype=torch.float64).repeat(logits.shape[0] *
                                                                       logits.shape[1], 1)
     for tiling in [(16, 2)]:
-        got = tb._moment_sums(logits, maps.p, maps.y, labels, offsets, cfg, tiling=tiling)
+        got = tb._moment_sums(logits, maps.p, maps.y, target, offsets, cfg, tiling=tiling)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=str(tiling))
 

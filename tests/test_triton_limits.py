@@ -172,18 +172,19 @@ def _stages(logits, labels, cfg, coef, shift, image, channel):
     plane = image * c + channel
     out = {}
     store_argmax = cfg.stride > 1 and cfg.pool == "max"
-    maps = tb._first_term_and_pooled_maps(logits, labels, cfg, first_term=True,
+    target = tb._target_args(labels)
+    maps = tb._first_term_and_pooled_maps(logits, target, cfg, first_term=True,
                                           store_argmax=store_argmax)
     for name, t in (("P", maps.p), ("Y", maps.y), ("arg-max", maps.argmax)):
         if t.dim() == 3:  # stored maps only
             out[name] = t[plane].clone()
     out["pooled-maps partial sums"] = _plane_rows(maps.partial_sums, n * c, plane).clone()
     out["counts"] = _plane_rows(maps.counts, n * c, plane).clone()
-    out["dloss/dP"] = tb._pooled_grad_stencil(logits, maps.p, maps.y, labels, coef, shift,
+    out["dloss/dP"] = tb._pooled_grad_stencil(logits, maps.p, maps.y, target, coef, shift,
                                               cfg)[plane].clone()
     del maps
     if cfg.mode == "softmax":
-        lse, part = tb._first_term_lse(logits, labels, cfg, store_lse=True, ce_sums=True)
+        lse, part = tb._first_term_lse(logits, target, cfg, store_lse=True, ce_sums=True)
         out["lse"] = lse[image].clone()
         out["CE partial sums"] = _plane_rows(part, n, image).clone()
         del lse
@@ -296,5 +297,5 @@ def test_grid_limits_raise(monkeypatch):
     logits = torch.empty((1, 1, 1, 1)).expand(65536, 2, 1, 1)
     labels = torch.zeros((1, 1, 1), dtype=torch.int64).expand(65536, 1, 1)
     with pytest.raises(ValueError, match=r"logsumexp .* launch grid \(1, 65536\)"):
-        tb._first_term_lse(logits, labels, make_config(mode="softmax"), store_lse=False,
-                           ce_sums=True)
+        tb._first_term_lse(logits, tb._target_args(labels), make_config(mode="softmax"),
+                           store_lse=False, ce_sums=True)
