@@ -115,8 +115,8 @@ def nonfinite_poison(nonfinite: torch.Tensor, cfg: RMIConfig,
 
 class RMIFunction(torch.autograd.Function):
     """``(logits, labels, mask) -> (base_term, rmi_term)``, two 0-d float64 tensors; ``labels``
-    an integer map (``mask`` None) or a float target (:class:`rmi_ext.targets.FloatTarget`
-    with ``mask``), which takes no gradient."""
+    an integer map (``mask`` None) or a float target with its ``mask`` (the backends get them
+    as a :class:`rmi_ext.targets.FloatTarget`), which takes no gradient."""
 
     @staticmethod
     def forward(ctx, logits, labels, mask, cfg: RMIConfig, backend: str):

@@ -48,7 +48,7 @@ def _backend_for(backend: str, cfg: RMIConfig, device: torch.device,
     able = [b for b in BACKENDS[1:] if b != "reference" and all(b in info[f] for f in features)]
     why = ("3-D logits [N, C, D, H, W]" if missing == ["volumes"] and cfg.rank == 3
            else " and ".join(FEATURE_NAMES[f] for f in missing))
-    raise ValueError(f"rmi_loss backend {name!r} does not support {why} yet; use one of "
+    raise ValueError(f"rmi_ext backend {name!r} does not support {why} yet; use one of "
                      f"{able + ['reference', 'auto']}")
 
 
@@ -114,7 +114,6 @@ def rmi_loss(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=None,
             ``"torch"`` (fused, any device) and ``"reference"``: ``"auto"`` picks the fastest
             (``backend_info(device)["auto_volumes"]``), a planar-only backend (``"cuda"``,
             ``"triton"``) raises ValueError.
-
         mask: with a float target only, ``[N, H, W]`` (``[N, D, H, W]``) bool, True = counted
             (the float target's ``ignore_index``); ``None``: every pixel counted.
 
