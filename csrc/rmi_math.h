@@ -19,7 +19,9 @@ constexpr double kLogEps = 1e-8;    // log(L_ii + 1e-8)
 
 enum PoolKind : int { kAvgPool = 0, kMaxPool = 1, kInterp = 2 };
 // kRegionMode: region_mi (RMI_SPEC.md section 6), P = the map itself times the mask, no first
-// term; the CPU kernels only (they keep the map where the other modes keep the sigmoid).
+// term; the CPU kernels only (rmi_cpu.cpp: prob_row, pooled_maps_plane and full_res_grad_row
+// read the map where the other modes read the sigmoid). rmi_prob / rmi_prob_slope below keep
+// the two loss modes only: a third branch made a CUDA kernel spill registers on sm_80.
 enum LossMode : int { kSigmoidMode = 0, kSoftmaxMode = 1, kRegionMode = 2 };
 
 // A pixel counts when 0 <= label < C and label != ignore_index.
@@ -52,11 +54,9 @@ RMI_HD T bce_with_logits(T x, bool y, T e) {
 
 // The RMI probability P and its slope dP/dx for one pixel of one class.
 // Sigmoid mode: P = sig*m + 1e-6. Softmax mode: P = clamp(sig*m, 1e-6, 1), slope 0 outside.
-// Region mode: sig is the map's value, P = sig*m, slope m.
 template <typename T>
 RMI_HD T rmi_prob(T sig, bool valid, int mode) {
   T pm = valid ? sig : T(0);
-  if (mode == kRegionMode) return pm;
   if (mode == kSigmoidMode) return pm + T(kClipMin);
   return pm < T(kClipMin) ? T(kClipMin) : (pm > T(1) ? T(1) : pm);
 }
@@ -64,7 +64,6 @@ RMI_HD T rmi_prob(T sig, bool valid, int mode) {
 template <typename T>
 RMI_HD T rmi_prob_slope(T sig, bool valid, int mode) {
   if (!valid) return T(0);
-  if (mode == kRegionMode) return T(1);
   T slope = sig * (T(1) - sig);
   if (mode == kSoftmaxMode && !(sig >= T(kClipMin) && sig <= T(1))) return T(0);
   return slope;

@@ -67,7 +67,7 @@ def test_op_checks_shared_with_cuda_name_the_argument():
             ((x, y, [11, 11], A1, "avg", A1, 255, "sigmoid"), r"radius must be in \[1, 10\] on every"),
             ((x, y, [3], A1, "avg", A1, 255, "sigmoid"), "one side per spatial axis"),
             ((x, y, A3, A1, "mean", A1, 255, "sigmoid"), "pool must be 'avg', 'max' or 'interp'"),
-            ((x, y, A3, A1, "avg", A1, 255, "tanh"), "mode must be 'sigmoid' or 'softmax'"),
+            ((x, y, A3, A1, "avg", A1, 255, "tanh"), "mode must be 'sigmoid', 'softmax' or 'region'"),
             ((x, y, A3, [5, 5], "avg", [5, 5], 255, "sigmoid"),
              r"downsampled map is 2x2 \(input 9x9.*smaller than the region radius \[3, 3\]"),
             ((x, y[:, :8], A3, A1, "avg", A1, 255, "sigmoid"), r"labels must have shape \[N, H, W\]"),

@@ -493,7 +493,7 @@ void prob_row(const Problem& p, const T* sig, const Lab& lab, T* prow, T* yrow) 
   if (p.mode == rmi::kRegionMode) {
 #pragma omp simd
     for (int64_t col = 0; col < W; ++col) {
-      prow[col] = rmi::rmi_prob(sig[col], lab.valid(col), rmi::kRegionMode);
+      prow[col] = lab.valid(col) ? sig[col] : T(0);  // region_mi: P = the map times the mask
       yrow[col] = lab.y(col);
     }
   } else if (p.mode == rmi::kSigmoidMode) {
@@ -540,7 +540,10 @@ void add_pooled_row(const Problem& p, int64_t r, const T* sig, const Lab& lab, P
 template <typename T, typename Lab>
 void pooled_maps_plane(const Problem& p, const Lab& lab, PlaneScratch<T>& s) {
   const T* sig = s.sig.data();
-  auto prob = [&](int64_t u) { return rmi::rmi_prob(sig[u], lab.valid(u), p.mode); };
+  auto prob = [&](int64_t u) {
+    if (p.mode == rmi::kRegionMode) return lab.valid(u) ? sig[u] : T(0);  // the map times the mask
+    return rmi::rmi_prob(sig[u], lab.valid(u), p.mode);
+  };
   const rmi::Axis &Z = axis_z(p), &Y = axis_y(p), &X = axis_x(p);
   const int64_t W = X.size, w = X.pooled;
   T* ymap = s.y_map();
