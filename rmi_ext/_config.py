@@ -245,7 +245,7 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig,
     if logits.dim() not in (4, 5):
         raise ValueError(f"logits must be 4-D [N, C, H, W] or 5-D [N, C, D, H, W], got shape "
                          f"{tuple(logits.shape)}")
-    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     n, c, *spatial = logits.shape
     _check_mask(logits, labels, mask)

@@ -43,7 +43,7 @@ def _check_op_inputs(logits, labels, radius, mask=None) -> int:
     ``labels`` a label map, or a float target of the logits' shape with an optional ``mask``."""
     torch._check(logits.dim() in (4, 5),
                  lambda: f"logits must be [N, C, H, W] or [N, C, D, H, W], got {logits.shape}")
-    torch._check(logits.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    torch._check(logits.dtype in FLOAT_DTYPES,
                  lambda: f"logits must be a float tensor, got {logits.dtype}")
     float_target = labels.dtype in FLOAT_DTYPES and labels.dim() == logits.dim()
     if float_target:  # its label-map axes are checked below
@@ -124,7 +124,7 @@ class RMIFunction(torch.autograd.Function):
         base_sum, base_count, nonfinite, means, cov = LOADED[backend].forward_stats(
             logits, target, cfg)
         if isinstance(target, FloatTarget) and not cfg.raises_on_nonfinite(logits.device):
-            nonfinite = nonfinite + target.out_of_range()  # else check_target_values raised
+            nonfinite = nonfinite + target.out_of_range()  # else rmi_loss_terms raised
         poison = nonfinite_poison(nonfinite, cfg)
         norm = base_normaliser(base_count, cfg)
         rmi_nc, (a, chol) = linalg.rmi_from_moments(cov)

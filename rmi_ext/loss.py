@@ -9,9 +9,9 @@ from torch import nn
 from ._config import BACKENDS, RMIConfig, check_inputs, label_map, make_config, _check_choice
 from ._dispatch import FEATURE_NAMES, auto_backend_for, backend_info, resolve_backend, supports, \
     warn_once
-from .function import RegionMIFunction, RMIFunction
+from .function import RegionMIFunction, RMIFunction, nonfinite_poison
 from .reference import reference_region_mi, reference_terms
-from .targets import FLOAT_DTYPES, check_target_values, is_float_target
+from .targets import FLOAT_DTYPES, RANGE_MESSAGE, FloatTarget, is_float_target
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -66,7 +66,8 @@ def rmi_loss_terms(logits, labels, *, radius=3, stride=4, pool="avg", pool_size=
             raise ValueError("rmi_loss takes no gradient to a float target (labels requires "
                              "grad): detach it, or use rmi_ext.region_mi for RMI between two "
                              "maps with gradients to both")
-        check_target_values(labels, cfg.raises_on_nonfinite(labels.device))
+        if cfg.raises_on_nonfinite(labels.device):  # else RMIFunction poisons the loss
+            nonfinite_poison(FloatTarget(labels).out_of_range(), cfg, RANGE_MESSAGE)
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     name = _backend_for(backend, cfg, logits.device, "float_targets" if float_target else None)
     # The float64 matrix stage must not be autocast; the kernels choose their own precision.

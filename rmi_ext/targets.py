@@ -41,7 +41,8 @@ class FloatTarget:
         return self.values[:, first:first + count].to(dtype) * valid.unsqueeze(1)
 
     def out_of_range(self) -> torch.Tensor:
-        """0-d int64: 1 when some value is outside ``[0, 1]`` or NaN, else 0."""
+        """0-d int64: 1 when some value is outside ``[0, 1]`` or NaN, else 0 (one ``aminmax``
+        pass, no temporaries; NaN gives NaN)."""
         low, high = torch.aminmax(self.values)
         return (~((low >= 0) & (high <= 1))).long()
 
@@ -60,17 +61,3 @@ def as_target(labels: torch.Tensor, mask: torch.Tensor | None):
     """What the backends take: the integer label map itself, or a :class:`FloatTarget`."""
     return FloatTarget(labels, mask) if is_float_target(labels) else labels
 
-
-def check_target_values(target: torch.Tensor, raises: bool) -> None:
-    """Raise when a float target of the loss has values outside ``[0, 1]`` (``raises``: the
-    non-finite policy raises on this device). CPU: ``torch._assert_async`` (no sync); CUDA:
-    a host sync, the strict mode's. Otherwise ``RMIFunction`` counts them with the non-finite
-    logits (:meth:`FloatTarget.out_of_range`), and they make the loss and its gradient NaN."""
-    if not raises:
-        return
-    low, high = torch.aminmax(target)  # one pass, no temporaries; NaN gives NaN
-    ok = (low >= 0) & (high <= 1)
-    if target.device.type == "cpu":
-        torch._assert_async(ok, RANGE_MESSAGE)
-    elif not bool(ok):
-        raise RuntimeError(RANGE_MESSAGE)

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ._config import RMIConfig
 from .function import fake_backward_grad, fake_forward_stats
-from .targets import FloatTarget, labels_and_mask as _labels_and_mask
+from .targets import FloatTarget, as_target, labels_and_mask as _labels_and_mask
 from .torch_backend import compute_dtype as _compute_dtype
 from .torch_backend import target_grad  # noqa: F401  (region_mi's gradient to the target map)
 
@@ -1103,12 +1103,6 @@ def _cfg(radius, stride, pool, pool_size, ignore_index, mode):
                      ignore_index=ignore_index, mode=mode)
 
 
-def _as_target(labels: torch.Tensor, mask: Optional[torch.Tensor]):
-    """The ops' ``labels`` and ``mask`` as the launchers take them: the label map, or a
-    :class:`~rmi_ext.targets.FloatTarget` (a float ``labels`` of the logits' shape)."""
-    return FloatTarget(labels, mask) if labels.is_floating_point() else labels
-
-
 def _forward_stats_impl(logits: torch.Tensor, labels: torch.Tensor, radius: int, stride: int,
                         pool: str, pool_size: int, ignore_index: int, mode: str,
                         mask: Optional[torch.Tensor] = None
@@ -1116,7 +1110,7 @@ def _forward_stats_impl(logits: torch.Tensor, labels: torch.Tensor, radius: int,
                                    torch.Tensor]:
     cfg = _cfg(radius, stride, pool, pool_size, ignore_index, mode)
     with _device_guard(logits):
-        return _forward_impl(logits, _as_target(labels, mask), cfg)
+        return _forward_impl(logits, as_target(labels, mask), cfg)
 
 
 def _backward_grad_impl(logits: torch.Tensor, labels: torch.Tensor, base_scale: torch.Tensor,
@@ -1125,7 +1119,7 @@ def _backward_grad_impl(logits: torch.Tensor, labels: torch.Tensor, base_scale: 
                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     cfg = _cfg(radius, stride, pool, pool_size, ignore_index, mode)
     with _device_guard(logits):
-        return _backward_impl(logits, _as_target(labels, mask), cfg, base_scale, coef, shift)
+        return _backward_impl(logits, as_target(labels, mask), cfg, base_scale, coef, shift)
 
 
 _forward_stats_op = torch.library.custom_op(

@@ -110,6 +110,23 @@ inline int64_t row_offset(const Problem& p, int64_t r, int64_t sz, int64_t sy) {
 
 // ---- label pre-pass ------------------------------------------------------------------------
 
+// lse[col] = log sum_c exp(x_c) over the classes of one full-resolution row xr of an image
+// (mx, sum: scratch of the row's length).
+template <typename logit_t, typename T>
+void row_logsumexp(const Problem& p, const logit_t* xr, std::vector<T>& mx, std::vector<T>& sum,
+                   T* lse) {
+  const int64_t W = axis_x(p).size;
+  std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
+  std::fill(sum.begin(), sum.end(), T(0));
+  for (int64_t c = 0; c < p.C; ++c)
+    for (int64_t col = 0; col < W; ++col)
+      mx[col] = std::max(mx[col], static_cast<T>(xr[c * p.xs[1] + col * p.xs[4]]));
+  for (int64_t c = 0; c < p.C; ++c)
+    for (int64_t col = 0; col < W; ++col)
+      sum[col] += exp_nonpos(static_cast<T>(xr[c * p.xs[1] + col * p.xs[4]]) - mx[col]);
+  for (int64_t col = 0; col < W; ++col) lse[col] = mx[col] + std::log(sum[col]);
+}
+
 // Per pixel: class id if valid else -1 ([N, plane] of L: int16 when C < 2^15, else int32; see
 // with_class_type), the number of valid pixels and, in softmax mode, the per-pixel logsumexp
 // over classes and the CE sum.
@@ -147,20 +164,11 @@ PixelInfo<T, L> pixel_pass(const Problem& p, const logit_t* x, const Tensor& lab
         row_count[row] = count;
         if (p.mode != rmi::kSoftmaxMode) continue;
         const logit_t* xr = x + n * p.xs[0] + row_offset(p, r, p.xs[2], p.xs[3]);
-        std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
-        std::fill(sum.begin(), sum.end(), T(0));
-        for (int64_t c = 0; c < p.C; ++c)
-          for (int64_t col = 0; col < W; ++col)
-            mx[col] = std::max(mx[col], static_cast<T>(xr[c * p.xs[1] + col * p.xs[4]]));
-        for (int64_t c = 0; c < p.C; ++c)
-          for (int64_t col = 0; col < W; ++col)
-            sum[col] += exp_nonpos(static_cast<T>(xr[c * p.xs[1] + col * p.xs[4]]) - mx[col]);
         T* lse = info.lse.data() + n * S + r * W;
+        row_logsumexp(p, xr, mx, sum, lse);
         double ce = 0.0;
-        for (int64_t col = 0; col < W; ++col) {
-          lse[col] = mx[col] + std::log(sum[col]);
+        for (int64_t col = 0; col < W; ++col)
           if (cls[col] >= 0) ce += lse[col] - static_cast<T>(xr[cls[col] * p.xs[1] + col * p.xs[4]]);
-        }
         row_ce[row] = ce;
       }
     });
@@ -234,14 +242,11 @@ FloatPixelInfo<T> float_pixel_pass(const Problem& p, const logit_t* x, const Ten
       if (p.mode != rmi::kSoftmaxMode) continue;
       const logit_t* xr = x + n * p.xs[0] + row_offset(p, r, p.xs[2], p.xs[3]);
       auto logit = [&](int64_t c, int64_t col) { return static_cast<T>(xr[c * p.xs[1] + col * p.xs[4]]); };
-      std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
-      std::fill(sum.begin(), sum.end(), T(0));
+      T* lse = info.lse.data() + n * S + r * W;
+      row_logsumexp(p, xr, mx, sum, lse);
       std::fill(ysum.begin(), ysum.end(), T(0));
       std::fill(yx.begin(), yx.end(), T(0));
-      for (int64_t c = 0; c < p.C; ++c)
-        for (int64_t col = 0; col < W; ++col) mx[col] = std::max(mx[col], logit(c, col));
       for (int64_t c = 0; c < p.C; ++c) {
-        for (int64_t col = 0; col < W; ++col) sum[col] += exp_nonpos(logit(c, col) - mx[col]);
         view.row(p, n, c, r, [&](const auto* yr, int64_t step) {
           for (int64_t col = 0; col < W; ++col) {
             const T y = static_cast<T>(yr[col * step]);
@@ -249,11 +254,9 @@ FloatPixelInfo<T> float_pixel_pass(const Problem& p, const logit_t* x, const Ten
           }
         });
       }
-      T* lse = info.lse.data() + n * S + r * W;
       T* y_sum = info.y_sum.data() + n * S + r * W;
       double ce = 0.0;
       for (int64_t col = 0; col < W; ++col) {
-        lse[col] = mx[col] + std::log(sum[col]);
         y_sum[col] = valid[col] ? ysum[col] : T(0);
         if (valid[col]) ce += ysum[col] * lse[col] - yx[col];  // -sum_c Y_c (x_c - lse)
       }
