@@ -52,6 +52,13 @@ RMI_HD T bce_with_logits(T x, bool y, T e) {
   return (x > T(0) ? x : T(0)) - (y ? x : T(0)) + log1p(e);
 }
 
+// The same for a float target y in [0, 1] (the CUDA kernels' float targets).
+template <typename T>
+RMI_HD T bce_with_logits(T x, T y, T e) {
+  using std::log1p;
+  return (x > T(0) ? x : T(0)) - x * y + log1p(e);
+}
+
 // The RMI probability P and its slope dP/dx for one pixel of one class.
 // Sigmoid mode: P = sig*m + 1e-6. Softmax mode: P = clamp(sig*m, 1e-6, 1), slope 0 outside.
 template <typename T>

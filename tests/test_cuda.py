@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 
 import rmi_ext
-from conftest import compare, make_inputs, rel_err
+from conftest import compare, make_inputs, rel_err, run
 from rmi_ext import torch_backend
 from rmi_ext._config import make_config
 from rmi_ext._dispatch import LOADED
-from rmi_ext.function import RMIFunction
+from rmi_ext.function import RegionMIFunction, RMIFunction
+from rmi_ext.targets import as_target, labels_and_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -251,17 +252,20 @@ def test_kernel_resources(builds):
             assert (kernel, f"sm_{arch}") in seen, f"{kernel} missing for sm_{arch}\n{table}"
         if any(r["signature"].startswith("_Z") for r in rows):
             continue  # no demangler: the template arguments cannot be read
-        # 4 logits types x 3 label types x (first term, full_res_grad fused and not, 3 pool
-        # kinds of pooled maps, moment offsets and partials)
+        # 4 logits types x the targets (3 label types, a float target in the logits' type and
+        # in the compute type, region_mi's) x (first term, its log-sum-exp, full_res_grad fused and not, 3
+        # pool kinds of pooled maps, moment offsets and partials)
         for x in _LOGITS:
             acc = "double" if x == "double" else "float"
-            for label in _LABEL_TYPES:
-                for name, extra in [("first_term_kernel", ""), ("full_res_grad_kernel", ",true"),
+            for target in [f"LabelTarget<{label}>" for label in _LABEL_TYPES] + [
+                    f"FloatTarget<{x}>", f"FloatTarget<{acc}>", f"RegionTarget<{acc}>"]:
+                for name, extra in [("first_term_kernel", ""), ("first_term_lse_kernel", ""),
+                                    ("full_res_grad_kernel", ",true"),
                                     ("full_res_grad_kernel", ",false")] + [
                         (kernel, f",{kind}") for kind in (0, 1, 2) for kernel in (
                             "pooled_maps_kernel", "moment_sums_offsets_kernel",
                             "moment_sums_partials_kernel")]:
-                    sig = f"{name}<{x},{acc},{label}{extra}>".replace(" ", "")
+                    sig = f"{name}<{x},{acc},{target}{extra}>".replace(" ", "")
                     assert (sig, f"sm_{arch}") in signatures, f"{sig} sm_{arch} missing\n{table}"
     spilling = [r for r in rows if r["kernel"] in HOT_KERNELS
                 and (r["spill_stores"] or r["spill_loads"]) and r["kernel"] not in SPILL_EXEMPT]
@@ -297,7 +301,7 @@ def test_glue_compiles_against_torch_headers(builds):
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _LABELS = {torch.uint8: 0, torch.int32: 1, torch.int64: 2}
 _POOLS = {"avg": 0, "max": 1, "interp": 2}
-_MODES = {"sigmoid": 0, "softmax": 1}
+_MODES = {"sigmoid": 0, "softmax": 1, "region": 2}
 
 
 def _storage_bytes(t):
@@ -317,6 +321,7 @@ class Emulated:
     ``emulated`` fixture registers it with ``RMIFunction`` under the name ``name``."""
 
     name = "cuda-emulated"
+    target_grad = staticmethod(torch_backend.target_grad)  # region_mi's, as cuda_backend's
 
     def __init__(self, exe: Path):
         self.exe = exe
@@ -325,14 +330,26 @@ class Emulated:
 
     def _run(self, op, logits, labels, cfg, extra=(), channels_last_out=False):
         xn, xb = _storage_bytes(logits)
-        ln, lb = _storage_bytes(labels)
-        header = [op, _DTYPES[logits.dtype], _LABELS[labels.dtype], *logits.shape,
-                  *logits.stride(), xn, *labels.stride(), ln, cfg.radius, cfg.stride,
+        values, mask = labels_and_mask(labels)
+        mask_bytes, c_stride = b"", 0
+        if values.dtype.is_floating_point:  # as rmi_cuda.cu's kernel_target and dispatch_target
+            kind = 3 if values.dtype == logits.dtype else 4
+            kind = 5 if cfg.mode == "region" else kind
+            if kind != 3:
+                values = values.to(torch_backend.compute_dtype(logits))
+            c_stride, strides = values.stride(1), values[:, 0].stride()
+            if mask is not None:
+                mask_bytes = mask.contiguous().numpy().tobytes()
+        else:
+            kind, strides = _LABELS[values.dtype], values.stride()
+        ln, lb = _storage_bytes(values)
+        header = [op, _DTYPES[logits.dtype], kind, *logits.shape,
+                  *logits.stride(), xn, *strides, ln, cfg.radius, cfg.stride,
                   _POOLS[cfg.pool], cfg.pool_size, cfg.ignore_index, _MODES[cfg.mode],
-                  int(channels_last_out), self.max_block_planes]
+                  int(channels_last_out), self.max_block_planes, c_stride, len(mask_bytes)]
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "in", Path(tmp) / "out"
-            src.write_bytes(struct.pack(f"<{len(header)}q", *header) + xb + lb
+            src.write_bytes(struct.pack(f"<{len(header)}q", *header) + xb + lb + mask_bytes
                             + b"".join(_tensor_bytes(t) for t in extra))
             subprocess.run([str(self.exe), str(src), str(dst)], check=True)
             return torch.frombuffer(bytearray(dst.read_bytes()), dtype=torch.float64)
@@ -345,12 +362,13 @@ class Emulated:
         cov = out[3 + n * c * 2 * d:].view(n, c, 3, d, d)
         return out[0], out[1], out[2].long(), means, cov
 
-    def __call__(self, logits, labels, **opts):
-        """The loss of ``rmi_ext.rmi_loss(logits, labels, **opts)`` on the emulated kernels
-        (for ``conftest.compare``): straight to the autograd.Function, not a public backend."""
+    def __call__(self, logits, labels, mask=None, **opts):
+        """The loss of ``rmi_ext.rmi_loss(logits, labels, mask=mask, **opts)`` on the emulated
+        kernels (for ``conftest.compare``): straight to the autograd.Function, not a public
+        backend."""
         cfg = make_config(**opts)
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        base, rmi = RMIFunction.apply(logits, labels, None, cfg, self.name)
+        base, rmi = RMIFunction.apply(logits, labels, mask, cfg, self.name)
         w_base, w_rmi = cfg.term_weights
         return w_base * base.to(out_dtype) + w_rmi * rmi.to(out_dtype)
 
@@ -482,6 +500,138 @@ def test_emulated_first_term_counts(emulated):
         assert base_sum.item() == 0.0 and base_count.item() == 0.0 and nonfinite.item() == 0
         torch.testing.assert_close(means, want[3], rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(cov, want[4], rtol=1e-12, atol=1e-15)
+
+
+# ---- without a GPU: float targets and region_mi on the emulated kernels -------------------------
+
+
+def soft_target(shape, seed, kind="soft", dtype=torch.float64):
+    """A float target (``soft``: rows summing to 1; ``multi``: multi-label 0/1) and a mask with
+    about a fifth of the pixels off."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "soft":
+        target = torch.softmax(2 * torch.randn(shape, generator=gen, dtype=torch.float64), 1)
+    else:
+        target = (torch.rand(shape, generator=gen, dtype=torch.float64) < 0.4).double()
+    mask = torch.rand((shape[0], *shape[2:]), generator=gen) > 0.2
+    return target.to(dtype), mask
+
+
+@needs_nvcc
+@pytest.mark.parametrize("kind", ["soft", "multi"])
+@pytest.mark.parametrize("mode,pool,stride,radius", pool_grid(radii=(2,)))
+def test_emulated_float_targets(emulated, kind, mode, pool, stride, radius):
+    """A float target with and without a mask (FloatTarget: the BCE or the soft CE with the
+    target, Y = target * mask), every pool mode and factor, DF 1 without any map."""
+    s = side(radius, stride)
+    x, _ = make_inputs((2, 3, s, s + 1), 3 * stride + radius, mode=mode)
+    target, mask = soft_target(x.shape, stride, kind)
+    for m in (mask, None):
+        compare(emulated, x, target, mode=mode, pool=pool, stride=stride, radius=radius, mask=m)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("pool,stride", [("avg", 1), ("max", 2), ("interp", 3)])
+def test_emulated_one_hot_target_equals_labels(emulated, mode, pool, stride):
+    """A one-hot float target with the valid pixels as its mask gives the integer labels' loss
+    and gradient on the emulated kernels."""
+    x, labels = make_inputs((2, 3, 19, 17), 5, mode=mode, ignore_frac=0.2)
+    valid = (labels >= 0) & (labels < 3) & (labels != 255)
+    onehot = F.one_hot(torch.where(valid, labels.long(), 0), 3).movedim(-1, 1).double()
+    opts = dict(mode=mode, pool=pool, stride=stride)
+    with_labels = run(x, labels, emulated, **opts)
+    with_target = run(x, onehot * valid.unsqueeze(1), emulated, mask=valid, **opts)
+    for a, b in zip(with_target, with_labels):
+        assert rel_err(a, b) <= 1e-12
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype,target_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.float64),
+    (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.bfloat16)])
+def test_emulated_float_target_dtypes(emulated, dtype, target_dtype):
+    """The target in the logits' dtype is read as it is (FloatTarget<scalar_t>), any other float
+    dtype through a copy in the compute type (FloatTarget<acc_t>), as rmi_cuda.cu does."""
+    x, _ = make_inputs((2, 3, 21, 18), 8, dtype=dtype)
+    target, mask = soft_target(x.shape, 2, dtype=target_dtype)
+    compare(emulated, x, target, stride=2, mask=mask)
+    compare(emulated, x, target, stride=1, mode="softmax", mask=mask)
+    compare(emulated, x, target, stride=3, pool="interp", mode="softmax")
+
+
+@needs_nvcc
+def test_emulated_float_target_layouts(emulated):
+    """A channels-last logits and target, a strided target and mask, ``grad_output != 1``."""
+    x, _ = make_inputs((2, 4, 18, 17), 9)
+    target, mask = soft_target(x.shape, 4, "multi")
+    compare(emulated, x.contiguous(memory_format=torch.channels_last),
+            target.contiguous(memory_format=torch.channels_last), mask=mask, stride=2)
+    wide = torch.cat([target, target], dim=3)[..., ::2]
+    compare(emulated, x, wide, torch.tensor(-1.7, dtype=torch.float64), mask=mask.mT.mT,
+            stride=3, pool="max", mode="softmax")
+    compare(emulated, x, wide, mask=mask[:, :, :].transpose(1, 2).contiguous().transpose(1, 2),
+            stride=1, radius=2)
+
+
+def _emulated_region_mi(backend, pred, target, mask, weights, **opts):
+    """``region_mi(pred, target, reduction="none")`` and the gradients of ``sum(weights * rmi)``
+    to both maps: through RegionMIFunction for the emulated kernels (``backend`` not a str)."""
+    p, t = pred.detach().requires_grad_(), target.detach().requires_grad_()
+    if isinstance(backend, str):
+        rmi = rmi_ext.region_mi(p, t, mask=mask, reduction="none", backend=backend, **opts)
+    else:
+        cfg = make_config(**opts)._replace(mode="region")
+        rmi = RegionMIFunction.apply(p, t, mask, cfg, backend.name) / cfg.dim
+    gp, gt = torch.autograd.grad((rmi * weights).sum(), (p, t))
+    return rmi.detach(), gp, gt
+
+
+@needs_nvcc
+@pytest.mark.parametrize("pool,stride", [("avg", 1), ("avg", 2), ("max", 2), ("max", 3),
+                                         ("interp", 2), ("interp", 3)])
+def test_emulated_region_mi(emulated, pool, stride):
+    """region_mi on the emulated kernels (mode "region": P is the map times the mask, its slope
+    the mask, no first term) against the reference, values and both gradients."""
+    gen = torch.Generator().manual_seed(stride)
+    pred = torch.rand((2, 3, 17, 19), generator=gen, dtype=torch.float64)
+    target = torch.sigmoid(3 * torch.randn(pred.shape, generator=gen, dtype=torch.float64))
+    mask = torch.rand((2, 17, 19), generator=gen) > 0.15
+    weights = torch.randn((2, 3), generator=gen, dtype=torch.float64)
+    for m in (mask, None):
+        opts = dict(pool=pool, stride=stride, radius=3)
+        got = _emulated_region_mi(emulated, pred, target, m, weights, **opts)
+        want = _emulated_region_mi("reference", pred, target, m, weights, **opts)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) <= 1e-10
+
+
+@needs_nvcc
+def test_emulated_float_target_first_term_counts(emulated):
+    """With a float target: non-finite logits are counted, a mask with no pixel on gives zero
+    first-term sums, region mode counts nothing."""
+    x, _ = make_inputs((2, 3, 13, 12), 0, requires_grad=False)
+    target, mask = soft_target(x.shape, 1)
+    x[0, 1, 2, 3], x[1, 2, 0, 0] = float("nan"), float("inf")
+    _, _, nonfinite, _, _ = emulated.forward_stats(x, as_target(target, mask),
+                                                    make_config(stride=2))
+    assert nonfinite.item() == 2
+    x = x.nan_to_num(0.0, 0.0, 0.0)
+    off = torch.zeros_like(mask)
+    for mode in ("sigmoid", "softmax", "region"):
+        cfg = make_config(stride=2)._replace(mode=mode)
+        for m in ((off, mask) if mode != "region" else (mask,)):
+            base_sum, base_count, _, means, cov = emulated.forward_stats(
+                x, as_target(target, m), cfg)
+            want = torch_backend.forward_stats(x, as_target(target, m), cfg)
+            if mode == "region" or m is off:
+                assert base_sum.item() == 0.0 and base_count.item() == 0.0
+            else:
+                assert base_count.item() == m.sum().item()
+                torch.testing.assert_close(base_sum, want[0], rtol=1e-12, atol=0)
+            torch.testing.assert_close(means, want[3], rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(cov, want[4], rtol=1e-12, atol=1e-15)
 
 
 @needs_nvcc

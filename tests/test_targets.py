@@ -1,8 +1,9 @@
 """Float targets of the loss and ``region_mi`` (RMI_SPEC.md section 6, issue 17).
 
-The backends that compute them (``backend_info()["float_targets"]``, ``["region_mi"]``: the
-torch backend both, the C++ cpu backend float targets) are checked against the
-reference with the harness' tolerances; the reference's float-target loss is checked against
+The backends that compute them (``backend_info()["float_targets"]``, ``["region_mi"]``: every
+backend; on CPU torch, cpu and the interpreted triton, on a GPU torch, triton and cuda) are
+checked against the reference with the harness' tolerances (the CUDA kernels without a GPU: the
+host emulation in test_cuda.py); the reference's float-target loss is checked against
 the integer-label loss (one-hot targets) and against ``F.cross_entropy`` / BCE written out.
 """
 from __future__ import annotations

@@ -27,7 +27,8 @@
 //
 // Types: scalar_t is the logits' type (float, double, or a 16-bit float: __half/__nv_bfloat16
 // here, at::Half/at::BFloat16 from the glue), acc_t the compute type (double for double
-// logits, float otherwise, as torch_backend.compute_dtype), label_t uint8_t/int32_t/int64_t.
+// logits, float otherwise, as torch_backend.compute_dtype), Target the target's reader (see
+// "targets" below): LabelTarget<uint8_t/int32_t/int64_t> or FloatTarget<scalar_t or acc_t>.
 // Sums over many elements (first term, moments) are float64. Indices are int64_t throughout
 // (tensors past 2^31 elements are fine); flat indices are decoded with FastDivmod, not with
 // 64-bit divisions. Every grid dimension comes from plan_launches() / plan_backward(), which
@@ -35,7 +36,8 @@
 //
 // Memory, in bytes per logit (b = the logits' element size), besides the O(N C d^2) float64
 // matrices, the int32 copy of int8/int16 labels (4/C) and, in softmax mode, the backward's
-// logsumexp map (4/C, or 8/C for float64):
+// logsumexp map (4/C, or 8/C for float64; twice that with a float target, see
+// first_term_lse_store):
 //   forward, every factor: no pooled map is stored (the moment kernel computes the pooled Y and
 //     P of each tile from the logits into shared memory); the moment partials take at most
 //     1/4 byte, or one N C x entries float64 array when that is more (plan_moments);
@@ -216,13 +218,115 @@ struct OutStrides {
   bool channels_last;  // visit elements in N, H, W, C order (coalesced writes for NHWC)
 };
 
-// ---- per-pixel helpers ---------------------------------------------------------------------
+// ---- targets ---------------------------------------------------------------------------------
+//
+// Every kernel that reads the target takes it as a template parameter `Target` (RMI_SPEC.md
+// section 6), one of:
+//   LabelTarget<label_t>: integer labels [N, H, W] (strides g.ls); a pixel counts when its
+//     label is a class and not ignore_index; Y of class c is 1 where the label is c.
+//   FloatTarget<value_t>: a float target [N, C, H, W] (N, H, W strides g.ls, class stride
+//     c_stride) and a contiguous bool mask [N, H, W], or none (null: every pixel counts; a
+//     strided mask cost sm_90 kernels registers and spills); a pixel counts where the mask is
+//     true; Y = the target times the mask.
+//   RegionTarget<value_t>: a FloatTarget for mode "region" (region_mi): P is the map itself
+//     (the "logits") times the mask, its slope the mask, and there is no first term. A type of
+//     its own (Target::kRegion) so that the branch is compiled out of the loss kernels: as a
+//     runtime test it cost the max-pooling moment kernel registers and spills.
+// They are read through target_plane (the view of plane (n, c)), target_row (one row of it)
+// and target_at (one pixel: TargetPixel).
+
+template <typename acc_t>
+struct TargetPixel {
+  bool valid;  // the pixel counts
+  acc_t y;     // Y of the class, 0 where the pixel does not count
+};
 
 template <typename label_t>
-RMI_HD int64_t label_at(const label_t* labels, const Problem& g, int64_t n, int64_t y,
-                        int64_t x) {
-  return static_cast<int64_t>(labels[n * g.ls[0] + y * g.ls[1] + x * g.ls[2]]);
+struct LabelTarget {
+  static constexpr bool kFloat = false;
+  static constexpr bool kRegion = false;
+  const label_t* labels;
+  struct View {  // an image's label map, or one row of it (every class reads the same)
+    const label_t* l;
+  };
+};
+
+template <typename value_t>
+struct FloatTarget {
+  static constexpr bool kFloat = true;
+  static constexpr bool kRegion = false;
+  const value_t* values;
+  int64_t c_stride;
+  const bool* mask;  // contiguous [N, H, W], or null: every pixel counts
+  struct View {   // plane (n, c) of the target and image n of the mask, or one row of both
+    const value_t* v;
+    const bool* m;
+  };
+};
+
+template <typename value_t>
+struct RegionTarget : FloatTarget<value_t> {
+  static constexpr bool kRegion = true;
+};
+
+template <typename label_t>
+RMI_HD typename LabelTarget<label_t>::View target_plane(const LabelTarget<label_t>& t,
+                                                        const Problem& g, int64_t n, int64_t) {
+  return {t.labels + n * g.ls[0]};
 }
+
+template <typename value_t>
+RMI_HD typename FloatTarget<value_t>::View target_plane(const FloatTarget<value_t>& t,
+                                                        const Problem& g, int64_t n, int64_t c) {
+  return {t.values + n * g.ls[0] + c * t.c_stride,
+          t.mask != nullptr ? t.mask + n * g.H() * g.W() : nullptr};
+}
+
+template <typename label_t>
+RMI_HD typename LabelTarget<label_t>::View target_row(
+    const LabelTarget<label_t>&, const typename LabelTarget<label_t>::View& plane,
+    const Problem& g, int64_t y) {
+  return {plane.l + y * g.ls[1]};
+}
+
+template <typename value_t>
+RMI_HD typename FloatTarget<value_t>::View target_row(
+    const FloatTarget<value_t>& t, const typename FloatTarget<value_t>::View& plane,
+    const Problem& g, int64_t y) {
+  return {plane.v + y * g.ls[1], plane.m != nullptr ? plane.m + y * g.W() : nullptr};
+}
+
+template <typename acc_t, typename label_t>
+RMI_HD TargetPixel<acc_t> target_at(const LabelTarget<label_t>&,
+                                    const typename LabelTarget<label_t>::View& row,
+                                    const Problem& g, int64_t c, int64_t x) {
+  const int64_t label = static_cast<int64_t>(row.l[x * g.ls[2]]);
+  const bool valid = is_valid_label(label, g.C, g.ignore_index);
+  return {valid, (valid && label == c) ? acc_t(1) : acc_t(0)};
+}
+
+template <typename acc_t, typename value_t>
+RMI_HD TargetPixel<acc_t> target_at(const FloatTarget<value_t>& t,
+                                    const typename FloatTarget<value_t>::View& row,
+                                    const Problem& g, int64_t, int64_t x) {
+  const bool valid = row.m == nullptr || row.m[x];
+  return {valid, valid ? static_cast<acc_t>(row.v[x * g.ls[2]]) : acc_t(0)};
+}
+
+// The label of pixel (n, y, x) and whether the mask counts pixel (n, y, x).
+template <typename label_t>
+RMI_HD int64_t label_at(const LabelTarget<label_t>& t, const Problem& g, int64_t n, int64_t y,
+                        int64_t x) {
+  return static_cast<int64_t>(t.labels[n * g.ls[0] + y * g.ls[1] + x * g.ls[2]]);
+}
+
+template <typename value_t>
+RMI_HD bool mask_at(const FloatTarget<value_t>& t, const Problem& g, int64_t n, int64_t y,
+                   int64_t x) {
+  return t.mask == nullptr || t.mask[(n * g.H() + y) * g.W() + x];
+}
+
+// ---- per-pixel helpers ---------------------------------------------------------------------
 
 template <typename acc_t, typename scalar_t>
 RMI_HD acc_t logit_at(const scalar_t* logits, const Problem& g, int64_t n, int64_t c,
@@ -244,29 +348,32 @@ RMI_HD acc_t logsumexp_at(const scalar_t* logits, const Problem& g, int64_t n, i
   return top + log(sum);
 }
 
-// P (rmi_prob) and one-hot Y of class c at full-resolution pixel (y, x).
+// P (rmi_prob; region mode: the map times the mask) and Y of class c at one full-resolution
+// pixel.
 template <typename acc_t>
 struct PY {
   acc_t p;
   acc_t y;
 };
 
-// The same from row pointers: x_row = the logits of plane (n, c) at row y, l_row = the labels
-// of image n at row y (the pooling loops walk rows with them).
-template <typename acc_t, typename scalar_t, typename label_t>
-RMI_HD PY<acc_t> row_pixel_py(const scalar_t* x_row, const label_t* l_row, const Problem& g,
-                              int64_t c, int64_t x) {
-  const int64_t label = static_cast<int64_t>(l_row[x * g.ls[2]]);
-  const bool valid = is_valid_label(label, g.C, g.ignore_index);
-  const acc_t sig = sigmoid_parts(static_cast<acc_t>(x_row[x * g.xs[3]])).sig;
-  return {rmi_prob(sig, valid, g.mode), (valid && label == c) ? acc_t(1) : acc_t(0)};
+// The same from row views: x_row = the logits of plane (n, c) at row y, t_row = the target's
+// row y of that plane (target_row; the pooling loops walk rows with them).
+template <typename acc_t, typename scalar_t, typename Target>
+RMI_HD PY<acc_t> row_pixel_py(const scalar_t* x_row, const Target& t,
+                              const typename Target::View& t_row, const Problem& g, int64_t c,
+                              int64_t x) {
+  const TargetPixel<acc_t> tp = target_at<acc_t>(t, t_row, g, c, x);
+  const acc_t v = static_cast<acc_t>(x_row[x * g.xs[3]]);
+  if (Target::kRegion) return {tp.valid ? v : acc_t(0), tp.y};
+  const acc_t sig = sigmoid_parts(v).sig;
+  return {rmi_prob(sig, tp.valid, g.mode), tp.y};
 }
 
-template <typename acc_t, typename scalar_t, typename label_t>
-RMI_HD PY<acc_t> pixel_py(const scalar_t* logits, const label_t* labels, const Problem& g,
-                          int64_t n, int64_t c, int64_t y, int64_t x) {
-  return row_pixel_py<acc_t>(logits + n * g.xs[0] + c * g.xs[1] + y * g.xs[2],
-                             labels + n * g.ls[0] + y * g.ls[1], g, c, x);
+template <typename acc_t, typename scalar_t, typename Target>
+RMI_HD PY<acc_t> pixel_py(const scalar_t* logits, const Target& t, const Problem& g, int64_t n,
+                          int64_t c, int64_t y, int64_t x) {
+  return row_pixel_py<acc_t>(logits + n * g.xs[0] + c * g.xs[1] + y * g.xs[2], t,
+                             target_row(t, target_plane(t, g, n, c), g, y), g, c, x);
 }
 
 // ---- stage (a): first term and pooled maps ---------------------------------------------------
@@ -280,11 +387,12 @@ struct FirstTermSums {
 };
 
 template <typename acc_t, typename scalar_t, typename label_t>
-RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits, const label_t* labels,
-                                   const Problem& g, const Divisors& dv) {
+RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits,
+                                   const LabelTarget<label_t>& t, const Problem& g,
+                                   const Divisors& dv) {
   int64_t x, y;
   const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
-  int64_t label = label_at(labels, g, n, y, x);
+  int64_t label = label_at(t, g, n, y, x);
   bool valid = is_valid_label(label, g.C, g.ignore_index);
   FirstTermSums s = {0.0, valid ? 1.0 : 0.0, 0};
   for (int64_t c = 0; c < g.C; ++c) {
@@ -297,6 +405,53 @@ RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits, const labe
     s.sum = static_cast<double>(logsumexp_at<acc_t>(logits, g, n, y, x) -
                                 logit_at<acc_t>(logits, g, n, label, y, x));
   return s;
+}
+
+// A float target: the BCE with the target's values, or the soft CE -sum_c Y_c log_softmax_c =
+// (sum_c Y_c) lse - sum_c Y_c x_c, where the mask counts the pixel; region mode: no first
+// term (count 0), only the non-finite values.
+template <typename acc_t, typename scalar_t, typename value_t>
+RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits,
+                                   const FloatTarget<value_t>& t, const Problem& g,
+                                   const Divisors& dv) {
+  int64_t x, y;
+  const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
+  const bool counts = g.mode != kRegionMode && mask_at(t, g, n, y, x);
+  FirstTermSums s = {0.0, counts ? 1.0 : 0.0, 0};
+  const value_t* values = t.values + n * g.ls[0] + y * g.ls[1] + x * g.ls[2];
+  acc_t y_sum = acc_t(0), yx_sum = acc_t(0);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const acc_t v = logit_at<acc_t>(logits, g, n, c, y, x);
+    if (!isfinite(v)) ++s.nonfinite;
+    if (!counts) continue;
+    const acc_t yc = static_cast<acc_t>(values[c * t.c_stride]);
+    if (g.mode == kSigmoidMode)
+      s.sum += static_cast<double>(bce_with_logits(v, yc, sigmoid_parts(v).e));
+    else
+      y_sum += yc, yx_sum += yc * v;
+  }
+  if (g.mode == kSoftmaxMode && counts)
+    s.sum = static_cast<double>(y_sum * logsumexp_at<acc_t>(logits, g, n, y, x) - yx_sum);
+  return s;
+}
+
+// Softmax mode, pixel q of [N, H, W]: lse[q] = the channel log-sum-exp (the CE gradient's
+// softmax is exp(x - lse)); with a float target also lse[N H W + q] = the sum over classes of
+// Y (the soft CE's gradient is softmax * that sum - Y).
+template <typename acc_t, typename scalar_t, typename Target>
+RMI_HD void first_term_lse_store(int64_t q, const scalar_t* logits, const Target& t,
+                                 const Problem& g, const Divisors& dv, acc_t* lse) {
+  int64_t x, y;
+  const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
+  lse[q] = logsumexp_at<acc_t>(logits, g, n, y, x);
+  if constexpr (Target::kFloat) {
+    const typename Target::View row = target_row(t, target_plane(t, g, n, 0), g, y);
+    acc_t sum = acc_t(0);
+    if (mask_at(t, g, n, y, x))
+      for (int64_t c = 0; c < g.C; ++c)
+        sum += static_cast<acc_t>(row.v[c * t.c_stride + x * g.ls[2]]);
+    lse[g.N * g.H() * g.W() + q] = sum;
+  }
 }
 
 // The pooled maps are computed by one instantiation per pool kind (a compile-time `kind`):
@@ -315,43 +470,43 @@ void dispatch_pool_kind(int kind, F&& f) {
 }
 
 // Pooled Y and P of plane (n, c) at pooled pixel (oy, ox) (torch_backend._pool), computed from
-// the logits and labels, for kind == pooled_kind(g): identity for factor 1;
+// the logits and the target, for kind == pooled_kind(g): identity for factor 1;
 // avg_pool2d(k, s, k // 2, count_include_pad) (the window never reaches past the padding in
 // floor mode, so the divisor is always k * k); max_pool2d (first maximum in row-major window
 // order; Y is the maximum of a 0/1 map; *arg is where the maximum of P is, as the row-major
 // position in the window clipped to the map, see max_window_arg); interp: nearest Y, bilinear
 // align_corners=True P (scales precomputed in dv). *arg is only written for max pooling with
 // factor > 1.
-template <int kind, typename acc_t, typename scalar_t, typename label_t>
-RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const label_t* labels, const Problem& g,
+template <int kind, typename acc_t, typename scalar_t, typename Target>
+RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const Target& t, const Problem& g,
                            const Divisors& dv, int64_t n, int64_t c, int64_t oy, int64_t ox,
                            int32_t* arg) {
-  if (g.factor() == 1) return pixel_py<acc_t>(logits, labels, g, n, c, oy, ox);
+  if (g.factor() == 1) return pixel_py<acc_t>(logits, t, g, n, c, oy, ox);
   if (kind == kInterp) {
     LinearTap<acc_t> ty = linear_tap<acc_t>(oy, g.H(), dv.sh.linear<acc_t>());
     LinearTap<acc_t> tx = linear_tap<acc_t>(ox, g.W(), dv.sw.linear<acc_t>());
-    acc_t p00 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i0, tx.i0).p;
-    acc_t p01 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i0, tx.i1).p;
-    acc_t p10 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i1, tx.i0).p;
-    acc_t p11 = pixel_py<acc_t>(logits, labels, g, n, c, ty.i1, tx.i1).p;
+    acc_t p00 = pixel_py<acc_t>(logits, t, g, n, c, ty.i0, tx.i0).p;
+    acc_t p01 = pixel_py<acc_t>(logits, t, g, n, c, ty.i0, tx.i1).p;
+    acc_t p10 = pixel_py<acc_t>(logits, t, g, n, c, ty.i1, tx.i0).p;
+    acc_t p11 = pixel_py<acc_t>(logits, t, g, n, c, ty.i1, tx.i1).p;
     acc_t p = ty.w0 * (tx.w0 * p00 + tx.w1 * p01) + ty.w1 * (tx.w0 * p10 + tx.w1 * p11);
     const int64_t sy = nearest_source(oy, g.H(), g.h(), dv.sh.nearest);
     const int64_t sx = nearest_source(ox, g.W(), g.w(), dv.sw.nearest);
-    acc_t y = pixel_py<acc_t>(logits, labels, g, n, c, sy, sx).y;
+    acc_t y = target_at<acc_t>(t, target_row(t, target_plane(t, g, n, c), g, sy), g, c, sx).y;
     return {p, y};
   }
   int64_t y0, y1, x0, x1;
   pool_window(oy, g.H(), g.kernel(), g.factor(), &y0, &y1);
   pool_window(ox, g.W(), g.kernel(), g.factor(), &x0, &x1);
   const scalar_t* x_plane = logits + n * g.xs[0] + c * g.xs[1];
-  const label_t* l_image = labels + n * g.ls[0];
+  const typename Target::View t_plane = target_plane(t, g, n, c);
   if (kind == kAvgPool) {
     PY<acc_t> sum = {acc_t(0), acc_t(0)};
     for (int64_t y = y0; y < y1; ++y) {
       const scalar_t* x_row = x_plane + y * g.xs[2];
-      const label_t* l_row = l_image + y * g.ls[1];
+      const typename Target::View t_row = target_row(t, t_plane, g, y);
       for (int64_t x = x0; x < x1; ++x) {
-        const PY<acc_t> v = row_pixel_py<acc_t>(x_row, l_row, g, c, x);
+        const PY<acc_t> v = row_pixel_py<acc_t>(x_row, t, t_row, g, c, x);
         sum.p += v.p;
         sum.y += v.y;
       }
@@ -364,9 +519,9 @@ RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const label_t* labels, const 
   int32_t at = 0, best = 0;  // row-major position in the clipped window, of P's maximum
   for (int64_t y = y0; y < y1; ++y) {
     const scalar_t* x_row = x_plane + y * g.xs[2];
-    const label_t* l_row = l_image + y * g.ls[1];
+    const typename Target::View t_row = target_row(t, t_plane, g, y);
     for (int64_t x = x0; x < x1; ++x, ++at) {
-      const PY<acc_t> v = row_pixel_py<acc_t>(x_row, l_row, g, c, x);
+      const PY<acc_t> v = row_pixel_py<acc_t>(x_row, t, t_row, g, c, x);
       if (at == 0 || v.p > top.p) top.p = v.p, best = at;
       if (v.y > top.y) top.y = v.y;
     }
@@ -378,14 +533,14 @@ RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const label_t* labels, const 
 // Backward, factor > 1: stores the pooled maps of a block of planes at local element q of
 // [block planes, h, w] (y_out, p_out hold the block only), and the max-pooling arg-max when
 // arg_out is not null (arg_out must be null unless pool is max with factor > 1).
-template <int kind, typename acc_t, typename scalar_t, typename label_t>
-RMI_HD void pooled_maps_store(int64_t q, const scalar_t* logits, const label_t* labels,
+template <int kind, typename acc_t, typename scalar_t, typename Target>
+RMI_HD void pooled_maps_store(int64_t q, const scalar_t* logits, const Target& t,
                               const Problem& g, const Divisors& dv, const PlaneBlock& blk,
                               acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
   int64_t ox, oy, n, c;
   block_plane(blk, dv.h.divmod(dv.w.divmod(q, &ox), &oy), &n, &c);
   int32_t arg = 0;
-  PY<acc_t> v = pooled_py<kind, acc_t>(logits, labels, g, dv, n, c, oy, ox, &arg);
+  PY<acc_t> v = pooled_py<kind, acc_t>(logits, t, g, dv, n, c, oy, ox, &arg);
   y_out[q] = v.y;
   p_out[q] = v.p;
   if (arg_out != nullptr) arg_out[q] = arg;
@@ -401,16 +556,16 @@ RMI_HD void pooled_maps_store(int64_t q, const scalar_t* logits, const label_t* 
 //   d*d sums y_i p_j (row-major),  with S = d (d + 1) / 2.
 // No pooled map is stored: the windows' rows are split in chunks, a block of threads takes one
 // plane and one chunk, and walks the chunk by tiles of windows; for each tile it computes the
-// shifted pooled Y and P of the tile (plus its R - 1 halo) from the logits and labels into
+// shifted pooled Y and P of the tile (plus its R - 1 halo) from the logits and the target into
 // shared memory (pooled_py: at factor 1 a sigmoid per pixel), then each thread adds one
 // entry's products over the tile's windows from there. The partials are bounded (plan_moments).
 
 // Sums of the pooled Y and P of plane `plane` (of [N, C]) over its pooled pixels first,
 // first + step, ... (< h w), in double: one thread's share of moment_sums_offsets_kernel
 // (step = kThreads), or the whole plane (first 0, step 1); kind = pooled_kind(g).
-template <int kind, typename acc_t, typename scalar_t, typename label_t>
+template <int kind, typename acc_t, typename scalar_t, typename Target>
 RMI_HD PY<double> plane_sums_at(int64_t plane, int64_t first, int64_t step,
-                                const scalar_t* logits, const label_t* labels, const Problem& g,
+                                const scalar_t* logits, const Target& t, const Problem& g,
                                 const Divisors& dv) {
   int64_t c;
   const int64_t n = dv.C.divmod(plane, &c);
@@ -419,7 +574,7 @@ RMI_HD PY<double> plane_sums_at(int64_t plane, int64_t first, int64_t step,
     int64_t ox;
     const int64_t oy = dv.w.divmod(i, &ox);
     int32_t arg = 0;
-    const PY<acc_t> v = pooled_py<kind, acc_t>(logits, labels, g, dv, n, c, oy, ox, &arg);
+    const PY<acc_t> v = pooled_py<kind, acc_t>(logits, t, g, dv, n, c, oy, ox, &arg);
     sum.p += static_cast<double>(v.p);
     sum.y += static_cast<double>(v.y);
   }
@@ -538,16 +693,16 @@ RMI_HD int tile_cols_of(const MomentTile& t, int64_t R) {
 // Stages pixel idx (< tile_rows_of x tile_cols_of) of a tile of plane (n, c): with at =
 // r * plan.tile_cols + col, tile[at] and tile[kTileElems + at] = the pooled Y and P at map pixel
 // (a0 + r, b0 + col) minus the plane's offsets (oy, op), in double. tile [2 * kTileElems].
-template <int kind, typename acc_t, typename scalar_t, typename label_t>
-RMI_HD void moment_stage_at(int idx, const MomentTile& t, int64_t n, int64_t c, double oy,
-                            double op, const scalar_t* logits, const label_t* labels,
+template <int kind, typename acc_t, typename scalar_t, typename Target>
+RMI_HD void moment_stage_at(int idx, const MomentTile& tl, int64_t n, int64_t c, double oy,
+                            double op, const scalar_t* logits, const Target& t,
                             const Problem& g, const Divisors& dv, const MomentPlan& plan,
                             double* tile) {
-  const int cols = tile_cols_of(t, g.radius());
+  const int cols = tile_cols_of(tl, g.radius());
   const int r = idx / cols, col = idx - r * cols;
   int32_t arg = 0;
   const PY<acc_t> v =
-      pooled_py<kind, acc_t>(logits, labels, g, dv, n, c, t.a0 + r, t.b0 + col, &arg);
+      pooled_py<kind, acc_t>(logits, t, g, dv, n, c, tl.a0 + r, tl.b0 + col, &arg);
   const int at = r * static_cast<int>(plan.tile_cols) + col;
   tile[at] = static_cast<double>(v.y) - oy;
   tile[kTileElems + at] = static_cast<double>(v.p) - op;
@@ -633,7 +788,7 @@ RMI_HD void moment_sums_finalize_at(int64_t q, const double* partials, const dou
 // l = o_j - o_i: for each neighbour u + l (read once), the coefficients Cp[i, j], Cy[i, j] of the
 // pairs with that lag whose window u - o_i is valid are summed, then multiplied by P and Y
 // there. The maps come from a source: stored pooled maps (MapSource, factor > 1) or the logits
-// and labels (PixelSource, factor 1: no map at all).
+// and the target (PixelSource, factor 1: no map at all).
 
 template <typename acc_t>
 struct MapSource {  // stored pooled maps of one plane [h, w]
@@ -646,14 +801,16 @@ struct MapSource {  // stored pooled maps of one plane [h, w]
   }
 };
 
-template <typename acc_t, typename scalar_t, typename label_t>
-struct PixelSource {  // factor 1: P and Y of plane (n, c) from the logits and labels
-  const scalar_t* x_plane;  // logits of the plane
-  const label_t* l_image;   // labels of the image
+template <typename acc_t, typename scalar_t, typename Target>
+struct PixelSource {  // factor 1: P and Y of plane (n, c) from the logits and the target
+  const scalar_t* x_plane;           // logits of the plane
+  const Target* t;
+  typename Target::View t_plane;     // target_plane(*t, g, n, c)
   const Problem* g;
   int64_t c;
   RMI_HD PY<acc_t> operator()(int64_t row, int64_t col) const {
-    return row_pixel_py<acc_t>(x_plane + row * g->xs[2], l_image + row * g->ls[1], *g, c, col);
+    return row_pixel_py<acc_t>(x_plane + row * g->xs[2], *t, target_row(*t, t_plane, *g, row),
+                               *g, c, col);
   }
 };
 
@@ -802,16 +959,17 @@ RMI_HD acc_t pool_adjoint_at(const Problem& g, const Divisors& dv, const acc_t* 
 
 // Local element q of the gradient of a block of planes (visited in [images, channels, H, W]
 // order, or [images, H, W, channels] for a channels-last output): dloss/dP times dP/dx, plus
-// base_scale times the first term's gradient (BCE: m (sig - y); CE: valid (softmax - onehot),
-// with lse [N, H, W] the channel logsumexp, unused in sigmoid mode). dloss/dP:
+// base_scale times the first term's gradient (BCE: m (sig - y); CE: m (softmax - y), a float
+// target's soft CE m (softmax sum_c Y_c - y); lse from first_term_lse_store, unused in sigmoid
+// mode; region mode: dP/dx = m, no first term). dloss/dP:
 //   fused (factor 1, the block is every plane): the stencil at the pixel, with P and Y
-//     recomputed from the logits and labels (stencil_at with a PixelSource); coef, shift as in
-//     pooled_grad_stencil_store; grad_pooled and argmax unused.
+//     recomputed from the logits and the target (stencil_at with a PixelSource); coef, shift as
+//     in pooled_grad_stencil_store; grad_pooled and argmax unused.
 //   else: the pooling adjoint of grad_pooled [block planes, h, w] (pooled_grad_stencil_store),
 //     with argmax [block planes, h, w] from pooled_maps_store (max pooling; null otherwise).
 // base_scale points to one double; out is the whole gradient, written through os.
-template <bool fused, typename acc_t, typename scalar_t, typename label_t>
-RMI_HD void full_res_grad_store(int64_t q, const scalar_t* logits, const label_t* labels,
+template <bool fused, typename acc_t, typename scalar_t, typename Target>
+RMI_HD void full_res_grad_store(int64_t q, const scalar_t* logits, const Target& t,
                                 const Problem& g, const Divisors& dv, const PlaneBlock& blk,
                                 const double* coef, const double* shift, const acc_t* grad_pooled,
                                 const int32_t* argmax, const acc_t* lse, const double* base_scale,
@@ -822,17 +980,19 @@ RMI_HD void full_res_grad_store(int64_t q, const scalar_t* logits, const label_t
   else
     dn = blk.channel_div.divmod(dv.H.divmod(dv.W.divmod(q, &x), &y), &dc);
   const int64_t n = blk.n0 + dn, c = blk.c0 + dc;
-  const int64_t label = label_at(labels, g, n, y, x);
-  const bool valid = is_valid_label(label, g.C, g.ignore_index);
+  const typename Target::View t_plane = target_plane(t, g, n, c);
+  const TargetPixel<acc_t> tp = target_at<acc_t>(t, target_row(t, t_plane, g, y), g, c, x);
+  const bool region = Target::kRegion;
   const acc_t v = logit_at<acc_t>(logits, g, n, c, y, x);
-  const acc_t sig = sigmoid_parts(v).sig;
-  const acc_t slope = rmi_prob_slope(sig, valid, g.mode);
+  const acc_t sig = region ? v : sigmoid_parts(v).sig;
+  const acc_t slope =
+      region ? (tp.valid ? acc_t(1) : acc_t(0)) : rmi_prob_slope(sig, tp.valid, g.mode);
   acc_t grad_p = acc_t(0);
   if (slope != acc_t(0)) {
     if (fused) {
       const int64_t plane = n * g.C + c, d = g.radius() * g.radius();
-      const PixelSource<acc_t, scalar_t, label_t> src = {logits + n * g.xs[0] + c * g.xs[1],
-                                                         labels + n * g.ls[0], &g, c};
+      const PixelSource<acc_t, scalar_t, Target> src = {logits + n * g.xs[0] + c * g.xs[1], &t,
+                                                        t_plane, &g, c};
       grad_p = static_cast<acc_t>(
           stencil_at(y, x, g, coef + plane * 2 * d * d, shift + plane * d, src));
     } else {
@@ -842,9 +1002,11 @@ RMI_HD void full_res_grad_store(int64_t q, const scalar_t* logits, const label_t
     }
   }
   acc_t base = acc_t(0);
-  if (valid) {
-    const acc_t prob = g.mode == kSigmoidMode ? sig : exp(v - lse[(n * g.H() + y) * g.W() + x]);
-    base = prob - (label == c ? acc_t(1) : acc_t(0));
+  if (tp.valid && !region) {
+    const int64_t pixel = (n * g.H() + y) * g.W() + x;
+    acc_t prob = g.mode == kSigmoidMode ? sig : exp(v - lse[pixel]);
+    if (Target::kFloat && g.mode == kSoftmaxMode) prob *= lse[g.N * g.H() * g.W() + pixel];
+    base = prob - tp.y;
   }
   const acc_t value = grad_p * slope + static_cast<acc_t>(*base_scale) * base;
   out[n * os.s[0] + c * os.s[1] + y * os.s[2] + x * os.s[3]] = static_cast<scalar_t>(value);
@@ -944,6 +1106,9 @@ inline PlaneBlock block_of(const Problem& g, const BackwardPlan& plan, int64_t k
 
 #if defined(__CUDACC__)
 
+// The target is a __grid_constant__ parameter: the per-element functions read it by reference,
+// and without the qualifier that cost a local copy (ptxas spilled pooled_maps_kernel, interp,
+// on sm_80 when labels became a LabelTarget).
 #define RMI_GRID_STRIDE_LOOP(q, n)                                                      \
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < (n); \
        q += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -964,15 +1129,15 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
 
 // Stage (a), first term, level 1: per-block sums over pixels of [N, H, W].
 // part_sum, part_count, part_nonfinite [gridDim.x]. Launch: reduce_blocks(N*H*W) x kThreads.
-template <typename scalar_t, typename acc_t, typename label_t>
+template <typename scalar_t, typename acc_t, typename Target>
 __global__ void __launch_bounds__(kThreads)
-    first_term_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
-                      double* part_sum, double* part_count, int64_t* part_nonfinite) {
+    first_term_kernel(const scalar_t* logits, const __grid_constant__ Target t, Problem g,
+                      Divisors dv, double* part_sum, double* part_count, int64_t* part_nonfinite) {
   __shared__ double smem[kThreads];
   __shared__ int64_t smem_i[kThreads];
   FirstTermSums s = {0.0, 0.0, 0};
   RMI_GRID_STRIDE_LOOP(q, g.N * g.H() * g.W()) {
-    FirstTermSums v = first_term_at<acc_t>(q, logits, labels, g, dv);
+    FirstTermSums v = first_term_at<acc_t>(q, logits, t, g, dv);
     s.sum += v.sum;
     s.count += v.count;
     s.nonfinite += v.nonfinite;
@@ -1011,43 +1176,43 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Stage (a), softmax mode: the channel log-sum-exp lse [N, H, W] of the CE gradient.
+// Stage (a), softmax mode: the channel log-sum-exp lse [N, H, W] of the CE gradient ([2, N, H,
+// W] for a float target: then also the sum over classes of Y; see first_term_lse_store).
 // Launch: LaunchPlan::pixel_blocks x kThreads.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Target>
 __global__ void __launch_bounds__(kThreads)
-    first_term_lse_kernel(const scalar_t* logits, Problem g, Divisors dv, acc_t* lse) {
+    first_term_lse_kernel(const scalar_t* logits, const __grid_constant__ Target t, Problem g,
+                          Divisors dv, acc_t* lse) {
   RMI_GRID_STRIDE_LOOP(q, g.N * g.H() * g.W()) {
-    int64_t x, y;
-    const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
-    lse[q] = logsumexp_at<acc_t>(logits, g, n, y, x);
+    first_term_lse_store<acc_t>(q, logits, t, g, dv, lse);
   }
 }
 
 // Backward (factor > 1), pooled maps of a block of planes: y_out, p_out [block planes, h, w],
 // and the max-pooling arg-max arg_out (same shape) when it is not null (see pooled_maps_store);
 // kind = pooled_kind(g). Launch: BackwardPlan::pooled_blocks x kThreads.
-template <typename scalar_t, typename acc_t, typename label_t, int kind>
+template <typename scalar_t, typename acc_t, typename Target, int kind>
 __global__ void __launch_bounds__(kThreads)
-    pooled_maps_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
-                       PlaneBlock blk, acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
+    pooled_maps_kernel(const scalar_t* logits, const __grid_constant__ Target t, Problem g,
+                       Divisors dv, PlaneBlock blk, acc_t* y_out, acc_t* p_out, int32_t* arg_out) {
   RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.h() * g.w()) {
-    pooled_maps_store<kind, acc_t>(q, logits, labels, g, dv, blk, y_out, p_out, arg_out);
+    pooled_maps_store<kind, acc_t>(q, logits, t, g, dv, blk, y_out, p_out, arg_out);
   }
 }
 
 // Stage (b), level 0: offsets [planes, 2], the means of the pooled Y and P of each plane (any
-// constant near the values would do), computed from the logits and labels (pooled_py);
+// constant near the values would do), computed from the logits and the target (pooled_py);
 // kind = pooled_kind(g). Launch: LaunchPlan::plane_blocks x kThreads, a block per plane
 // (blocks loop over planes past 2^30).
-template <typename scalar_t, typename acc_t, typename label_t, int kind>
+template <typename scalar_t, typename acc_t, typename Target, int kind>
 __global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
-    moment_sums_offsets_kernel(const scalar_t* logits, const label_t* labels, Problem g,
-                               Divisors dv, double* offsets) {
+    moment_sums_offsets_kernel(const scalar_t* logits, const __grid_constant__ Target t,
+                               Problem g, Divisors dv, double* offsets) {
   __shared__ double smem[kThreads];
   const double plane_size = static_cast<double>(g.h() * g.w());
   for (int64_t plane = blockIdx.x; plane < g.N * g.C; plane += gridDim.x) {  // block-uniform
     const PY<double> part =
-        plane_sums_at<kind, acc_t>(plane, threadIdx.x, kThreads, logits, labels, g, dv);
+        plane_sums_at<kind, acc_t>(plane, threadIdx.x, kThreads, logits, t, g, dv);
     const double sum_y = block_sum(part.y, smem), sum_p = block_sum(part.p, smem);
     if (threadIdx.x == 0) {
       offsets[2 * plane] = sum_y / plane_size;
@@ -1056,14 +1221,14 @@ __global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
   }
 }
 
-// Stage (b), level 1: partials [planes, chunks, entries], from the logits and labels through
+// Stage (b), level 1: partials [planes, chunks, entries], from the logits and the target through
 // staged tiles (see moment_stage_at, moment_tile_accumulate); kind = pooled_kind(g).
 // Launch: LaunchPlan::moment_grid (plane blocks, plan.chunks, ceil(plan.entries / kThreads))
 // x kThreads; threads of a block share a plane and a chunk (and stage its tiles together);
 // blocks loop over planes past 2^30.
-template <typename scalar_t, typename acc_t, typename label_t, int kind>
+template <typename scalar_t, typename acc_t, typename Target, int kind>
 __global__ void __launch_bounds__(kThreads, kMomentMinBlocks)
-    moment_sums_partials_kernel(const scalar_t* logits, const label_t* labels,
+    moment_sums_partials_kernel(const scalar_t* logits, const __grid_constant__ Target t,
                                 const double* offsets, Problem g, Divisors dv, MomentPlan plan,
                                 double* partials) {
   __shared__ double tile[2 * kTileElems];  // staged Y, then P
@@ -1078,11 +1243,11 @@ __global__ void __launch_bounds__(kThreads, kMomentMinBlocks)
     const int64_t n = dv.C.divmod(plane, &c);
     const double oy = offsets[2 * plane], op = offsets[2 * plane + 1];
     double acc = 0.0;
-    for (int64_t t = 0; t < ct.count; ++t) {
-      const MomentTile tl = moment_tile(ct, t, plan, g.radius());
+    for (int64_t k = 0; k < ct.count; ++k) {
+      const MomentTile tl = moment_tile(ct, k, plan, g.radius());
       const int pixels = tile_rows_of(tl, g.radius()) * tile_cols_of(tl, g.radius());
       for (int idx = threadIdx.x; idx < pixels; idx += kThreads)
-        moment_stage_at<kind, acc_t>(idx, tl, n, c, oy, op, logits, labels, g, dv, plan, tile);
+        moment_stage_at<kind, acc_t>(idx, tl, n, c, oy, op, logits, t, g, dv, plan, tile);
       __syncthreads();
       if (active) acc = moment_tile_accumulate(acc, taps, tl, tile, plan);
       __syncthreads();  // the next tile overwrites the staged one
@@ -1116,14 +1281,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // Stage (e) (with stage (d) when fused, factor 1): the gradient of a block of planes through
 // strides os (see full_res_grad_store). Launch: BackwardPlan::full_blocks x kThreads.
-template <typename scalar_t, typename acc_t, typename label_t, bool fused>
+template <typename scalar_t, typename acc_t, typename Target, bool fused>
 __global__ void __launch_bounds__(kThreads, kPixelMinBlocks)
-    full_res_grad_kernel(const scalar_t* logits, const label_t* labels, Problem g, Divisors dv,
-                         PlaneBlock blk, const double* coef, const double* shift,
+    full_res_grad_kernel(const scalar_t* logits, const __grid_constant__ Target t, Problem g,
+                         Divisors dv, PlaneBlock blk, const double* coef, const double* shift,
                          const acc_t* grad_pooled, const int32_t* argmax, const acc_t* lse,
                          const double* base_scale, scalar_t* out, OutStrides os) {
   RMI_GRID_STRIDE_LOOP(q, blk.images * blk.channels * g.H() * g.W()) {
-    full_res_grad_store<fused, acc_t>(q, logits, labels, g, dv, blk, coef, shift, grad_pooled,
+    full_res_grad_store<fused, acc_t>(q, logits, t, g, dv, blk, coef, shift, grad_pooled,
                                       argmax, lse, base_scale, out, os);
   }
 }

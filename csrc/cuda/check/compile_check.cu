@@ -1,8 +1,9 @@
 // Compile check of csrc/cuda/rmi_kernels.cuh without torch: instantiates every kernel template
 // (device code) and every host-side helper for the logits types float, double, __half and
-// __nv_bfloat16 and the label types uint8, int32, int64: the combinations rmi_cuda.cu
-// dispatches (int8/int16 labels go through an int32 copy there). Not part of the extension
-// (setup.py globs csrc/cuda/*.cu only); tests/test_cuda.py runs
+// __nv_bfloat16 and the targets LabelTarget<uint8, int32, int64>, FloatTarget<the logits'
+// type or the compute type> and RegionTarget<the compute type>: the combinations rmi_cuda.cu dispatches (int8/int16 labels go
+// through an int32 copy there, float targets of another dtype through a compute-type copy).
+// Not part of the extension (setup.py globs csrc/cuda/*.cu only); tests/test_cuda.py runs
 //   nvcc -std=c++17 -c -O3 -I csrc -gencode arch=compute_80,code=sm_80 \
 //        -gencode arch=compute_90,code=sm_90 -Xptxas -v csrc/cuda/check/compile_check.cu
 // and reads ptxas' registers, spills and stack frame of every kernel from its output.
@@ -10,6 +11,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/rmi_kernels.cuh"
 
@@ -18,47 +20,54 @@ namespace cuda {
 namespace {
 
 // Taking a function's address instantiates it.
-template <typename scalar_t, typename acc_t, typename label_t, int kind>
+template <typename scalar_t, typename acc_t, typename Target, int kind>
 void instantiate_pool_kind() {
   const void* kernels[] = {
-      reinterpret_cast<const void*>(&pooled_maps_kernel<scalar_t, acc_t, label_t, kind>),
-      reinterpret_cast<const void*>(&moment_sums_offsets_kernel<scalar_t, acc_t, label_t, kind>),
-      reinterpret_cast<const void*>(&moment_sums_partials_kernel<scalar_t, acc_t, label_t, kind>),
+      reinterpret_cast<const void*>(&pooled_maps_kernel<scalar_t, acc_t, Target, kind>),
+      reinterpret_cast<const void*>(&moment_sums_offsets_kernel<scalar_t, acc_t, Target, kind>),
+      reinterpret_cast<const void*>(&moment_sums_partials_kernel<scalar_t, acc_t, Target, kind>),
   };
   (void)kernels;
   // Host side of the per-element functions (what check/emulate.cu runs).
-  auto store = &pooled_maps_store<kind, acc_t, scalar_t, label_t>;
-  auto py = &pooled_py<kind, acc_t, scalar_t, label_t>;
-  auto sums = &plane_sums_at<kind, acc_t, scalar_t, label_t>;
-  auto stage = &moment_stage_at<kind, acc_t, scalar_t, label_t>;
+  auto store = &pooled_maps_store<kind, acc_t, scalar_t, Target>;
+  auto py = &pooled_py<kind, acc_t, scalar_t, Target>;
+  auto sums = &plane_sums_at<kind, acc_t, scalar_t, Target>;
+  auto stage = &moment_stage_at<kind, acc_t, scalar_t, Target>;
   (void)store, (void)py, (void)sums, (void)stage;
 }
 
-template <typename scalar_t, typename acc_t, typename label_t>
-void instantiate_with_labels() {
-  instantiate_pool_kind<scalar_t, acc_t, label_t, kAvgPool>();
-  instantiate_pool_kind<scalar_t, acc_t, label_t, kMaxPool>();
-  instantiate_pool_kind<scalar_t, acc_t, label_t, kInterp>();
+template <typename scalar_t, typename acc_t, typename Target>
+void instantiate_with_target() {
+  instantiate_pool_kind<scalar_t, acc_t, Target, kAvgPool>();
+  instantiate_pool_kind<scalar_t, acc_t, Target, kMaxPool>();
+  instantiate_pool_kind<scalar_t, acc_t, Target, kInterp>();
   const void* kernels[] = {
-      reinterpret_cast<const void*>(&first_term_kernel<scalar_t, acc_t, label_t>),
-      reinterpret_cast<const void*>(&full_res_grad_kernel<scalar_t, acc_t, label_t, true>),
-      reinterpret_cast<const void*>(&full_res_grad_kernel<scalar_t, acc_t, label_t, false>),
+      reinterpret_cast<const void*>(&first_term_kernel<scalar_t, acc_t, Target>),
+      reinterpret_cast<const void*>(&first_term_lse_kernel<scalar_t, acc_t, Target>),
+      reinterpret_cast<const void*>(&full_res_grad_kernel<scalar_t, acc_t, Target, true>),
+      reinterpret_cast<const void*>(&full_res_grad_kernel<scalar_t, acc_t, Target, false>),
   };
   (void)kernels;
-  auto first_term = &first_term_at<acc_t, scalar_t, label_t>;
-  auto fused = &full_res_grad_store<true, acc_t, scalar_t, label_t>;
-  auto grad = &full_res_grad_store<false, acc_t, scalar_t, label_t>;
-  auto pixels = &stencil_at<PixelSource<acc_t, scalar_t, label_t>>;
-  (void)first_term, (void)fused, (void)grad, (void)pixels;
+  auto first_term = [](int64_t q, const scalar_t* x, const Target& t, const Problem& g,
+                       const Divisors& dv) { return first_term_at<acc_t>(q, x, t, g, dv); };
+  auto lse = &first_term_lse_store<acc_t, scalar_t, Target>;
+  auto fused = &full_res_grad_store<true, acc_t, scalar_t, Target>;
+  auto grad = &full_res_grad_store<false, acc_t, scalar_t, Target>;
+  auto pixels = &stencil_at<PixelSource<acc_t, scalar_t, Target>>;
+  (void)first_term, (void)lse, (void)fused, (void)grad, (void)pixels;
 }
 
 template <typename scalar_t, typename acc_t>
 void instantiate() {
-  instantiate_with_labels<scalar_t, acc_t, uint8_t>();
-  instantiate_with_labels<scalar_t, acc_t, int32_t>();
-  instantiate_with_labels<scalar_t, acc_t, int64_t>();
+  instantiate_with_target<scalar_t, acc_t, LabelTarget<uint8_t>>();
+  instantiate_with_target<scalar_t, acc_t, LabelTarget<int32_t>>();
+  instantiate_with_target<scalar_t, acc_t, LabelTarget<int64_t>>();
+  // Float targets: read in the logits' type, or (any other float dtype) in the compute type.
+  instantiate_with_target<scalar_t, acc_t, FloatTarget<scalar_t>>();
+  if constexpr (!std::is_same<scalar_t, acc_t>::value)
+    instantiate_with_target<scalar_t, acc_t, FloatTarget<acc_t>>();
+  instantiate_with_target<scalar_t, acc_t, RegionTarget<acc_t>>();  // region_mi
   const void* kernels[] = {
-      reinterpret_cast<const void*>(&first_term_lse_kernel<scalar_t, acc_t>),
       reinterpret_cast<const void*>(&pooled_grad_stencil_kernel<acc_t>),
       reinterpret_cast<const void*>(&first_term_final_kernel),
       reinterpret_cast<const void*>(&moment_sums_finalize_kernel),

@@ -7,8 +7,9 @@
 //
 // Build: nvcc -std=c++17 -I csrc csrc/cuda/check/emulate.cu -o emulate
 // Usage:
-//   emulate IN OUT   IN: kHeaderWords int64 words (see Field), the logits' storage, the labels'
-//     storage and, for the backward, base_scale (1 double), coef [N, C, 2, d, d] and shift
+//   emulate IN OUT   IN: kHeaderWords int64 words (see Field), the logits' storage, the target's
+//     storage (integer labels, or a float target), a float target's contiguous mask (bool
+//     bytes, if any) and, for the backward, base_scale (1 double), coef [N, C, 2, d, d] and shift
 //     [N, C, d] (doubles). OUT (doubles): forward: base_sum, base_count, nonfinite, means
 //     [N, C, 2, d], cov [N, C, 3, d, d]; backward: grad_logits [N, C, H, W] (logical order).
 //   emulate --plan N C H W RADIUS STRIDE POOL POOL_SIZE [LOGIT_BYTES]   (POOL: 0 avg, 1 max,
@@ -30,7 +31,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/rmi_kernels.cuh"
@@ -44,15 +47,19 @@ using rmi::Problem;
 enum Field {
   kOp,          // 0 forward_stats, 1 backward_grad
   kDtype,       // logits: 0 float32, 1 float64, 2 float16, 3 bfloat16
-  kLabelDtype,  // 0 uint8, 1 int32, 2 int64
+  kLabelDtype,  // labels 0 uint8, 1 int32, 2 int64; a float target 3 of the logits' dtype,
+                //   4 of the compute type (float32, or float64 beside float64 logits), 5 of the
+                //   compute type in mode "region" (a RegionTarget)
   kN, kC, kH, kW,
   kXStride0,    // 4 logits strides
   kXStorage = kXStride0 + 4,  // elements in the logits' storage
-  kLStride0,    // 3 label strides
+  kLStride0,    // 3 label strides (a float target: its N, H, W strides)
   kLStorage = kLStride0 + 3,
   kRadius, kStride, kPool, kPoolSize, kIgnoreIndex, kMode,
   kChannelsLastOut,  // gradient written channels-last (NHWC strides, NHWC visiting order)
   kMaxBlockPlanes,   // backward: cap of the planes of a block (0: plan_backward's choice)
+  kTargetCStride,    // a float target's class stride
+  kMaskBytes,        // a float target's contiguous mask [N, H, W], 0 without a mask
   kHeaderWords
 };
 
@@ -80,8 +87,8 @@ double to_double(T v) {
 double to_double(__half v) { return static_cast<double>(static_cast<float>(v)); }
 double to_double(__nv_bfloat16 v) { return static_cast<double>(static_cast<float>(v)); }
 
-template <typename scalar_t, typename acc_t, typename label_t>
-std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const label_t* labels) {
+template <typename scalar_t, typename acc_t, typename Target>
+std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const Target& target) {
   const int64_t planes = g.N * g.C, plane_size = g.h() * g.w(), d = g.radius() * g.radius();
   const int64_t R = g.radius(), nw = g.w() - R + 1;
   const Divisors dv = make_divisors(g);
@@ -89,7 +96,7 @@ std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const lab
   // (a) first term: first_term_kernel + first_term_final_kernel
   FirstTermSums total = {0.0, 0.0, 0};
   for (int64_t q = 0; q < g.N * g.H() * g.W(); ++q) {
-    FirstTermSums s = first_term_at<acc_t>(q, x, labels, g, dv);
+    FirstTermSums s = first_term_at<acc_t>(q, x, target, g, dv);
     total.sum += s.sum;
     total.count += s.count;
     total.nonfinite += s.nonfinite;
@@ -101,7 +108,7 @@ std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const lab
     constexpr int k = decltype(kind)::value;
     // (b) moment_sums_offsets_kernel: pooled means from the logits
     for (int64_t plane = 0; plane < planes; ++plane) {
-      const PY<double> sum = plane_sums_at<k, acc_t>(plane, 0, 1, x, labels, g, dv);
+      const PY<double> sum = plane_sums_at<k, acc_t>(plane, 0, 1, x, target, g, dv);
       offsets[2 * plane] = sum.y / static_cast<double>(plane_size);
       offsets[2 * plane + 1] = sum.p / static_cast<double>(plane_size);
     }
@@ -128,7 +135,7 @@ std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const lab
           std::fill(tile.begin(), tile.end(), std::nan(""));
           for (int idx = 0; idx < rows * cols; ++idx)
             moment_stage_at<k, acc_t>(idx, tl, n, c, offsets[2 * plane], offsets[2 * plane + 1],
-                                      x, labels, g, dv, plan, tile.data());
+                                      x, target, g, dv, plan, tile.data());
           for (int64_t e = 0; e < plan.entries; ++e)
             acc[e] = moment_tile_accumulate(acc[e], taps[e], tl, tile.data(), plan);
         }
@@ -148,23 +155,20 @@ std::vector<double> forward_stats(const Problem& g, const scalar_t* x, const lab
   return out;
 }
 
-template <typename scalar_t, typename acc_t, typename label_t>
+template <typename scalar_t, typename acc_t, typename Target>
 std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const scalar_t* x,
-                                  const label_t* labels, std::FILE* in) {
+                                  const Target& target, std::FILE* in) {
   const int64_t planes = g.N * g.C, plane_size = g.h() * g.w(), d = g.radius() * g.radius();
   const std::vector<double> base_scale = read_array<double>(in, 1);
   const std::vector<double> coef = read_array<double>(in, planes * 2 * d * d);
   const std::vector<double> shift = read_array<double>(in, planes * d);
   const Divisors dv = make_divisors(g);
-  // softmax mode: first_term_lse_kernel (its index decoding)
+  // softmax mode: first_term_lse_kernel ([N, H, W], or [2, N, H, W] for a float target)
   std::vector<acc_t> lse;
   if (g.mode == rmi::kSoftmaxMode) {
-    lse.resize(g.N * g.H() * g.W());
-    for (int64_t q = 0; q < g.N * g.H() * g.W(); ++q) {
-      int64_t xx, yy;
-      const int64_t n = dv.H.divmod(dv.W.divmod(q, &xx), &yy);
-      lse[q] = logsumexp_at<acc_t>(x, g, n, yy, xx);
-    }
+    lse.resize(g.N * g.H() * g.W() * (Target::kFloat ? 2 : 1));
+    for (int64_t q = 0; q < g.N * g.H() * g.W(); ++q)
+      first_term_lse_store<acc_t>(q, x, target, g, dv, lse.data());
   }
   // Output strides as rmi_cuda.cu gets them from empty_like.
   OutStrides os;
@@ -186,7 +190,7 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
     if (bp.blocks != 1 || bp.scratch_planes != 0) fail("factor 1 must run as one fused block");
     const PlaneBlock blk = block_of(g, bp, 0);
     for (int64_t q = 0; q < blk.images * blk.channels * g.H() * g.W(); ++q)
-      full_res_grad_store<true, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
+      full_res_grad_store<true, acc_t>(q, x, target, g, dv, blk, coef.data(), shift.data(),
                                        static_cast<const acc_t*>(nullptr), nullptr, lse_ptr,
                                        base_scale.data(), grad.data(), os);
   } else {
@@ -211,14 +215,14 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
       int32_t* arg = records_argmax ? argmax.data() : nullptr;
       dispatch_pool_kind(pooled_kind(g), [&](auto kind) {
         for (int64_t q = 0; q < block_planes * plane_size; ++q)
-          pooled_maps_store<decltype(kind)::value, acc_t>(q, x, labels, g, dv, blk, y.data(),
+          pooled_maps_store<decltype(kind)::value, acc_t>(q, x, target, g, dv, blk, y.data(),
                                                           p.data(), arg);
       });
       for (int64_t q = 0; q < block_planes * plane_size; ++q)
         pooled_grad_stencil_store(q, y.data(), p.data(), coef.data(), shift.data(), g, dv, blk,
                                   grad_pooled.data());
       for (int64_t q = 0; q < block_planes * g.H() * g.W(); ++q)
-        full_res_grad_store<false, acc_t>(q, x, labels, g, dv, blk, coef.data(), shift.data(),
+        full_res_grad_store<false, acc_t>(q, x, target, g, dv, blk, coef.data(), shift.data(),
                                           grad_pooled.data(), arg, lse_ptr, base_scale.data(),
                                           grad.data(), os);
     }
@@ -233,17 +237,41 @@ std::vector<double> backward_grad(const int64_t* hd, const Problem& g, const sca
   return out;
 }
 
-template <typename scalar_t, typename acc_t, typename label_t>
-std::vector<double> run(const int64_t* hd, std::FILE* in) {
-  const std::vector<scalar_t> x = read_array<scalar_t>(in, hd[kXStorage]);
-  const std::vector<label_t> labels = read_array<label_t>(in, hd[kLStorage]);
+template <typename scalar_t, typename acc_t, typename Target>
+std::vector<double> run_target(const int64_t* hd, const scalar_t* x, const Target& target,
+                               std::FILE* in) {
   const int64_t sizes[4] = {hd[kN], hd[kC], hd[kH], hd[kW]};
   const Problem g = make_planar_problem(sizes, hd + kXStride0, hd + kLStride0, hd[kRadius],
                                         hd[kStride], static_cast<int>(hd[kPool]), hd[kPoolSize],
                                         hd[kIgnoreIndex], static_cast<int>(hd[kMode]));
   if (g.h() < g.radius() || g.w() < g.radius()) fail("pooled map smaller than the region");
-  if (hd[kOp] == 0) return forward_stats<scalar_t, acc_t, label_t>(g, x.data(), labels.data());
-  return backward_grad<scalar_t, acc_t, label_t>(hd, g, x.data(), labels.data(), in);
+  if ((g.mode == rmi::kRegionMode) != Target::kRegion)
+    fail("mode region goes with a region target, and only with it");
+  if (hd[kOp] == 0) return forward_stats<scalar_t, acc_t>(g, x, target);
+  return backward_grad<scalar_t, acc_t>(hd, g, x, target, in);
+}
+
+// The target's storage as the glue passes it (rmi_cuda.cu dispatch_target): integer labels,
+// or a float target of element type value_t and its mask.
+template <typename scalar_t, typename acc_t, typename value_t>
+std::vector<double> run(const int64_t* hd, std::FILE* in) {
+  const std::vector<scalar_t> x = read_array<scalar_t>(in, hd[kXStorage]);
+  const std::vector<value_t> values = read_array<value_t>(in, hd[kLStorage]);
+  if constexpr (std::is_integral<value_t>::value) {
+    return run_target<scalar_t, acc_t>(hd, x.data(), LabelTarget<value_t>{values.data()}, in);
+  } else {
+    const std::vector<uint8_t> mask_bytes = read_array<uint8_t>(in, hd[kMaskBytes]);
+    std::unique_ptr<bool[]> mask(new bool[mask_bytes.size() + 1]);
+    for (size_t i = 0; i < mask_bytes.size(); ++i) mask[i] = mask_bytes[i] != 0;
+    const FloatTarget<value_t> target = {values.data(), hd[kTargetCStride],
+                                         mask_bytes.empty() ? nullptr : mask.get()};
+    if (hd[kLabelDtype] == 5) {
+      if constexpr (std::is_same<value_t, acc_t>::value)
+        return run_target<scalar_t, acc_t>(hd, x.data(), RegionTarget<acc_t>{target}, in);
+      fail("a region target must be in the compute type");
+    }
+    return run_target<scalar_t, acc_t>(hd, x.data(), target, in);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -252,6 +280,9 @@ std::vector<double> run_labels(const int64_t* hd, std::FILE* in) {
     case 0: return run<scalar_t, acc_t, uint8_t>(hd, in);
     case 1: return run<scalar_t, acc_t, int32_t>(hd, in);
     case 2: return run<scalar_t, acc_t, int64_t>(hd, in);
+    case 3: return run<scalar_t, acc_t, scalar_t>(hd, in);
+    case 4:
+    case 5: return run<scalar_t, acc_t, acc_t>(hd, in);
   }
   fail("unknown label dtype");
 }
