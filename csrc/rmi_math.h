@@ -19,9 +19,10 @@ constexpr double kLogEps = 1e-8;    // log(L_ii + 1e-8)
 
 enum PoolKind : int { kAvgPool = 0, kMaxPool = 1, kInterp = 2 };
 // kRegionMode: region_mi (RMI_SPEC.md section 6), P = the map itself times the mask, no first
-// term; the CPU kernels only (rmi_cpu.cpp: prob_row, pooled_maps_plane and full_res_grad_row
-// read the map where the other modes read the sigmoid). rmi_prob / rmi_prob_slope below keep
-// the two loss modes only: a third branch made a CUDA kernel spill registers on sm_80.
+// term; the kernels read the map where the other modes read the sigmoid (rmi_cpu.cpp: prob_row,
+// pooled_maps_plane, full_res_grad_row; rmi_kernels.cuh: a RegionTarget). rmi_prob /
+// rmi_prob_slope below keep the two loss modes only: a third branch made a CUDA kernel spill
+// registers on sm_80.
 enum LossMode : int { kSigmoidMode = 0, kSoftmaxMode = 1, kRegionMode = 2 };
 
 // A pixel counts when 0 <= label < C and label != ignore_index.

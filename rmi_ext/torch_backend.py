@@ -280,7 +280,8 @@ def _full_res_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig, f
     """``Y``, ``P`` and ``dP/dx [N, c, b - a, *inner]`` (compute dtype; ``dP/dx`` ``None``
     unless ``with_grad``) on the rows ``[a, b) = rows`` (default: all) of ``logits [N, c, H,
     *inner]``, the planes of classes ``first .. first + c - 1`` out of ``num_classes`` (default
-    ``c``). Rows outside ``[0, H)`` are zeros (the pooling's padding)."""
+    ``c``). Rows outside ``[0, H)`` are the pooling's padding: zeros, ``-inf`` in ``Y`` and ``P``
+    for max pooling."""
     height = logits.shape[2]
     a, b = (0, height) if rows is None else rows
     lo, hi = max(a, 0), min(b, height)
@@ -291,7 +292,10 @@ def _full_res_maps(logits: torch.Tensor, labels: torch.Tensor, cfg: RMIConfig, f
     maps = [_onehot(labels, valid, x.shape[1], x.dtype, first), p, dpdx]
     if (lo - a) or (b - hi):
         pad = (0, 0) * (x.dim() - 3) + (lo - a, b - hi)
-        maps = [t if t is None else F.pad(t, pad) for t in maps]
+        # Max pooling pads with -inf, as max_pool's own padding (region_mi's maps may be < 0).
+        fill = -math.inf if cfg.pool == "max" else 0.0
+        maps = [t if t is None else F.pad(t, pad, value=fill if i < 2 else 0.0)
+                for i, t in enumerate(maps)]
     return maps
 
 

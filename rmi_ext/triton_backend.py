@@ -382,11 +382,13 @@ def _first_term_and_pooled_maps_kernel(
             p_out += wgt * p
     else:
         # avg (count_include_pad: always / PK^2) or max (-inf padding, first max wins).
+        # Y too: region_mi's target may be < 0.
         if POOL == 1:
             p_out = tl.full([BH, BW], float("-inf"), DT)
+            y_out = tl.full([BH, BW], float("-inf"), DT)
         else:
             p_out = tl.full([BH, BW], 0, DT)
-        y_out = tl.full([BH, BW], 0, DT)
+            y_out = tl.full([BH, BW], 0, DT)
         arg = tl.full([BH, BW], 0, tl.int32)
         for kh in range(PK):
             ih = oh * S - PAD + kh
@@ -405,7 +407,7 @@ def _first_term_and_pooled_maps_kernel(
                     upd = m & (p > p_out)
                     p_out = tl.where(upd, p, p_out)
                     arg = tl.where(upd, ih * W + iw, arg)
-                    y_out = tl.maximum(y_out, yv)
+                    y_out = tl.where(m, tl.maximum(y_out, yv), y_out)
                 else:
                     p_out += tl.where(m, p, 0.0)
                     y_out += yv

@@ -593,10 +593,11 @@ def _emulated_region_mi(backend, pred, target, mask, weights, **opts):
                                          ("interp", 2), ("interp", 3)])
 def test_emulated_region_mi(emulated, pool, stride):
     """region_mi on the emulated kernels (mode "region": P is the map times the mask, its slope
-    the mask, no first term) against the reference, values and both gradients."""
+    the mask, no first term) against the reference, values and both gradients; signed maps
+    (max pooling starts from the window's first pixel, not from 0)."""
     gen = torch.Generator().manual_seed(stride)
-    pred = torch.rand((2, 3, 17, 19), generator=gen, dtype=torch.float64)
-    target = torch.sigmoid(3 * torch.randn(pred.shape, generator=gen, dtype=torch.float64))
+    pred = torch.randn((2, 3, 17, 19), generator=gen, dtype=torch.float64) - 0.5
+    target = torch.randn(pred.shape, generator=gen, dtype=torch.float64) - 0.5
     mask = torch.rand((2, 17, 19), generator=gen) > 0.15
     weights = torch.randn((2, 3), generator=gen, dtype=torch.float64)
     for m in (mask, None):
@@ -938,7 +939,14 @@ def test_cuda_argument_errors():
     with pytest.raises(RuntimeError, match="labels must be on the logits' device"):
         torch.ops.rmi_ext.forward_stats(*_op_args(x, labels.cpu(), cfg))
     with pytest.raises(RuntimeError, match="labels must be uint8, int8, int16, int32 or int64"):
+        torch.ops.rmi_ext.forward_stats(*_op_args(x, labels.bool(), cfg))
+    with pytest.raises(RuntimeError, match="a float target must have the logits' shape"):
         torch.ops.rmi_ext.forward_stats(*_op_args(x, labels.float(), cfg))
+    with pytest.raises(RuntimeError, match="mode 'region' takes a float target"):
+        torch.ops.rmi_ext.forward_stats(*_op_args(x, labels, cfg._replace(mode="region")))
+    target = torch.rand_like(x)
+    with pytest.raises(RuntimeError, match="mask must be a bool"):
+        torch.ops.rmi_ext.forward_stats(*_op_args(x, target, cfg), labels)
     with pytest.raises(RuntimeError, match="smaller than the region radius"):
         torch.ops.rmi_ext.forward_stats(*_op_args(x, labels, make_config(stride=16)))
     with pytest.raises(RuntimeError, match="pool must be"):
@@ -949,6 +957,54 @@ def test_cuda_argument_errors():
             torch.zeros(1, 2, 2, 4, 4, dtype=torch.float64, device="cuda"),
             torch.zeros(1, 2, 9, dtype=torch.float64, device="cuda"),
             *_op_args(x, labels, cfg)[2:])
+
+
+@needs_cuda
+@pytest.mark.parametrize("pool", ["avg", "max", "interp"])
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax", "region"])
+def test_cuda_float_target_stages_match_torch_backend(pool, mode):
+    """The ops with a float target (with and without a mask; mode "region": region_mi's)
+    against the torch backend, stage by stage; DF 1 (the fused backward) too."""
+    x, _ = _cuda_inputs((2, 3, 37, 41), 2)
+    target, mask = (t.cuda() for t in soft_target(x.shape, 3))
+    gen = torch.Generator().manual_seed(0)
+    for stride, m in ((3, mask), (3, None), (1, mask)):
+        cfg = make_config(stride=stride, pool=pool)._replace(mode=mode)
+        got = torch.ops.rmi_ext.forward_stats(*_op_args(x, target, cfg), m)
+        want = torch_backend.forward_stats(x, as_target(target, m), cfg)
+        for name, a, b in zip(("base_sum", "base_count", "nonfinite", "means", "cov"), got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert rel_err(a, b) <= 1e-12, name
+        d = cfg.dim
+        coef = torch.randn(2, 3, 2, d, d, generator=gen, dtype=torch.float64).cuda()
+        shift = torch.randn(2, 3, d, generator=gen, dtype=torch.float64).cuda()
+        base_scale = torch.tensor(0.37, dtype=torch.float64, device="cuda")
+        got = torch.ops.rmi_ext.backward_grad(x, target, base_scale, coef, shift,
+                                              *_op_args(x, target, cfg)[2:], m)
+        want = torch_backend.backward_grad(x, as_target(target, m), cfg, base_scale, coef, shift)
+        assert rel_err(got, want) <= 1e-12
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_float_target_peak_memory(dtype):
+    """A float32 soft target (read as it is: the logits' dtype or the compute type) and a mask
+    add no more than the softmax backward's second per-pixel map: peak extra memory at most
+    1.25x the logits' bytes, as with integer labels."""
+    x, _ = _cuda_inputs((2, 21, 129, 129), 14, dtype=dtype)
+    target, mask = (t.cuda() for t in soft_target(x.shape, 5, dtype=torch.float32))
+    x.requires_grad_(True)
+    for mode, stride in (("sigmoid", 1), ("softmax", 4)):
+        def fwd_bwd():
+            rmi_ext.rmi_loss(x, target, mask=mask, backend="cuda", mode=mode,
+                             stride=stride).backward()
+
+        fwd_bwd()
+        x.grad = None
+        extra = peak_extra_bytes_cuda(fwd_bwd)
+        logits_bytes = x.numel() * x.element_size()
+        assert extra <= 1.25 * logits_bytes, (mode, stride, extra / logits_bytes)
+        x.grad = None
 
 
 @needs_cuda
@@ -964,3 +1020,11 @@ def test_cuda_opcheck():
             torch.randn(2, 3, d, dtype=torch.float64, device="cuda"),
             *_op_args(x, labels, cfg)[2:])
     torch.library.opcheck(torch.ops.rmi_ext.backward_grad.default, args, test_utils=tests)
+    target, mask = (t.cuda() for t in soft_target(x.shape, 2))
+    for mode in ("softmax", "region"):
+        c = cfg._replace(mode=mode)
+        torch.library.opcheck(torch.ops.rmi_ext.forward_stats.default,
+                              (*_op_args(x, target, c), mask), test_utils=tests)
+        torch.library.opcheck(torch.ops.rmi_ext.backward_grad.default,
+                              (x, target, *args[2:5], *_op_args(x, target, c)[2:], mask),
+                              test_utils=tests)

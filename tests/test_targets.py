@@ -190,6 +190,25 @@ def test_region_mi_matches_reference(backend, device, pool, stride):
 
 
 @pytest.mark.parametrize("backend,device", REGION_ON)
+@pytest.mark.parametrize("stride", [2, 3])
+def test_region_mi_signed_maps_max_pool(backend, device, stride):
+    """region_mi's maps may be negative: max pooling pads with -inf (as max_pool), for the
+    target's Y as for P (a zero start or zero padding rows gave wrong maxima)."""
+    gen = torch.Generator().manual_seed(stride)
+    pred, target = (torch.randn((2, 3, 19, 17), generator=gen, dtype=torch.float64) - 0.5
+                    for _ in range(2))
+    mask = torch.rand((2, 19, 17), generator=gen) > 0.2
+    weights = torch.randn((2, 3), generator=gen, dtype=torch.float64)
+    pred, target, mask, weights = (t.to(device) for t in (pred, target, mask, weights))
+    for m in (mask, None):
+        opts = dict(pool="max", stride=stride, radius=2, mask=m)
+        got = region_mi_and_grads(backend, pred, target, weights, **opts)
+        want = region_mi_and_grads("reference", pred, target, weights, **opts)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) <= 1e-10
+
+
+@pytest.mark.parametrize("backend,device", REGION_ON)
 def test_region_mi_float32_and_volumes(backend, device):
     pred, target, mask = (t.to(device) for t in two_maps((2, 3, 23, 21), dtype=torch.float32))
     weights = torch.ones((2, 3), dtype=torch.float32, device=device)

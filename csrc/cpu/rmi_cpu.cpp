@@ -1145,7 +1145,7 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
         nonfinite_total += plane_bad[plane];
       }
       if (p.mode == rmi::kSoftmaxMode) base_sum = info.ce_sum;
-      base_count = info.valid_count;
+      base_count = p.mode == rmi::kRegionMode ? 0.0 : info.valid_count;  // no first term
     });
   });
   return {at::scalar_tensor(base_sum, f64), at::scalar_tensor(base_count, f64),

@@ -28,7 +28,8 @@
 // Types: scalar_t is the logits' type (float, double, or a 16-bit float: __half/__nv_bfloat16
 // here, at::Half/at::BFloat16 from the glue), acc_t the compute type (double for double
 // logits, float otherwise, as torch_backend.compute_dtype), Target the target's reader (see
-// "targets" below): LabelTarget<uint8_t/int32_t/int64_t> or FloatTarget<scalar_t or acc_t>.
+// "targets" below): LabelTarget<uint8_t/int32_t/int64_t>, FloatTarget<scalar_t or acc_t> or
+// RegionTarget<acc_t>.
 // Sums over many elements (first term, moments) are float64. Indices are int64_t throughout
 // (tensors past 2^31 elements are fine); flat indices are decoded with FastDivmod, not with
 // 64-bit divisions. Every grid dimension comes from plan_launches() / plan_backward(), which
@@ -228,10 +229,11 @@ struct OutStrides {
 //     c_stride) and a contiguous bool mask [N, H, W], or none (null: every pixel counts; a
 //     strided mask cost sm_90 kernels registers and spills); a pixel counts where the mask is
 //     true; Y = the target times the mask.
-//   RegionTarget<value_t>: a FloatTarget for mode "region" (region_mi): P is the map itself
-//     (the "logits") times the mask, its slope the mask, and there is no first term. A type of
-//     its own (Target::kRegion) so that the branch is compiled out of the loss kernels: as a
-//     runtime test it cost the max-pooling moment kernel registers and spills.
+//   RegionTarget<acc_t>: a FloatTarget (in the compute type) for mode "region" (region_mi): P
+//     is the map itself (the "logits") times the mask, its slope the mask, and there is no
+//     first term. A type of its own (Target::kRegion) so that the branch is compiled out of the
+//     loss kernels: as a runtime test it cost the max-pooling moment kernel registers and
+//     spills.
 // They are read through target_plane (the view of plane (n, c)), target_row (one row of it)
 // and target_at (one pixel: TargetPixel).
 
@@ -473,10 +475,10 @@ void dispatch_pool_kind(int kind, F&& f) {
 // the logits and the target, for kind == pooled_kind(g): identity for factor 1;
 // avg_pool2d(k, s, k // 2, count_include_pad) (the window never reaches past the padding in
 // floor mode, so the divisor is always k * k); max_pool2d (first maximum in row-major window
-// order; Y is the maximum of a 0/1 map; *arg is where the maximum of P is, as the row-major
-// position in the window clipped to the map, see max_window_arg); interp: nearest Y, bilinear
-// align_corners=True P (scales precomputed in dv). *arg is only written for max pooling with
-// factor > 1.
+// order; Y the maximum of Y, a 0/1 map for labels; *arg is where the maximum of P is, as the
+// row-major position in the window clipped to the map, see max_window_arg); interp: nearest Y,
+// bilinear align_corners=True P (scales precomputed in dv). *arg is only written for max
+// pooling with factor > 1.
 template <int kind, typename acc_t, typename scalar_t, typename Target>
 RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const Target& t, const Problem& g,
                            const Divisors& dv, int64_t n, int64_t c, int64_t oy, int64_t ox,
@@ -514,7 +516,8 @@ RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const Target& t, const Proble
     acc_t area = static_cast<acc_t>(g.kernel() * g.kernel());
     return {sum.p / area, sum.y / area};
   }
-  // Max: P's first maximum in row-major order (windows are never empty: pixel 0 sets it).
+  // Max: P's first maximum in row-major order, and Y's maximum (windows are never empty: pixel 0
+  // sets both; region_mi's maps may be < 0).
   PY<acc_t> top = {acc_t(0), acc_t(0)};
   int32_t at = 0, best = 0;  // row-major position in the clipped window, of P's maximum
   for (int64_t y = y0; y < y1; ++y) {
@@ -523,7 +526,7 @@ RMI_HD PY<acc_t> pooled_py(const scalar_t* logits, const Target& t, const Proble
     for (int64_t x = x0; x < x1; ++x, ++at) {
       const PY<acc_t> v = row_pixel_py<acc_t>(x_row, t, t_row, g, c, x);
       if (at == 0 || v.p > top.p) top.p = v.p, best = at;
-      if (v.y > top.y) top.y = v.y;
+      if (at == 0 || v.y > top.y) top.y = v.y;
     }
   }
   *arg = best;
