@@ -5,8 +5,7 @@ Every check is gradcheck's full (element-by-element) mode. Inputs are ``[2, 3, H
 at least two windows). To stay fast on 2 cores, when an input has more than ``MAX_ELEMS``
 entries the check perturbs a seeded random subset of ``MAX_ELEMS`` entries (always including
 the first and last pixel of the tensor, i.e. both image corners), the rest held fixed: the
-Jacobian columns of those entries are checked in full. (gradcheck's ``fast_mode`` was not used:
-its single random direction missed a deliberate 1% error on one pooled pixel's gradient.)
+Jacobian columns of those entries are checked in full (``conftest.gradcheck_entries``).
 The element-wise comparison of the whole gradient against autograd through the reference at
 1e-10 lives in ``test_backends.py``.
 """
@@ -14,10 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.autograd import gradcheck
 
 import rmi_ext
-from conftest import make_inputs, rel_err
+from conftest import gradcheck_entries, make_inputs, rel_err
 
 MAX_ELEMS = 48
 
@@ -36,17 +34,7 @@ def _shape(**opts):
 
 def check_grad(fn, x, seed=0):
     """Full gradcheck of scalar ``fn`` at ``x``, on a subset of entries if ``x`` is large."""
-    if x.numel() <= MAX_ELEMS:
-        return gradcheck(fn, (x,))
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(x.numel() - 2, generator=gen)[:MAX_ELEMS - 2] + 1
-    idx = torch.cat([idx, torch.tensor([0, x.numel() - 1])])
-    base = x.detach().reshape(-1)
-
-    def sub_fn(v):
-        return fn(base.index_put((idx,), v).view_as(x))
-
-    return gradcheck(sub_fn, (base[idx].clone().requires_grad_(True),))
+    return gradcheck_entries(fn, (x,), MAX_ELEMS, seed)
 
 
 def _loss_fn(labels, scale=1.0, **opts):
