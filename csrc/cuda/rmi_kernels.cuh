@@ -388,12 +388,10 @@ struct FirstTermSums {
   int64_t nonfinite;
 };
 
+// Pixel (n, y, x) with integer labels.
 template <typename acc_t, typename scalar_t, typename label_t>
-RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits,
-                                   const LabelTarget<label_t>& t, const Problem& g,
-                                   const Divisors& dv) {
-  int64_t x, y;
-  const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
+RMI_HD FirstTermSums first_term_pixel(const scalar_t* logits, const LabelTarget<label_t>& t,
+                                      const Problem& g, int64_t n, int64_t y, int64_t x) {
   int64_t label = label_at(t, g, n, y, x);
   bool valid = is_valid_label(label, g.C, g.ignore_index);
   FirstTermSums s = {0.0, valid ? 1.0 : 0.0, 0};
@@ -409,15 +407,12 @@ RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits,
   return s;
 }
 
-// A float target: the BCE with the target's values, or the soft CE -sum_c Y_c log_softmax_c =
-// (sum_c Y_c) lse - sum_c Y_c x_c, where the mask counts the pixel; region mode: no first
-// term (count 0), only the non-finite values.
+// Pixel (n, y, x) with a float target: the BCE with the target's values, or the soft CE
+// -sum_c Y_c log_softmax_c = (sum_c Y_c) lse - sum_c Y_c x_c, where the mask counts the pixel;
+// region mode: no first term (count 0), only the non-finite values.
 template <typename acc_t, typename scalar_t, typename value_t>
-RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits,
-                                   const FloatTarget<value_t>& t, const Problem& g,
-                                   const Divisors& dv) {
-  int64_t x, y;
-  const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
+RMI_HD FirstTermSums first_term_pixel(const scalar_t* logits, const FloatTarget<value_t>& t,
+                                      const Problem& g, int64_t n, int64_t y, int64_t x) {
   const bool counts = g.mode != kRegionMode && mask_at(t, g, n, y, x);
   FirstTermSums s = {0.0, counts ? 1.0 : 0.0, 0};
   const value_t* values = t.values + n * g.ls[0] + y * g.ls[1] + x * g.ls[2];
@@ -435,6 +430,14 @@ RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits,
   if (g.mode == kSoftmaxMode && counts)
     s.sum = static_cast<double>(y_sum * logsumexp_at<acc_t>(logits, g, n, y, x) - yx_sum);
   return s;
+}
+
+template <typename acc_t, typename scalar_t, typename Target>
+RMI_HD FirstTermSums first_term_at(int64_t q, const scalar_t* logits, const Target& t,
+                                   const Problem& g, const Divisors& dv) {
+  int64_t x, y;
+  const int64_t n = dv.H.divmod(dv.W.divmod(q, &x), &y);
+  return first_term_pixel<acc_t>(logits, t, g, n, y, x);
 }
 
 // Softmax mode, pixel q of [N, H, W]: lse[q] = the channel log-sum-exp (the CE gradient's

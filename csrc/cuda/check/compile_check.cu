@@ -48,8 +48,7 @@ void instantiate_with_target() {
       reinterpret_cast<const void*>(&full_res_grad_kernel<scalar_t, acc_t, Target, false>),
   };
   (void)kernels;
-  auto first_term = [](int64_t q, const scalar_t* x, const Target& t, const Problem& g,
-                       const Divisors& dv) { return first_term_at<acc_t>(q, x, t, g, dv); };
+  auto first_term = &first_term_at<acc_t, scalar_t, Target>;
   auto lse = &first_term_lse_store<acc_t, scalar_t, Target>;
   auto fused = &full_res_grad_store<true, acc_t, scalar_t, Target>;
   auto grad = &full_res_grad_store<false, acc_t, scalar_t, Target>;
