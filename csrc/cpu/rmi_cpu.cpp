@@ -11,8 +11,9 @@
 // pooling (no pooling and average pooling take it one row at a time). The extra memory is then
 // the class map (int16 per pixel of an image, int32 for 2^15 classes or more) and a few pooled
 // planes per thread: small beside the logits for many planes (2-D: N * C of them), not at DF 1
-// for a few large ones (a volume batch of 8 planes on 2 threads: 1.6x the logits, the gradient
-// included; 1.4x at DF 2).
+// for a few large ones, so the plane loops run on no more threads than keep their scratch within
+// a quarter of the logits' bytes (plane_grain: a volume batch of 8 planes at DF 1 runs on one
+// thread).
 //
 // Targets: integer labels through the class map, or a float target of the logits' shape and a
 // mask (RMI_SPEC.md section 6); the stages read either through ClassPlane / FloatPlane. Mode
@@ -299,12 +300,19 @@ struct FloatPlane {
 
 // The plane (n, c) of a float target in the compute type: the target's own plane when it is a
 // contiguous plane of T (nothing copied), else a copy in ys.
+// Whether the target's planes are contiguous planes of the compute type T (read in place).
+template <typename T>
+bool target_planes_direct(const Problem& p, const TargetView& view) {
+  const int64_t W = axis_x(p).size;
+  return view.t.scalar_type() == c10::CppTypeToScalarType<T>::value && view.sx == 1 &&
+         view.sy == W && (axis_z(p).size == 1 || view.sz == axis_y(p).size * W);
+}
+
 template <typename T>
 const T* target_plane(const Problem& p, const TargetView& view, int64_t n, int64_t c,
                       std::vector<T>& ys) {
   const int64_t W = axis_x(p).size;
-  if (view.t.scalar_type() == c10::CppTypeToScalarType<T>::value && view.sx == 1 &&
-      view.sy == W && (axis_z(p).size == 1 || view.sz == axis_y(p).size * W))
+  if (target_planes_direct<T>(p, view))
     return view.t.const_data_ptr<T>() + n * view.sn + c * view.sc;
   ys.resize(full_plane(p));
   for (int64_t r = 0; r < full_rows(p); ++r)
@@ -363,6 +371,20 @@ struct PlaneScratch {
   // Subtracts the plane mean of each pooled map (covariances do not change; the raw-sum form
   // then cancels far less); returns the two means.
   std::pair<double, double> centre(int64_t n) { return {centre_map(y_map(), n), centre_map(p_map(), n)}; }
+
+  // Bytes that resize() allocates (plus a float target's plane copy when copies_target), for
+  // threads_for_planes.
+  static int64_t bytes(const Problem& p, bool backward, bool dp_in_gradient, bool copies_target) {
+    const int64_t W = axis_x(p).size, pooled = pooled_plane(p), full = full_plane(p);
+    int64_t elems = (row_sigmoid(p) ? W : full) + 2 * (pooled + 2 * kMapPad) + 2 * W;
+    if (p.pools() && p.pool == rmi::kAvgPool) elems += 2 * pooled_rows(p) * W;
+    if (backward && !dp_in_gradient) elems += pooled;
+    if (backward && p.pools() && p.pool != rmi::kAvgPool) elems += full;
+    if (copies_target) elems += full;
+    const int64_t argmax = p.pools() && p.pool == rmi::kMaxPool ? pooled : 0;
+    return elems * static_cast<int64_t>(sizeof(T)) +
+           argmax * static_cast<int64_t>(sizeof(int64_t));
+  }
 
   void resize(const Problem& p, bool backward, bool dp_in_gradient = false) {
     const int64_t W = axis_x(p).size, pooled = pooled_plane(p);
@@ -1065,6 +1087,32 @@ void full_res_grad_row(const Problem& p, const T* sig, const Lab& lab, const T* 
 
 // ---- the ops -------------------------------------------------------------------------------
 
+// The scratch of all threads together stays within 1/kScratchFraction of the logits' bytes: every
+// thread keeps a PlaneScratch, so with a few large planes (a volume batch at DF 1: a plane is an
+// eighth of the logits for 8 planes) two threads' scratch was half the logits beside the
+// gradient. The plane loops then run on fewer threads (at least one; the results do not depend
+// on it: each plane is computed alone and summed in a fixed order).
+constexpr int64_t kScratchFraction = 4;
+
+// The grain of at::parallel_for over `planes` planes for a per-thread scratch of
+// `scratch_bytes`: planes / the number of threads allowed.
+inline int64_t plane_grain(int64_t planes, int64_t logits_bytes, int64_t scratch_bytes) {
+  const int64_t threads = at::get_num_threads();
+  int64_t allowed = logits_bytes / kScratchFraction / std::max<int64_t>(scratch_bytes, 1);
+  allowed = std::min(std::max<int64_t>(allowed, 1), threads);
+  return (planes + allowed - 1) / allowed;
+}
+
+// plane_grain for the PlaneScratch of one pass (see PlaneScratch::bytes).
+template <typename T>
+int64_t scratch_grain(const Problem& p, const Tensor& logits, const Tensor& labels, bool backward,
+                      bool dp_in_gradient) {
+  const bool copies_target = at::isFloatingType(labels.scalar_type()) &&
+                             !target_planes_direct<T>(p, TargetView(labels));
+  return plane_grain(p.N * p.C, logits.numel() * logits.element_size(),
+                     PlaneScratch<T>::bytes(p, backward, dp_in_gradient, copies_target));
+}
+
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -1126,7 +1174,8 @@ rmi::ForwardStatsResult forward_stats_cpu(const Tensor& logits, const Tensor& la
       std::vector<int64_t> plane_bad(planes, 0);
       double* means_p = means.data_ptr<double>();
       double* cov_p = cov.data_ptr<double>();
-      at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+      const int64_t grain = scratch_grain<T>(p, logits, labels, /*backward=*/false, false);
+      at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
         PlaneScratch<T> s;
         s.resize(p, /*backward=*/false);
         std::vector<double> tables;
@@ -1182,7 +1231,9 @@ Tensor backward_grad_cpu(const Tensor& logits, const Tensor& labels, const Tenso
       // compute type holds it, instead of a plane of scratch per thread.
       const bool dp_in_gradient = std::is_same_v<scalar_t, T> && !p.pools() && gX == 1 &&
                                   gY == W && (planar || gZ == axis_y(p).size * W);
-      at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
+      const int64_t grain =
+          scratch_grain<T>(p, logits, labels, /*backward=*/true, dp_in_gradient);
+      at::parallel_for(0, p.N * p.C, grain, [&](int64_t begin, int64_t end) {
         PlaneScratch<T> s;
         s.resize(p, /*backward=*/true, dp_in_gradient);
         std::vector<double> tables;
