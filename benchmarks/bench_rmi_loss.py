@@ -158,7 +158,7 @@ def test_rmi_loss(benchmark, request, rmi_device, case_id, backend, phase):
     benchmark.group = f"{case.id} {phase}"
     benchmark.extra_info.update(
         case=case.id, backend=backend, phase=phase, device=device, shape=list(case.shape),
-        **case.options, logits_bytes=case.logits_bytes,
+        **case.options, target=case.target, logits_bytes=case.logits_bytes,
         first_call_s=state.first_call_s[backend], second_call_s=state.call_s[backend])
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1)
     # Other work on the machine inflates times; the results table reports the load seen.

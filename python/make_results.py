@@ -67,6 +67,9 @@ def load(path: Path):
         row.setdefault("loadavg", []).append(info.get("loadavg_1min", 0.0))
         case_info[info["case"]] = {k: info[k] for k in ("shape", "stride", "radius", "pool",
                                                          "logits_bytes", "device")}
+        # "labels" or "float" (a soft float target); older JSON: the case id's suffix
+        case_info[info["case"]]["target"] = info.get(
+            "target", "float" if info["case"].endswith("-float") else "labels")
     return data["machine_info"], data["datetime"], results, case_info
 
 
@@ -75,11 +78,22 @@ def ordered(backends):
 
 
 def case_order(case_info):
-    """Biggest shape first, then by pool, DF and R."""
+    """Biggest shape first, then by pool, DF, R and target (labels first)."""
     pools = ("avg", "max", "interp")
     return sorted(case_info, key=lambda c: (-case_info[c]["logits_bytes"],
                                             pools.index(case_info[c]["pool"]),
-                                            case_info[c]["stride"], case_info[c]["radius"]))
+                                            case_info[c]["stride"], case_info[c]["radius"],
+                                            case_info[c]["target"] != "labels"))
+
+
+def case_label(info, sep=" ") -> str:
+    """``4x21x513x513 DF 4 R 3 avg`` (``sep`` between the parts), ``float target`` appended
+    for a float-target case."""
+    parts = [f"`{'x'.join(map(str, info['shape']))}`", f"DF {info['stride']}",
+             f"R {info['radius']}", info["pool"]]
+    if info["target"] != "labels":
+        parts.append(f"{info['target']} target")
+    return sep.join(parts)
 
 
 def fmt_time(stats) -> str:
@@ -123,8 +137,7 @@ def results_table(results, case_info):
     lines = [head, "|---" * 8 + "|"]
     for case in case_order(case_info):
         info = case_info[case]
-        label = (f"`{'x'.join(map(str, info['shape']))}` DF {info['stride']} R {info['radius']} "
-                 f"{info['pool']}")
+        label = case_label(info)
         for backend in ordered(results[case]):
             row = results[case][backend]
             mem = row.get("peak_extra_bytes")
@@ -142,8 +155,10 @@ def is_volume(info) -> bool:
 
 
 def headline(results, case_info):
-    """Forward+backward at the paper's setting and at DF 1 (2-D): time, speed-ups, memory."""
-    planar = {c: info for c, info in case_info.items() if not is_volume(info)}
+    """Forward+backward at the paper's setting and at DF 1 (2-D), integer labels: time,
+    speed-ups, memory."""
+    planar = {c: info for c, info in case_info.items()
+              if not is_volume(info) and info["target"] == "labels"}
     paper = [c for c in planar if planar[c]["shape"][2] == 513]
     df1 = [c for c in planar if planar[c]["stride"] == 1 and planar[c]["pool"] == "avg"]
     return case_tables(results, {c: case_info[c] for c in paper + df1})
@@ -154,8 +169,7 @@ def case_tables(results, case_info):
     lines = []
     for case in case_order(case_info):
         info, rows = case_info[case], results[case]
-        lines += [f"`{'x'.join(map(str, info['shape']))}`, DF {info['stride']}, R "
-                  f"{info['radius']}, {info['pool']}, forward+backward:", "",
+        lines += [f"{case_label(info, ', ')}, forward+backward:", "",
                   "| Backend | ms, median ± IQR/2 | speed-up vs reference "
                   "| speed-up vs torch.compile | peak extra memory, x logits |", "|---" * 5 + "|"]
         for backend in ordered(rows):
@@ -171,6 +185,36 @@ def case_tables(results, case_info):
         if "first_call_s" in compiled:
             lines += ["", f"The first forward+backward under torch.compile (compiling) took "
                           f"{compiled['first_call_s']:.0f} s."]
+        lines.append("")
+    return lines
+
+
+def targets_section(results, case_info):
+    """Each float-target case beside the same case with integer labels: forward+backward time
+    and peak extra memory per backend, and the time ratio."""
+    lines = []
+    same = ("shape", "stride", "radius", "pool")
+    for case in case_order(case_info):
+        info = case_info[case]
+        if info["target"] == "labels":
+            continue
+        twin = next((c for c, other in case_info.items() if other["target"] == "labels"
+                     and all(other[k] == info[k] for k in same)), None)
+        lines += [f"{case_label(info, ', ')}, forward+backward, beside integer labels:", "",
+                  "| Backend | labels ms | float target ms | ratio | peak extra memory, x logits "
+                  "(labels / float target) |", "|---" * 5 + "|"]
+        for backend in ordered(results[case]):
+            row = results[case][backend]
+            base = results[twin].get(backend, {}) if twin else {}
+            if "fwd+bwd" not in row:
+                continue
+            ratio = (row["fwd+bwd"]["median"] / base["fwd+bwd"]["median"]
+                     if "fwd+bwd" in base else None)
+            mems = [r.get("peak_extra_x_logits") for r in (base, row)]
+            lines.append(f"| {BACKEND_LABELS.get(backend, backend)} | "
+                         f"{fmt_time(base.get('fwd+bwd'))} | {fmt_time(row['fwd+bwd'])} | "
+                         f"{fmt_ratio(ratio)} | "
+                         + " / ".join("–" if m is None else f"{m:.2f}" for m in mems) + " |")
         lines.append("")
     return lines
 
@@ -262,6 +306,10 @@ def main(argv=None):
              *(["## Volumes", "", "Logits `[N, C, D, H, W]` float32, R 3 on every axis "
                 "(`d` = 27), every backend that computes volumes:", "",
                 *case_tables(results, volumes)] if volumes else []),
+             *(["## Targets", "", "A soft float target (a one-hot target with label smoothing "
+                "0.1, float32, made before timing) against integer labels:", "",
+                *targets_section(results, case_info)]
+               if any(i["target"] != "labels" for i in case_info.values()) else []),
              "## All cases", "",
              "Times are the median over the rounds ± half the interquartile range, in ms; "
              "`bwd` is the backward alone (its forward is untimed). The speed-up is the "
