@@ -298,8 +298,6 @@ struct FloatPlane {
   FloatPlane from(int64_t u) const { return {ys + u, mask + u, sums ? sums + u : nullptr}; }
 };
 
-// The plane (n, c) of a float target in the compute type: the target's own plane when it is a
-// contiguous plane of T (nothing copied), else a copy in ys.
 // Whether the target's planes are contiguous planes of the compute type T (read in place).
 template <typename T>
 bool target_planes_direct(const Problem& p, const TargetView& view) {
@@ -308,6 +306,8 @@ bool target_planes_direct(const Problem& p, const TargetView& view) {
          view.sy == W && (axis_z(p).size == 1 || view.sz == axis_y(p).size * W);
 }
 
+// The plane (n, c) of a float target in the compute type: the target's own plane when it is a
+// contiguous plane of T (nothing copied), else a copy in ys.
 template <typename T>
 const T* target_plane(const Problem& p, const TargetView& view, int64_t n, int64_t c,
                       std::vector<T>& ys) {
@@ -372,30 +372,37 @@ struct PlaneScratch {
   // then cancels far less); returns the two means.
   std::pair<double, double> centre(int64_t n) { return {centre_map(y_map(), n), centre_map(p_map(), n)}; }
 
-  // Bytes that resize() allocates (plus a float target's plane copy when copies_target), for
-  // threads_for_planes.
-  static int64_t bytes(const Problem& p, bool backward, bool dp_in_gradient, bool copies_target) {
+  // Elements of each buffer for one pass (0: unused): what resize() allocates, bytes() counts.
+  struct Sizes {
+    int64_t sig, map, row, rows, argmax, grad_pp, grad_full;
+  };
+  static Sizes sizes(const Problem& p, bool backward, bool dp_in_gradient) {
     const int64_t W = axis_x(p).size, pooled = pooled_plane(p), full = full_plane(p);
-    int64_t elems = (row_sigmoid(p) ? W : full) + 2 * (pooled + 2 * kMapPad) + 2 * W;
-    if (p.pools() && p.pool == rmi::kAvgPool) elems += 2 * pooled_rows(p) * W;
-    if (backward && !dp_in_gradient) elems += pooled;
-    if (backward && p.pools() && p.pool != rmi::kAvgPool) elems += full;
-    if (copies_target) elems += full;
-    const int64_t argmax = p.pools() && p.pool == rmi::kMaxPool ? pooled : 0;
+    const bool avg = p.pools() && p.pool == rmi::kAvgPool;
+    const bool max = p.pools() && p.pool == rmi::kMaxPool;
+    return {row_sigmoid(p) ? W : full, pooled + 2 * kMapPad, W, avg ? pooled_rows(p) * W : 0,
+            max ? pooled : 0, backward && !dp_in_gradient ? pooled : 0,
+            backward && p.pools() && !avg ? full : 0};
+  }
+
+  // Bytes of one thread's buffers for a pass, plus the copy of a float target's plane
+  // (target_plane's ys) when copies_target; for plane_grain.
+  static int64_t bytes(const Problem& p, bool backward, bool dp_in_gradient, bool copies_target) {
+    const Sizes n = sizes(p, backward, dp_in_gradient);
+    const int64_t elems = n.sig + 2 * n.map + 2 * n.row + 2 * n.rows + n.grad_pp + n.grad_full +
+                          (copies_target ? full_plane(p) : 0);
     return elems * static_cast<int64_t>(sizeof(T)) +
-           argmax * static_cast<int64_t>(sizeof(int64_t));
+           n.argmax * static_cast<int64_t>(sizeof(int64_t));
   }
 
   void resize(const Problem& p, bool backward, bool dp_in_gradient = false) {
-    const int64_t W = axis_x(p).size, pooled = pooled_plane(p);
-    sig.resize(row_sigmoid(p) ? W : full_plane(p)), yp.assign(pooled + 2 * kMapPad, T(0)), pp.assign(pooled + 2 * kMapPad, T(0));
-    row_a.resize(W), row_b.resize(W);
-    if (p.pools() && p.pool == rmi::kAvgPool)
-      rows_p.resize(pooled_rows(p) * W), rows_y.resize(pooled_rows(p) * W);
-    if (p.pools() && p.pool == rmi::kMaxPool) argmax.resize(pooled);
-    if (!backward) return;
-    if (!dp_in_gradient) grad_pp.resize(pooled), dp = grad_pp.data();
-    if (p.pools() && p.pool != rmi::kAvgPool) grad_full.resize(full_plane(p));
+    const Sizes n = sizes(p, backward, dp_in_gradient);
+    sig.resize(n.sig), yp.assign(n.map, T(0)), pp.assign(n.map, T(0));
+    row_a.resize(n.row), row_b.resize(n.row);
+    rows_p.resize(n.rows), rows_y.resize(n.rows);
+    argmax.resize(n.argmax);
+    grad_pp.resize(n.grad_pp), grad_full.resize(n.grad_full);
+    if (n.grad_pp > 0) dp = grad_pp.data();
   }
 };
 

@@ -1,9 +1,10 @@
 // CUDA implementations of the rmi_ext ops (schemas and output contracts: csrc/rmi.cpp; plain
 // torch semantics: rmi_ext/torch_backend.py). Torch glue only: argument checks, allocation,
 // dtype and target dispatch and launches on the current stream; the kernels are in
-// rmi_kernels.cuh. Inputs are read through their strides (copied only for int8/int16 labels and
-// float targets of neither the logits' dtype nor the compute type, see kernel_target); the
-// float64 tiny-matrix stage (c) stays in Python (rmi_ext/linalg.py).
+// rmi_kernels.cuh. Inputs are read through their strides (copied only for int8/int16 labels,
+// float targets of neither the logits' dtype nor the compute type and region_mi targets not in
+// the compute type, see kernel_target; a strided mask is made contiguous); the float64
+// tiny-matrix stage (c) stays in Python (rmi_ext/linalg.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -68,19 +69,16 @@ void dispatch_target(const Problem& g, const Tensor& target, const c10::optional
   if (at::isFloatingType(t)) {
     if (mask.has_value()) keep = mask->contiguous();
     const bool* m = mask.has_value() ? keep.const_data_ptr<bool>() : nullptr;
-    auto read = [&](auto value_tag) {
+    auto values = [&](auto value_tag) {
       using value_t = decltype(value_tag);
-      f(FloatTarget<value_t>{target.const_data_ptr<value_t>(), target.stride(1), m});
+      return FloatTarget<value_t>{target.const_data_ptr<value_t>(), target.stride(1), m};
     };
-    if (g.mode == kRegionMode) {
-      TORCH_CHECK(t == c10::CppTypeToScalarType<acc_t>::value,
-                  "rmi_ext: internal error: region target of dtype ", t);
-      return f(RegionTarget<acc_t>{{target.const_data_ptr<acc_t>(), target.stride(1), m}});
-    }
-    if (t == c10::CppTypeToScalarType<scalar_t>::value) return read(scalar_t{});
+    if (t == c10::CppTypeToScalarType<scalar_t>::value && g.mode != kRegionMode)
+      return f(values(scalar_t{}));
     TORCH_CHECK(t == c10::CppTypeToScalarType<acc_t>::value,
-                "rmi_ext: internal error: float target of dtype ", t);
-    return read(acc_t{});
+                "rmi_ext: internal error: float target of dtype ", t);  // see kernel_target
+    if (g.mode == kRegionMode) return f(RegionTarget<acc_t>{values(acc_t{})});
+    return f(values(acc_t{}));
   }
   switch (t) {
     case at::kByte: return f(LabelTarget<uint8_t>{target.const_data_ptr<uint8_t>()});
