@@ -39,8 +39,7 @@ def empty_stats(logits: torch.Tensor, dim: int):
 
 def _check_op_inputs(logits, labels, radius, mask=None) -> int:
     """The checks of csrc/rmi_ops.h, for the fake kernels (``torch._check``: symbolic shapes);
-    returns ``d``. ``radius``: an int (the 2-D Triton ops) or one side per spatial axis;
-    ``labels`` a label map, or a float target of the logits' shape with an optional ``mask``."""
+    returns ``d``. ``radius``: one side per spatial axis; ``labels`` a label map, or a float target of the logits' shape with an optional ``mask``."""
     torch._check(logits.dim() in (4, 5),
                  lambda: f"logits must be [N, C, H, W] or [N, C, D, H, W], got {logits.shape}")
     torch._check(logits.dtype in FLOAT_DTYPES,
@@ -60,13 +59,20 @@ def _check_op_inputs(logits, labels, radius, mask=None) -> int:
     for i, j in ((0, 0), *((k, k + 1) for k in range(1, logits.dim() - 1))):
         torch._check(labels.shape[i] == logits.shape[j],
                      lambda: f"labels {labels.shape} do not match logits {logits.shape}")
-    sides = [radius] * 2 if isinstance(radius, int) else list(radius)
+    sides = list(radius)
     torch._check(len(sides) == logits.dim() - 2,
                  lambda: f"radius {radius} must have one side per spatial axis")
     for side in sides:
         torch._check(1 <= side <= MAX_RADIUS,
                      lambda: f"radius must be in [1, {MAX_RADIUS}], got {radius}")
     return math.prod(sides)
+
+
+def op_sides(logits, cfg: RMIConfig) -> tuple[list[int], list[int], list[int]]:
+    """``radius, stride, pool_size`` as every backend's ops take them: one side per spatial
+    axis of ``logits``."""
+    cfg = cfg.for_rank(logits.dim() - 2)
+    return list(cfg.radii), list(cfg.strides), list(cfg.pool_sizes)
 
 
 def fake_forward_stats(logits, labels, radius, stride, pool, pool_size, ignore_index, mode,

@@ -100,13 +100,14 @@ def test_torch_compile_fullgraph():
 @requires_interpreter
 def test_custom_ops_opcheck():
     logits, labels = make_inputs((1, 2, 8, 8), requires_grad=False)
-    args = (logits, labels, 2, 2, "avg", 2, 255, "sigmoid")
+    args = (logits, labels, [2, 2], [2, 2], "avg", [2, 2], 255, "sigmoid")
     torch.library.opcheck(torch.ops.rmi_ext.triton_forward_stats.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     d = 4
     bargs = (logits, labels, torch.tensor(0.25, dtype=torch.float64),
              torch.randn(1, 2, 2, d, d, dtype=torch.float64),
-             torch.randn(1, 2, d, dtype=torch.float64), 2, 2, "avg", 2, 255, "sigmoid")
+             torch.randn(1, 2, d, dtype=torch.float64), [2, 2], [2, 2], "avg", [2, 2], 255,
+             "sigmoid")
     torch.library.opcheck(torch.ops.rmi_ext.triton_backward_grad.default, bargs,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -148,7 +149,7 @@ def _compile_kernels(arch, logits, labels, cfg):
     triton.runtime.driver.set_active(_FakeCudaDriver(arch))
     JITFunction.run = compile_only
     n, c = logits.shape[:2]
-    d = cfg.dim
+    d = cfg.for_rank(logits.dim() - 2).dim
     try:
         tb._forward_impl(logits, labels, cfg)
         tb._backward_impl(logits, labels, cfg, torch.tensor(0.5, dtype=torch.float64),
@@ -163,13 +164,16 @@ def _compile_kernels(arch, logits, labels, cfg):
 
 
 def _compile_cases(cases):
-    """:func:`_compile_kernels` for each ``(arch, shape, dtype name, channels_last, opts)``."""
+    """:func:`_compile_kernels` for each ``(arch, shape, dtype name, channels_last, opts)``
+    (per-axis options as JSON lists)."""
     results = []
     for arch, shape, dtype, channels_last, opts in cases:
         logits = torch.empty(shape, dtype=getattr(torch, dtype))
         if channels_last:
-            logits = logits.to(memory_format=torch.channels_last)
+            logits = logits.to(memory_format=torch.channels_last if len(shape) == 4
+                               else torch.channels_last_3d)
         labels = torch.empty((shape[0], *shape[2:]), dtype=torch.int64)
+        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
         results.append(_compile_kernels(arch, logits, labels, make_config(**opts)))
     return results
 
@@ -197,11 +201,17 @@ def _compiled_in_subprocess(cases_json):
     return results
 
 
+PLANE, VOLUME = (2, 3, 37, 41), (2, 3, 9, 21, 19)
 SM90_CASES = [
-    ("float32", dict(radius=3, stride=4, pool="avg", mode="sigmoid")),
-    ("float64", dict(radius=10, stride=1, mode="softmax")),
-    ("bfloat16", dict(radius=2, stride=3, pool="max", pool_size=5, ignore_index=1)),
-    ("float16", dict(radius=3, stride=2, pool="interp", mode="softmax")),
+    (PLANE, "float32", dict(radius=3, stride=4, pool="avg", mode="sigmoid")),
+    (PLANE, "float64", dict(radius=10, stride=1, mode="softmax")),
+    (PLANE, "bfloat16", dict(radius=2, stride=3, pool="max", pool_size=5, ignore_index=1)),
+    (PLANE, "float16", dict(radius=3, stride=2, pool="interp", mode="softmax")),
+    (PLANE, "float32", dict(radius=(2, 4), stride=(1, 2), pool="avg", pool_size=(3, 2))),
+    (VOLUME, "float32", dict(radius=(1, 3, 3), stride=(1, 2, 2), pool="avg")),
+    (VOLUME, "bfloat16", dict(radius=2, stride=2, pool="max", mode="softmax")),
+    (VOLUME, "float16", dict(radius=(2, 2, 1), stride=(2, 1, 2), pool="interp")),
+    (VOLUME, "float64", dict(radius=(2, 3, 3), stride=1, mode="softmax")),
 ]
 
 
@@ -210,17 +220,22 @@ SM90_CASES = [
 def test_kernels_compile_for_sm90(case):
     """Without a GPU: the compiled kernels (CUDA block sizes) go through the whole Triton
     pipeline down to a cubin for sm_90 (the interpreter accepts code the compiler rejects, e.g.
-    a loop-carried variable changing type). Nothing is launched."""
-    cases = [(90, (2, 3, 37, 41), dtype, True, opts) for dtype, opts in SM90_CASES]
-    names = {name for name, _ in _compiled_in_subprocess(json.dumps(cases))[case]}
-    cfg = make_config(**SM90_CASES[case][1])
+    a loop-carried variable changing type), for 2-D maps, per-axis options and volumes. Nothing
+    is launched."""
+    cases = [(90, shape, dtype, True, opts) for shape, dtype, opts in SM90_CASES]
+    kernels = _compiled_in_subprocess(json.dumps(cases))[case]
+    names = {name for name, _ in kernels}
+    shape, _, opts = SM90_CASES[case]
+    cfg = make_config(**opts).for_rank(len(shape) - 2)
     want = {"_first_term_and_pooled_maps_kernel", "_moment_sums_kernel",
             "_pooled_grad_stencil_kernel"}
-    if cfg.stride > 1:  # stride 1: the stencil kernel writes the gradient
+    if cfg.pools:  # without pooling the stencil kernel writes the gradient
         want.add("_full_res_grad_kernel")
     if cfg.mode == "softmax":
         want.add("_first_term_lse_kernel")
     assert want <= names
+    over = {name: shared for name, shared in kernels if shared > SHARED_LIMITS[90]}
+    assert not over, over
 
 
 #: Shared memory one block may use (the opt-in maximum) on A100 (sm_80) and H100/H200 (sm_90).
