@@ -19,11 +19,17 @@ registration (the Liger-Kernel layout). Stage names match :mod:`rmi_ext.torch_ba
 (e) pool_adjoint + full_res_grad: :func:`_full_res_grad_kernel`: pooling adjoint, ``dP/dx``
     and the first-term gradient at full resolution, in the logits' dtype and memory format.
 
-Stride 1 (where the pooled maps are the full-resolution ones): no map is stored; stages (b) and
-(d) recompute ``P``/``Y`` from the logits and labels, and (d) also does (e) (``FUSE_GRAD``), so
-forward+backward allocate no full-size tensor but the gradient. Stride > 1: the backward runs
-(a), (d) and (e) on blocks of planes (:func:`_plane_blocks`), its pooled maps within 1/16 of
-the logits. Tile sizes: :data:`TILES`.
+Geometry: every kernel addresses a plane as a volume ``[Z, H, W]`` (pooled ``[z, h, w]``),
+with the radius, stride and pool size of each axis as constexprs; 2-D maps are volumes of depth
+1 (:class:`Geometry`, :func:`_volume_view`), so ``[N, C, H, W]`` and ``[N, C, D, H, W]`` logits
+and per-axis options run the same code. The ``(dz, dy, dx)`` of region offset ``i`` is
+:func:`_region_offset` (row-major, as the reference's ``unfold``).
+
+Without pooling (every stride 1, where the pooled maps are the full-resolution ones): no map is
+stored; stages (b) and (d) recompute ``P``/``Y`` from the logits and labels, and (d) also does
+(e) (``FUSE_GRAD``), so forward+backward allocate no full-size tensor but the gradient. With
+pooling: the backward runs (a), (d) and (e) on blocks of planes (:func:`_plane_blocks`), its
+pooled maps within 1/16 of the logits. Tile sizes: :data:`TILES`.
 
 Targets: integer labels, or a float target of the logits' shape and its mask (``TARGET`` 1,
 :func:`_target`; softmax mode: the soft CE and the per-pixel sum of the target over classes in

@@ -112,6 +112,23 @@ def test_custom_ops_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@requires_interpreter
+def test_custom_ops_opcheck_volume():
+    """The ops on a volume with per-axis options (one side per spatial axis)."""
+    logits, labels = make_inputs((1, 2, 8, 8), mode="softmax", requires_grad=False)
+    logits = torch.stack([logits, logits.flip(-1), logits.flip(-2)], dim=2)  # [1, 2, 3, 8, 8]
+    labels = torch.stack([labels, labels.flip(-1), labels.flip(-2)], dim=1)
+    sides = ([1, 2, 2], [1, 2, 2], "max", [1, 2, 2], 255, "softmax")
+    torch.library.opcheck(torch.ops.rmi_ext.triton_forward_stats.default,
+                          (logits, labels, *sides), test_utils=("test_schema", "test_faketensor"))
+    d = 4
+    bargs = (logits, labels, torch.tensor(0.25, dtype=torch.float64),
+             torch.randn(1, 2, 2, d, d, dtype=torch.float64),
+             torch.randn(1, 2, d, dtype=torch.float64), *sides)
+    torch.library.opcheck(torch.ops.rmi_ext.triton_backward_grad.default, bargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 # ---- CUDA, compiled (no interpreter) -------------------------------------------------------------
 
 class _FakeCudaDriver:

@@ -175,8 +175,9 @@ def test_all_ignored_volume(mode):
     rmi_ext.rmi_loss(x, labels, radius=(1, 2, 2), stride=(1, 2, 2), mode=mode,
                      backend="reference").backward()
     assert torch.isfinite(x.grad).all()
-    for radius, stride in (((1, 2, 2), (1, 2, 2)), (2, 1)):  # plane groups, row blocks
-        compare("torch", x, labels, radius=radius, stride=stride, mode=mode)
+    for backend in VOLUME_BACKENDS:  # torch: plane groups, row blocks
+        for radius, stride in (((1, 2, 2), (1, 2, 2)), (2, 1)):
+            compare(backend, x, labels, radius=radius, stride=stride, mode=mode)
 
 
 @pytest.mark.parametrize("backend", ["reference", *VOLUME_BACKENDS])
@@ -316,6 +317,19 @@ def test_volume_float32(backend, mode, pool):
     x, labels = volume_inputs(VOLUME, 13, mode=mode, dtype=torch.float32)
     for radius, stride in (((1, 3, 3), (1, 2, 2)), (2, 1)):
         compare(backend, x, labels, radius=radius, stride=stride, pool=pool, mode=mode)
+
+
+@pytest.mark.parametrize("backend", VOLUME_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode,pool,radius,stride", [("sigmoid", "avg", (1, 3, 3), (1, 2, 2)),
+                                                     ("softmax", "interp", 2, 2),
+                                                     ("sigmoid", "max", (2, 2, 1), (2, 1, 2)),
+                                                     ("softmax", "avg", 2, 1)])
+def test_volume_half_precision(backend, dtype, mode, pool, radius, stride):
+    """fp16 / bf16 volumes: loss float32 and gradient in the logits' dtype, within the 2-D
+    half-precision tolerances of the float32 reference on the same rounded values."""
+    x, labels = volume_inputs(VOLUME, 14, mode=mode, dtype=dtype)
+    compare(backend, x, labels, radius=radius, stride=stride, pool=pool, mode=mode)
 
 
 @pytest.mark.parametrize("stride,mode,pool", [(1, "softmax", "max"), (2, "softmax", "max"),
