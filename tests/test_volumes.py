@@ -346,6 +346,23 @@ def test_torch_volume_peak_memory(stride, mode, pool):
     assert ratio <= 1.5, ratio
 
 
+@pytest.mark.parametrize("backend", [b for b in VOLUME_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("stride,mode,pool", [(1, "sigmoid", "avg"), (2, "softmax", "max")])
+def test_triton_volume_peak_memory(backend, stride, mode, pool):
+    """The Triton kernels on a float32 volume of 8 planes allocate at most 1.25x the logits in
+    torch tensors, forward + backward, the gradient included (as in 2-D): without pooling no
+    map but the gradient; with pooling the forward's pooled maps (1/4 of the logits for ``P``
+    and ``Y`` at stride 2) and, in the backward, the maps of one plane at a time, the arg-max
+    and the softmax ``lse``. Regions ``1 x 2 x 2``: the ``[N, C, d, d]`` statistics stay small
+    beside planes this small (the interpreter's cost)."""
+    torch.manual_seed(0)
+    logits = (2 * torch.randn(1, 8, 12, 40, 40)).requires_grad_()
+    labels = torch.randint(0, 8, (1, 12, 40, 40))
+    ratio = peak_memory_ratio(logits, labels, radius=(1, 2, 2), stride=stride, pool=pool,
+                              mode=mode, backend=backend)
+    assert ratio <= 1.25, ratio
+
+
 # ---- memory formats and shapes -------------------------------------------------------------
 
 
