@@ -717,6 +717,8 @@ struct MomentGeometry {
   // The x segment whose pixels admit every offset (the interior columns), or -1 on maps too
   // narrow for one; the other x segments are border columns, R - 1 on each side.
   int64_t inner;
+  // The columns of the other x segments, and each one's segment.
+  std::vector<int64_t> border_col, border_seg;
   explicit MomentGeometry(const Problem& p)
       : sz(make_segments(p.axis[0].pooled, p.axis[0].radius)),
         sy(make_segments(p.axis[1].pooled, p.axis[1].radius)),
@@ -726,6 +728,9 @@ struct MomentGeometry {
         lags(radius), inner(-1) {
     for (int64_t c = 0; c < sx.count() && inner < 0; ++c)
       if (sx.lo[c] == 0 && sx.hi[c] == radius[2] - 1 && sx.end[c] - sx.begin[c] > 1) inner = c;
+    for (int64_t c = 0; c < sx.count(); ++c)
+      for (int64_t col = sx.begin[c]; col < sx.end[c] && c != inner; ++col)
+        border_col.push_back(col), border_seg.push_back(c);
   }
   int64_t cells() const { return sz.count() * sy.count() * sx.count(); }
   int64_t cell(int64_t a, int64_t b, int64_t c) const { return (a * sy.count() + b) * sx.count() + c; }
@@ -759,28 +764,53 @@ struct MomentGeometry {
   int64_t lag_offset(int64_t l) const { return (lags.ez[l] * hy + lags.ey[l]) * w + lags.ex[l]; }
 };
 
-// Sums over n elements `step` apart of a * p1, and for `upper` lags also a * y1 and pa * p1
-// (a: Y, pa: P of the block; y1, p1: the maps at the lag), in float64. kStep: 1 for a flat run
-// (the loop then vectorises), 0 for any other `step` (down a column).
-template <int kStep, typename M>
-void lag_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t n, int64_t step,
-                  bool upper, double* s_yp, double* s_yy, double* s_pp) {
-  step = kStep == 1 ? 1 : step;
+// Sums over a flat run of n elements of a * p1, and for `upper` lags also a * y1 and pa * p1
+// (a: Y, pa: P of the block; y1, p1: the maps at the lag), in float64 (the loop vectorises).
+template <typename M>
+void lag_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t n, bool upper,
+                  double* s_yp, double* s_yy, double* s_pp) {
   double yp = 0.0, yy = 0.0, pp = 0.0;
   if (upper) {
 #pragma omp simd reduction(+ : yp, yy, pp)
     for (int64_t q = 0; q < n; ++q) {
-      const double ya = a[q * step], pb = p1[q * step];
+      const double ya = a[q], pb = p1[q];
       yp += ya * pb;
-      yy += ya * static_cast<double>(y1[q * step]);
-      pp += static_cast<double>(pa[q * step]) * pb;
+      yy += ya * static_cast<double>(y1[q]);
+      pp += static_cast<double>(pa[q]) * pb;
     }
   } else {
 #pragma omp simd reduction(+ : yp)
-    for (int64_t q = 0; q < n; ++q)
-      yp += static_cast<double>(a[q * step]) * static_cast<double>(p1[q * step]);
+    for (int64_t q = 0; q < n; ++q) yp += static_cast<double>(a[q]) * static_cast<double>(p1[q]);
   }
   *s_yp += yp, *s_yy += yy, *s_pp += pp;
+}
+
+// The same sums down the border columns `cols[k]` of `rows` rows w apart, one sum per column
+// into f_yp[k] (f_yy[k], f_pp[k] for upper lags), row by row: the border columns of a row share
+// its cache lines (one column at a time touched every line once per column).
+template <typename M>
+void border_lag_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t rows,
+                         int64_t w, const std::vector<int64_t>& cols, bool upper, double* f_yp,
+                         double* f_yy, double* f_pp) {
+  const int64_t nb = static_cast<int64_t>(cols.size());
+  std::fill(f_yp, f_yp + nb, 0.0), std::fill(f_yy, f_yy + nb, 0.0), std::fill(f_pp, f_pp + nb, 0.0);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = i * w;
+    if (upper) {
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t q = r + cols[k];
+        const double ya = a[q], pb = p1[q];
+        f_yp[k] += ya * pb;
+        f_yy[k] += ya * static_cast<double>(y1[q]);
+        f_pp[k] += static_cast<double>(pa[q]) * pb;
+      }
+    } else {
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t q = r + cols[k];
+        f_yp[k] += static_cast<double>(a[q]) * static_cast<double>(p1[q]);
+      }
+    }
+  }
 }
 
 // means [2, d] (mu_y, mu_p) and cov [3, d, d] (Sy, Sp, B) of one plane from centred yp, pp.
@@ -797,6 +827,11 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
   double* t_pp = t_yy + L * cells;
   double* t_y = t_pp + L * cells;
   double* t_p = t_y + cells;
+  const int64_t nb = static_cast<int64_t>(g.border_col.size());
+  std::vector<double> border_sums(3 * nb);  // one lag's sums down each border column
+  double* f_yp = border_sums.data();
+  double* f_yy = f_yp + nb;
+  double* f_pp = f_yy + nb;
   g.for_each_block([&](int64_t uz, int64_t uy0, int64_t rows, int64_t row0, int64_t cell0) {
     const M* yb = yc + row0 * w;
     const M* pb = pc + row0 * w;
@@ -815,23 +850,17 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
       const bool upper = g.lags.upper[l];
       // Every column of the block in flat loops (the inner x segment's sums) ...
       double s_yp = 0.0, s_yy = 0.0, s_pp = 0.0;
-      if (inner >= 0) lag_products<1>(yb, pb, y1, p1, rows * w, 1, upper, &s_yp, &s_yy, &s_pp);
+      if (inner >= 0) lag_products(yb, pb, y1, p1, rows * w, upper, &s_yp, &s_yy, &s_pp);
       // ... then the border columns (down the block's rows): taken out of those sums and,
       // where u + l is inside the plane, put in their own cells.
-      for (int64_t b = 0; b < nsx; ++b) {
-        if (b == inner) continue;
-        for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col) {
-          const bool inside = col + ex >= 0 && col + ex < w;
-          if (!inside && inner < 0) continue;
-          double f_yp = 0.0, f_yy = 0.0, f_pp = 0.0;
-          lag_products<0>(yb + col, pb + col, y1 + col, p1 + col, rows, w, upper, &f_yp, &f_yy,
-                          &f_pp);
-          if (inner >= 0) s_yp -= f_yp, s_yy -= f_yy, s_pp -= f_pp;
-          if (!inside) continue;
-          t_yp[l * cells + cell0 + b] += f_yp;
-          t_yy[l * cells + cell0 + b] += f_yy;
-          t_pp[l * cells + cell0 + b] += f_pp;
-        }
+      border_lag_products(yb, pb, y1, p1, rows, w, g.border_col, upper, f_yp, f_yy, f_pp);
+      for (int64_t k = 0; k < nb; ++k) {
+        const int64_t col = g.border_col[k], b = g.border_seg[k];
+        if (inner >= 0) s_yp -= f_yp[k], s_yy -= f_yy[k], s_pp -= f_pp[k];
+        if (col + ex < 0 || col + ex >= w) continue;  // u + l outside the plane
+        t_yp[l * cells + cell0 + b] += f_yp[k];
+        t_yy[l * cells + cell0 + b] += f_yy[k];
+        t_pp[l * cells + cell0 + b] += f_pp[k];
       }
       if (inner < 0) continue;
       t_yp[l * cells + cell0 + inner] += s_yp;
