@@ -39,7 +39,8 @@ def empty_stats(logits: torch.Tensor, dim: int):
 
 def _check_op_inputs(logits, labels, radius, mask=None) -> int:
     """The checks of csrc/rmi_ops.h, for the fake kernels (``torch._check``: symbolic shapes);
-    returns ``d``. ``radius``: one side per spatial axis; ``labels`` a label map, or a float target of the logits' shape with an optional ``mask``."""
+    returns ``d``. ``radius``: one side per spatial axis; ``labels`` a label map, or a float
+    target of the logits' shape with an optional ``mask``."""
     torch._check(logits.dim() in (4, 5),
                  lambda: f"logits must be [N, C, H, W] or [N, C, D, H, W], got {logits.shape}")
     torch._check(logits.dtype in FLOAT_DTYPES,
