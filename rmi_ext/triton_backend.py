@@ -527,9 +527,9 @@ def _moment_sums_kernel(pmap_ptr, ymap_ptr, x_ptr, lab_ptr, m_ptr, off_ptr, raw_
     For each chunk, gathers the ``[BD, BK]`` region-vector tiles of offsets ``i`` and ``j`` minus
     the plane offset ``off`` (the plane mean, so the raw sums do not cancel) and accumulates their
     ``tl.dot`` products (no pooling: ``P`` and ``Y`` recomputed from the logits and labels, in
-    ``DT`` as stage (a) would store them). float64 throughout, also for float32 maps: float32 products are exact in
-    float64, while float32 partials measurably degraded the gradient on small, ill-conditioned
-    maps (1e-4 relative vs 2e-6). Writes this split's raw product sums ``raw [N*C, KS, 3, D, D]``
+    ``DT`` as stage (a) would store them). float64 throughout, also for float32 maps: float32
+    products are exact in float64, while float32 partials measurably degraded the gradient on
+    small, ill-conditioned maps (1e-4 relative vs 2e-6). Writes this split's raw product sums ``raw [N*C, KS, 3, D, D]``
     (``Sy``, ``Sp`` only computed for ``jb >= ib`` and stored to both halves; ``B`` for all) and,
     for ``jb == 0``, the region-vector sums ``sums [N*C, KS, 2, D]``. Centring is done on the host.
     """
