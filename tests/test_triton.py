@@ -233,14 +233,14 @@ SM90_CASES = [
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="test_cuda_compiled runs the real thing")
+@pytest.mark.xdist_group("triton_compile")
 @pytest.mark.parametrize("case", range(len(SM90_CASES)))
 def test_kernels_compile_for_sm90(case):
     """Without a GPU: the compiled kernels (CUDA block sizes) go through the whole Triton
     pipeline down to a cubin for sm_90 (the interpreter accepts code the compiler rejects, e.g.
     a loop-carried variable changing type), for 2-D maps, per-axis options and volumes. Nothing
     is launched."""
-    cases = [(90, shape, dtype, True, opts) for shape, dtype, opts in SM90_CASES]
-    kernels = _compiled_in_subprocess(json.dumps(cases))[case]
+    kernels = _compiled()[case]
     names = {name for name, _ in kernels}
     shape, _, opts = SM90_CASES[case]
     cfg = make_config(**opts).for_rank(len(shape) - 2)
@@ -274,7 +274,17 @@ def _shared_memory_cases():
     return cases
 
 
+def _compiled():
+    """The kernels of :data:`SM90_CASES` (channels_last, sm_90), then of
+    :func:`_shared_memory_cases`, from one :func:`_compiled_in_subprocess` batch: the tests
+    that read it share one xdist worker (``triton_compile``), so it is compiled once."""
+    cases = [(90, shape, dtype, True, opts) for shape, dtype, opts in SM90_CASES]
+    cases += [case for _, case in _shared_memory_cases()]
+    return _compiled_in_subprocess(json.dumps(cases))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles with a fake driver")
+@pytest.mark.xdist_group("triton_compile")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("shape,stride", SHARED_SHAPES)
 def test_kernels_fit_shared_memory(shape, stride, arch):
@@ -282,7 +292,7 @@ def test_kernels_fit_shared_memory(shape, stride, arch):
     every pool) asks for no more shared memory per block than sm_<arch> has: a launch would
     fail with OutOfResources otherwise. The logits are never touched (address space only)."""
     cases = _shared_memory_cases()
-    results = _compiled_in_subprocess(json.dumps([case for _, case in cases]))
+    results = _compiled()[len(SM90_CASES):]
     used = {}
     for (key, case), kernels in zip(cases, results):
         if key != (arch, SHARED_SHAPES.index((shape, stride))):
