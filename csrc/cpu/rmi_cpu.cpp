@@ -764,108 +764,97 @@ struct MomentGeometry {
   int64_t lag_offset(int64_t l) const { return (lags.ez[l] * hy + lags.ey[l]) * w + lags.ex[l]; }
 };
 
-// Sums over a flat run of n elements of a * p1, and for `upper` lags also a * y1 and pa * p1
-// (a: Y, pa: P of the block; y1, p1: the maps at the lag), in float64 (the loop vectorises).
+// The four product sums of one upper lag l (the other lags are these with the maps' roles
+// swapped: sum_u Y[u] P[u - l] = sum_v P[v] Y[v + l]).
+struct LagSums {
+  double yp, yy, pp, py;  // sums of Y(u) P(u + l), Y(u) Y(u + l), P(u) P(u + l), P(u) Y(u + l)
+};
+
+// LagSums over a flat run of n elements (a: Y, pa: P of the block; y1, p1: the maps at the
+// lag), in float64 (the loop vectorises; float products are exact in float64).
 template <typename M>
-void lag_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t n, bool upper,
-                  double* s_yp, double* s_yy, double* s_pp) {
-  double yp = 0.0, yy = 0.0, pp = 0.0;
-  if (upper) {
-#pragma omp simd reduction(+ : yp, yy, pp)
-    for (int64_t q = 0; q < n; ++q) {
-      const double ya = a[q], pb = p1[q];
-      yp += ya * pb;
-      yy += ya * static_cast<double>(y1[q]);
-      pp += static_cast<double>(pa[q]) * pb;
-    }
-  } else {
-#pragma omp simd reduction(+ : yp)
-    for (int64_t q = 0; q < n; ++q) yp += static_cast<double>(a[q]) * static_cast<double>(p1[q]);
+LagSums lag_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t n) {
+  double yp = 0.0, yy = 0.0, pp = 0.0, py = 0.0;
+#pragma omp simd reduction(+ : yp, yy, pp, py)
+  for (int64_t q = 0; q < n; ++q) {
+    const double ya = a[q], pa_ = pa[q], yb = y1[q], pb = p1[q];
+    yp += ya * pb;
+    yy += ya * yb;
+    pp += pa_ * pb;
+    py += pa_ * yb;
   }
-  *s_yp += yp, *s_yy += yy, *s_pp += pp;
+  return {yp, yy, pp, py};
 }
 
-// The same sums down the border columns `cols[k]` of `rows` rows w apart, one sum per column
-// into f_yp[k] (f_yy[k], f_pp[k] for upper lags), row by row: the border columns of a row share
-// its cache lines (one column at a time touched every line once per column).
+// The same sums down the border columns `cols[k]` of `rows` rows w apart, one LagSums per
+// column into f[k], row by row: the border columns of a row share its cache lines (one column
+// at a time touched every line once per column).
 template <typename M>
 void border_lag_products(const M* a, const M* pa, const M* y1, const M* p1, int64_t rows,
-                         int64_t w, const std::vector<int64_t>& cols, bool upper, double* f_yp,
-                         double* f_yy, double* f_pp) {
+                         int64_t w, const std::vector<int64_t>& cols, LagSums* f) {
   const int64_t nb = static_cast<int64_t>(cols.size());
-  std::fill(f_yp, f_yp + nb, 0.0), std::fill(f_yy, f_yy + nb, 0.0), std::fill(f_pp, f_pp + nb, 0.0);
+  std::fill(f, f + nb, LagSums{0.0, 0.0, 0.0, 0.0});
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = i * w;
-    if (upper) {
-      for (int64_t k = 0; k < nb; ++k) {
-        const int64_t q = r + cols[k];
-        const double ya = a[q], pb = p1[q];
-        f_yp[k] += ya * pb;
-        f_yy[k] += ya * static_cast<double>(y1[q]);
-        f_pp[k] += static_cast<double>(pa[q]) * pb;
-      }
-    } else {
-      for (int64_t k = 0; k < nb; ++k) {
-        const int64_t q = r + cols[k];
-        f_yp[k] += static_cast<double>(a[q]) * static_cast<double>(p1[q]);
-      }
+    for (int64_t k = 0; k < nb; ++k) {
+      const int64_t q = r + cols[k];
+      const double ya = a[q], pa_ = pa[q], yb = y1[q], pb = p1[q];
+      f[k].yp += ya * pb, f[k].yy += ya * yb, f[k].pp += pa_ * pb, f[k].py += pa_ * yb;
     }
   }
 }
 
 // means [2, d] (mu_y, mu_p) and cov [3, d, d] (Sy, Sp, B) of one plane from centred yp, pp.
+// Only the upper lags are summed (LagSums): B's entries of a lower lag are P.Y sums of the
+// opposite upper lag, over the cells of the other offset.
 template <typename M>
 void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, double* means, double* cov,
                    std::vector<double>& tables) {
-  const int64_t cells = g.cells(), nsx = g.sx.count(), L = g.lags.count;
+  const int64_t cells = g.cells(), L = g.lags.count;
   const int64_t w = g.w, inner = g.inner;
-  // tables: [L][cells] for Y.P, Y.Y, P.P, then [cells] sums of Y and P.
-  tables.assign(3 * L * cells + 2 * cells, 0.0);
+  // tables: [L][cells] for Y.P, Y.Y, P.P, P.Y (upper lags l), then [cells] sums of Y and P.
+  tables.assign(4 * L * cells + 2 * cells, 0.0);
   double* t_yp = tables.data();
   double* t_yy = t_yp + L * cells;
   double* t_pp = t_yy + L * cells;
-  double* t_y = t_pp + L * cells;
+  double* t_py = t_pp + L * cells;
+  double* t_y = t_py + L * cells;
   double* t_p = t_y + cells;
   const int64_t nb = static_cast<int64_t>(g.border_col.size());
-  std::vector<double> border_sums(3 * nb);  // one lag's sums down each border column
-  double* f_yp = border_sums.data();
-  double* f_yy = f_yp + nb;
-  double* f_pp = f_yy + nb;
+  std::vector<LagSums> border_sums(nb);  // one lag's sums down each border column
+  auto add = [&](int64_t l, int64_t cell, const LagSums& s) {
+    t_yp[l * cells + cell] += s.yp, t_yy[l * cells + cell] += s.yy;
+    t_pp[l * cells + cell] += s.pp, t_py[l * cells + cell] += s.py;
+  };
   g.for_each_block([&](int64_t uz, int64_t uy0, int64_t rows, int64_t row0, int64_t cell0) {
     const M* yb = yc + row0 * w;
     const M* pb = pc + row0 * w;
     for (int64_t i = 0; i < rows; ++i)
-      for (int64_t b = 0; b < nsx; ++b) {
+      for (int64_t b = 0; b < g.sx.count(); ++b) {
         double sy = 0.0, sp = 0.0;
         for (int64_t col = g.sx.begin[b]; col < g.sx.end[b]; ++col)
           sy += yb[i * w + col], sp += pb[i * w + col];
         t_y[cell0 + b] += sy, t_p[cell0 + b] += sp;
       }
     for (int64_t l = 0; l < L; ++l) {
-      if (!g.lag_fits(uz, uy0, rows, l)) continue;
+      if (!g.lags.upper[l] || !g.lag_fits(uz, uy0, rows, l)) continue;
       const int64_t ex = g.lags.ex[l];
       const M* y1 = yb + g.lag_offset(l);
       const M* p1 = pb + g.lag_offset(l);
-      const bool upper = g.lags.upper[l];
       // Every column of the block in flat loops (the inner x segment's sums) ...
-      double s_yp = 0.0, s_yy = 0.0, s_pp = 0.0;
-      if (inner >= 0) lag_products(yb, pb, y1, p1, rows * w, upper, &s_yp, &s_yy, &s_pp);
+      LagSums s{0.0, 0.0, 0.0, 0.0};
+      if (inner >= 0) s = lag_products(yb, pb, y1, p1, rows * w);
       // ... then the border columns (down the block's rows): taken out of those sums and,
       // where u + l is inside the plane, put in their own cells.
-      border_lag_products(yb, pb, y1, p1, rows, w, g.border_col, upper, f_yp, f_yy, f_pp);
+      border_lag_products(yb, pb, y1, p1, rows, w, g.border_col, border_sums.data());
       for (int64_t k = 0; k < nb; ++k) {
-        const int64_t col = g.border_col[k], b = g.border_seg[k];
-        if (inner >= 0) s_yp -= f_yp[k], s_yy -= f_yy[k], s_pp -= f_pp[k];
-        if (col + ex < 0 || col + ex >= w) continue;  // u + l outside the plane
-        t_yp[l * cells + cell0 + b] += f_yp[k];
-        t_yy[l * cells + cell0 + b] += f_yy[k];
-        t_pp[l * cells + cell0 + b] += f_pp[k];
+        const LagSums& f = border_sums[k];
+        if (inner >= 0) s.yp -= f.yp, s.yy -= f.yy, s.pp -= f.pp, s.py -= f.py;
+        const int64_t col = g.border_col[k];
+        if (col + ex >= 0 && col + ex < w) add(l, cell0 + g.border_seg[k], f);  // u + l inside
       }
-      if (inner < 0) continue;
-      t_yp[l * cells + cell0 + inner] += s_yp;
-      t_yy[l * cells + cell0 + inner] += s_yy;
-      t_pp[l * cells + cell0 + inner] += s_pp;
+      if (inner >= 0) add(l, cell0 + inner, s);
     }
   });
   const int64_t d = p.d;
@@ -884,8 +873,12 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
   for (int64_t i = 0; i < d; ++i) {
     for (int64_t j = 0; j < d; ++j) {
       const int64_t l = g.lags.index(g.oz(j) - g.oz(i), g.oy(j) - g.oy(i), g.ox(j) - g.ox(i));
+      if (!g.lags.upper[l]) {  // B[i][j] = sum over k of P(k + o_j) Y(k + o_j + (o_i - o_j))
+        const int64_t m = g.lags.index(g.oz(i) - g.oz(j), g.oy(i) - g.oy(j), g.ox(i) - g.ox(j));
+        s_b[i * d + j] = g.rect(t_py + m * cells, j) - K * mu_y[i] * mu_p[j];
+        continue;
+      }
       s_b[i * d + j] = g.rect(t_yp + l * cells, i) - K * mu_y[i] * mu_p[j];
-      if (!g.lags.upper[l]) continue;
       const double vy = g.rect(t_yy + l * cells, i) - K * mu_y[i] * mu_y[j];
       const double vp = g.rect(t_pp + l * cells, i) - K * mu_p[i] * mu_p[j];
       s_y[i * d + j] = s_y[j * d + i] = vy;
