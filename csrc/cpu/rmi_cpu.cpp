@@ -32,7 +32,9 @@
 // "segment" (all interior pixels form one segment; each border pixel up to R-1 from an edge is
 // its own), and a cell is a segment on each axis. So (b) accumulates, per lag and per cell, one
 // dot product of two shifted maps (O(prod (2R-1)) multiply-adds per pooled pixel instead of
-// O(d^2)), and (d) is a prod (2R-1) stencil whose coefficients are constant on each cell. Both
+// O(d^2)); only for the "upper" half of the lags (l >= 0 in raster order), four products from
+// one set of loads (LagSums: the lower lags' Y.P sums are P.Y sums of the opposite lag). (d) is
+// a prod (2R-1) stencil whose coefficients are constant on each cell. Both
 // run over blocks of rows (MomentGeometry::for_each_block) in flat loops, the border columns
 // apart.
 #include <ATen/ATen.h>
