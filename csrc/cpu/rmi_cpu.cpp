@@ -690,16 +690,18 @@ Segments make_segments(int64_t n, int64_t R) {
 struct Lags {
   int64_t count;
   std::vector<int64_t> ez, ey, ex;  // of lag l
-  std::vector<char> upper;          // one of l, -l: symmetric products (Y.Y, P.P) use these only
+  // The "upper" lags, one of each pair l, -l: l >= 0 in raster order, i.e. the numbers from the
+  // zero lag's (count / 2, the middle: the sides are odd) to count - 1.
+  int64_t first_upper;
   int64_t side[3];                  // 2R - 1 per axis
   explicit Lags(const int64_t radius[3]) {
     for (int i = 0; i < 3; ++i) side[i] = 2 * radius[i] - 1;
     count = side[0] * side[1] * side[2];
+    first_upper = count / 2;
     for (int64_t l = 0; l < count; ++l) {
       ez.push_back(l / (side[1] * side[2]) - (radius[0] - 1));
       ey.push_back(l / side[2] % side[1] - (radius[1] - 1));
       ex.push_back(l % side[2] - (radius[2] - 1));
-      upper.push_back(ez[l] > 0 || (ez[l] == 0 && (ey[l] > 0 || (ey[l] == 0 && ex[l] >= 0))));
     }
   }
   int64_t index(int64_t dz, int64_t dy, int64_t dx) const {
@@ -813,21 +815,24 @@ template <typename M>
 void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, const M* pc,
                    double y_shift, double p_shift, double* means, double* cov,
                    std::vector<double>& tables) {
-  const int64_t cells = g.cells(), L = g.lags.count;
+  const int64_t cells = g.cells(), L = g.lags.count, l0 = g.lags.first_upper;
   const int64_t w = g.w, inner = g.inner;
-  // tables: [L][cells] for Y.P, Y.Y, P.P, P.Y (upper lags l), then [cells] sums of Y and P.
-  tables.assign(4 * L * cells + 2 * cells, 0.0);
+  // tables: [L - l0][cells] for Y.P, Y.Y, P.P, P.Y (upper lag l at l - l0), then [cells] sums
+  // of Y and P.
+  const int64_t n_upper = (L - l0) * cells;
+  tables.assign(4 * n_upper + 2 * cells, 0.0);
   double* t_yp = tables.data();
-  double* t_yy = t_yp + L * cells;
-  double* t_pp = t_yy + L * cells;
-  double* t_py = t_pp + L * cells;
-  double* t_y = t_py + L * cells;
+  double* t_yy = t_yp + n_upper;
+  double* t_pp = t_yy + n_upper;
+  double* t_py = t_pp + n_upper;
+  double* t_y = t_py + n_upper;
   double* t_p = t_y + cells;
+  auto at = [&](int64_t l) { return (l - l0) * cells; };  // upper lag l's row in the tables
   const int64_t nb = static_cast<int64_t>(g.border_col.size());
   std::vector<LagSums> border_sums(nb);  // one lag's sums down each border column
   auto add = [&](int64_t l, int64_t cell, const LagSums& s) {
-    t_yp[l * cells + cell] += s.yp, t_yy[l * cells + cell] += s.yy;
-    t_pp[l * cells + cell] += s.pp, t_py[l * cells + cell] += s.py;
+    const int64_t q = at(l) + cell;
+    t_yp[q] += s.yp, t_yy[q] += s.yy, t_pp[q] += s.pp, t_py[q] += s.py;
   };
   g.for_each_block([&](int64_t uz, int64_t uy0, int64_t rows, int64_t row0, int64_t cell0) {
     const M* yb = yc + row0 * w;
@@ -839,8 +844,8 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
           sy += yb[i * w + col], sp += pb[i * w + col];
         t_y[cell0 + b] += sy, t_p[cell0 + b] += sp;
       }
-    for (int64_t l = 0; l < L; ++l) {
-      if (!g.lags.upper[l] || !g.lag_fits(uz, uy0, rows, l)) continue;
+    for (int64_t l = l0; l < L; ++l) {
+      if (!g.lag_fits(uz, uy0, rows, l)) continue;
       const int64_t ex = g.lags.ex[l];
       const M* y1 = yb + g.lag_offset(l);
       const M* p1 = pb + g.lag_offset(l);
@@ -875,14 +880,14 @@ void moment_sums_plane(const Problem& p, const MomentGeometry& g, const M* yc, c
   for (int64_t i = 0; i < d; ++i) {
     for (int64_t j = 0; j < d; ++j) {
       const int64_t l = g.lags.index(g.oz(j) - g.oz(i), g.oy(j) - g.oy(i), g.ox(j) - g.ox(i));
-      if (!g.lags.upper[l]) {  // B[i][j] = sum over k of P(k + o_j) Y(k + o_j + (o_i - o_j))
+      if (l < l0) {  // B[i][j] = sum over k of P(k + o_j) Y(k + o_j + (o_i - o_j))
         const int64_t m = g.lags.index(g.oz(i) - g.oz(j), g.oy(i) - g.oy(j), g.ox(i) - g.ox(j));
-        s_b[i * d + j] = g.rect(t_py + m * cells, j) - K * mu_y[i] * mu_p[j];
+        s_b[i * d + j] = g.rect(t_py + at(m), j) - K * mu_y[i] * mu_p[j];
         continue;
       }
-      s_b[i * d + j] = g.rect(t_yp + l * cells, i) - K * mu_y[i] * mu_p[j];
-      const double vy = g.rect(t_yy + l * cells, i) - K * mu_y[i] * mu_y[j];
-      const double vp = g.rect(t_pp + l * cells, i) - K * mu_p[i] * mu_p[j];
+      s_b[i * d + j] = g.rect(t_yp + at(l), i) - K * mu_y[i] * mu_p[j];
+      const double vy = g.rect(t_yy + at(l), i) - K * mu_y[i] * mu_y[j];
+      const double vp = g.rect(t_pp + at(l), i) - K * mu_p[i] * mu_p[j];
       s_y[i * d + j] = s_y[j * d + i] = vy;
       s_p[i * d + j] = s_p[j * d + i] = vp;
     }
