@@ -36,7 +36,7 @@ if [[ $dry == 0 ]]; then
   log "GPU tests"
   # RMI_TEST_SKIP_NVCC: the torch-free nvcc compile check and emulation need no GPU (CI runs
   # them); the device's minutes go to the compiled kernels.
-  (cd tests && RMI_TEST_SKIP_NVCC=1 "$py" -m pytest -q -p no:cacheprovider -x \
+  (cd tests && RMI_TEST_SKIP_NVCC=1 "$py" -m pytest -q -p no:cacheprovider -x --full \
       --junitxml="$out/tests.xml" \
       test_cuda.py test_triton.py test_training.py test_targets.py test_build.py) 2>&1 \
     | tee "$out/tests.log" \

@@ -17,6 +17,13 @@ marked ``@pytest.mark.every_case``; compiled on a GPU every case runs.
 ``RMI_TEST_INTERPRETED_SAMPLE=1`` runs them all. Interpreted launches patch ``triton.language``
 once per launch instead of once per ``@triton.jit`` call (a session fixture, ~25% faster).
 
+Two tiers. ``pytest tests`` runs the quick tier: every test except the slow ones, which are the
+tests that interpret Triton kernels (:func:`interprets_triton`), those that need test_cuda.py's
+nvcc builds (:data:`NVCC_BUILD_FIXTURES`) and those marked ``@pytest.mark.slow`` (peak-memory
+probes, ``torch.compile`` of the torch backend, subprocess runs, 2^15 classes, Triton's sm_90
+compilation). ``--full`` runs both tiers; CI runs the quick tier (the README's command) and then
+``--full -m slow``, and the stack legs and the GPU check run ``--full``.
+
 The suite runs single-threaded by default (tiny tensors are ~10x faster that way on a busy
 machine); set ``RMI_TEST_THREADS`` to change it. The README runs it in one process per core
 (``pytest -n auto --dist loadgroup``, pytest-xdist): the tests are independent, except the
@@ -109,8 +116,18 @@ def peak_memory_ratio(logits: torch.Tensor, labels: torch.Tensor, *, warm_up: bo
     return peak_extra_bytes_torch(fwd_bwd) / (logits.numel() * logits.element_size())
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run the slow tier too (interpreted Triton, nvcc builds, memory "
+                          "probes, subprocess runs: what CI runs); `--full -m slow` runs it alone")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "every_case: run every case on interpreted Triton too")
+    config.addinivalue_line("markers", "slow: the slow tier, run with --full (seconds to minutes "
+                                       "a test)")
+    config.addinivalue_line("markers", "interpreted: runs Triton kernels on CPU tensors (under "
+                                       "TRITON_INTERPRET=1); skipped where they are compiled")
     config.addinivalue_line("markers", "xdist_group(name): tests that share one pytest-xdist "
                                        "worker (`--dist loadgroup`)")
 
@@ -118,6 +135,29 @@ def pytest_configure(config):
 #: Test modules whose tests share a module-scoped fixture too costly to build in two workers
 #: (test_cuda.py: the nvcc builds), kept in one worker under ``pytest -n N --dist loadgroup``.
 ONE_WORKER_MODULES = ("test_cuda.py",)
+
+
+#: test_cuda.py's module fixtures that run nvcc (the torch-free compile check, the host emulation
+#: build: minutes on 2 cores); the tests that use them are in the slow tier.
+NVCC_BUILD_FIXTURES = ("builds", "emulated")
+
+#: Where the "triton" backend runs CPU tensors (interpreted kernels): True, else the reason not.
+TRITON_ON_CPU = rmi_ext.backend_info("cpu")["available"]["triton"]
+
+
+def interprets_triton(item) -> bool:
+    """The test runs Triton kernels through the interpreter: marked ``interpreted``, or a case
+    of the "triton" backend on CPU tensors (a ``backend`` parameter, with a CPU ``device`` or
+    none)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return (item.get_closest_marker("interpreted") is not None
+            or (params.get("backend") == "triton" and params.get("device", "cpu") == "cpu"))
+
+
+def is_slow(item) -> bool:
+    """In the slow tier (run with ``--full``): see the module docstring."""
+    return (item.get_closest_marker("slow") is not None or interprets_triton(item)
+            or any(name in getattr(item, "fixturenames", ()) for name in NVCC_BUILD_FIXTURES))
 
 
 def _interpreted_sample(items):
@@ -128,7 +168,7 @@ def _interpreted_sample(items):
     by_function = {}
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if (params.get("backend") == "triton" and params.get("device", "cpu") == "cpu"
+        if (params.get("backend") == "triton" and interprets_triton(item)
                 and item.get_closest_marker("every_case") is None):
             by_function.setdefault(item.nodeid.split("[")[0], []).append(item)
     drop = []
@@ -139,18 +179,33 @@ def _interpreted_sample(items):
     return drop
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m``, which then sees the ``slow`` marks
 def pytest_collection_modifyitems(config, items):
-    """``xdist_group`` marks for :data:`ONE_WORKER_MODULES`; interpreted Triton: a sample of
-    each test's cases (:func:`_interpreted_sample`)."""
+    """``xdist_group`` marks for :data:`ONE_WORKER_MODULES`; ``interpreted`` tests skipped where
+    Triton does not run CPU tensors; the ``slow`` mark on the slow tier (:func:`is_slow`), which
+    is deselected unless ``--full``; interpreted Triton: a sample of each test's cases
+    (:func:`_interpreted_sample`)."""
     for item in items:
         if item.path.name in ONE_WORKER_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
-    if INTERPRETED_SAMPLE <= 1:
-        return
-    drop = set(_interpreted_sample(items))
+        if item.get_closest_marker("interpreted") and TRITON_ON_CPU is not True:
+            item.add_marker(pytest.mark.skip(reason=f"Triton on CPU: {TRITON_ON_CPU}"))
+        if is_slow(item):
+            item.add_marker(pytest.mark.slow)
+    drop = set()
+    if not config.getoption("full"):
+        drop.update(item for item in items if is_slow(item))
+    if INTERPRETED_SAMPLE > 1:
+        drop.update(_interpreted_sample([item for item in items if item not in drop]))
     if drop:
         config.hook.pytest_deselected(items=list(drop))
         items[:] = [item for item in items if item not in drop]
+
+
+def pytest_report_header(config):
+    if config.getoption("full"):
+        return "rmi_ext tests: both tiers (--full)"
+    return "rmi_ext tests: the quick tier (--full adds the slow tier, as CI runs it)"
 
 
 def interpreter_options(required: bool, **builder_options):

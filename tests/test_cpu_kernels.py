@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(rmi_ext.backend_info("cpu")["available"]["cpu"] 
                                 reason="C++ extension not built")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", [2**15 - 1, 2**15 + 1])
 def test_class_map_type_either_side_of_2_15_classes(classes):
     """The kernels keep each pixel's class in int16 below 2^15 classes and in int32 from there

@@ -230,6 +230,7 @@ def test_model_output_shape():
     assert out.shape == (2, shapes.NUM_CLASSES, 24, 36)
 
 
+@pytest.mark.slow
 def test_memory_probe_reports_each_loss_and_a_failure_as_nan(capsys):
     # The demo measures with the benchmark suite's probe (a fresh process on the CPU); a loss
     # that cannot run is NaN with a printed reason, and does not hide the others.
@@ -282,6 +283,7 @@ def run_demo(tmp_path, *extra):
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, tag, df, regimes, classes", [
     ((), "demo_quick", 2, ("scratch", "finetune"), 5),
     (("--data", "shapes", "--full-res", "--mode", "softmax", "--regime", "finetune",

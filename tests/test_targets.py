@@ -273,6 +273,7 @@ def test_no_target_gradient_work_unless_required(backend, monkeypatch):
     assert calls == [1] and t.grad is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FLOAT_BACKENDS)
 def test_compiles_fullgraph(backend):
     x, _ = make_inputs((2, 3, 12, 13), 2)

@@ -8,6 +8,7 @@ from conftest import make_inputs, peak_memory_ratio, rel_err
 from test_backends import run
 
 
+@pytest.mark.slow
 def test_torch_backend_blocks_cover_every_element_once():
     """row_blocks: every (n, c, row) exactly once, for every flag; blocks of whole images when
     one fits, at least one row; a GPU gets larger blocks (and at DF 4, at most 20 plane groups)
@@ -35,6 +36,7 @@ def test_torch_backend_blocks_cover_every_element_once():
     assert plane_groups(big, RMIConfig(stride=1), 10**6) is None
 
 
+@pytest.mark.slow
 def test_torch_backend_block_size_matches_reference(monkeypatch):
     """One block for everything vs blocks of one row of one class: same numbers, and one block
     runs several times fewer ops."""
@@ -66,6 +68,7 @@ def _tiny_block_cases():
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,pool,stride,pool_size", _tiny_block_cases())
 def test_torch_backend_tiny_blocks_match_reference(monkeypatch, mode, pool, stride, pool_size):
     """Blocks of 1-3 rows (and one class) and small plane groups against the reference, float64:
@@ -102,6 +105,7 @@ def _peak_memory_cases():
             for case in cases for shape, stride, dtype, _ in [case]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,stride,dtype,modes_pools", _peak_memory_cases())
 def test_peak_memory_within_the_gradient_size(shape, stride, dtype, modes_pools):
     """Forward + backward allocate at most 1.25x the logits in torch tensors, the gradient

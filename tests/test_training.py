@@ -53,6 +53,7 @@ def test_autocast_cpu_bf16_model(backend):
     assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
@@ -131,6 +132,7 @@ def _grads(net, loss):
     return [p.grad.clone() for p in net.parameters()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS[-1:])
 def test_ddp_two_processes_match_single_process(backend):
     """RMI statistics are per image and the RMI term is a mean over images, so DDP (which

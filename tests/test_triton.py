@@ -19,13 +19,13 @@ import rmi_ext
 from rmi_ext import torch_backend
 from rmi_ext._config import make_config
 from conftest import compare, make_inputs, peak_memory_ratio
-from triton_interpreted import requires_interpreter, tb, triton  # noqa: F401
+from triton_interpreted import tb, triton  # noqa: F401
 
 
 
 # ---- Triton's own tiling and stages ------------------------------------------------------
 
-@requires_interpreter
+@pytest.mark.interpreted
 @pytest.mark.parametrize("stride,pool,mode", [(1, "avg", "softmax"), (2, "max", "sigmoid")])
 def test_gpu_block_sizes_float64(stride, pool, mode, monkeypatch):
     """The CUDA tiling (several pooled and full-resolution tiles per plane, window splits in the
@@ -37,7 +37,7 @@ def test_gpu_block_sizes_float64(stride, pool, mode, monkeypatch):
 
 # ---- stages and errors ---------------------------------------------------------------------------
 
-@requires_interpreter
+@pytest.mark.interpreted
 @pytest.mark.parametrize("stride,mode", [(2, "sigmoid"), (1, "softmax")])
 def test_forward_stats_match_torch_backend(stride, mode):
     logits, labels = make_inputs((2, 2, 12, 10), requires_grad=False)
@@ -51,7 +51,7 @@ def test_forward_stats_match_torch_backend(stride, mode):
     assert torch.equal(sy_sp, sy_sp.transpose(-2, -1))  # both halves filled, exactly symmetric
 
 
-@requires_interpreter
+@pytest.mark.interpreted
 @pytest.mark.parametrize("stride", [1, 2])
 def test_moment_window_splits(stride):
     """Stage (b) with the windows split over programs (the GPU tiling), two offset blocks
@@ -71,7 +71,7 @@ def test_moment_window_splits(stride):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=str(tiling))
 
 
-@requires_interpreter
+@pytest.mark.interpreted
 def test_nonfinite_logits_raise():
     logits, labels = make_inputs((1, 2, 8, 8), requires_grad=False)
     logits[0, 1, 3, 4] = float("nan")
@@ -79,7 +79,7 @@ def test_nonfinite_logits_raise():
         rmi_ext.rmi_loss(logits, labels, radius=2, stride=2, backend="triton")
 
 
-@requires_interpreter
+@pytest.mark.interpreted
 def test_torch_compile_fullgraph():
     """The custom ops' fake kernels let dynamo/AOTAutograd trace forward and backward."""
     torch._dynamo.reset()
@@ -97,7 +97,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grad_c, grad_e, rtol=1e-5, atol=1e-8)
 
 
-@requires_interpreter
+@pytest.mark.interpreted
 def test_custom_ops_opcheck():
     logits, labels = make_inputs((1, 2, 8, 8), requires_grad=False)
     args = (logits, labels, [2, 2], [2, 2], "avg", [2, 2], 255, "sigmoid")
@@ -112,7 +112,7 @@ def test_custom_ops_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@requires_interpreter
+@pytest.mark.interpreted
 def test_custom_ops_opcheck_volume():
     """The ops on a volume with per-axis options (one side per spatial axis)."""
     logits, labels = make_inputs((1, 2, 8, 8), mode="softmax", requires_grad=False)
@@ -232,6 +232,7 @@ SM90_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="test_cuda_compiled runs the real thing")
 @pytest.mark.xdist_group("triton_compile")
 @pytest.mark.parametrize("case", range(len(SM90_CASES)))
@@ -283,6 +284,7 @@ def _compiled():
     return _compiled_in_subprocess(json.dumps(cases))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles with a fake driver")
 @pytest.mark.xdist_group("triton_compile")
 @pytest.mark.parametrize("arch", [80, 90])
@@ -312,7 +314,7 @@ def test_kernels_fit_shared_memory(shape, stride, arch):
 
 # ---- memory ------------------------------------------------------------------------------------
 
-@requires_interpreter
+@pytest.mark.interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stride", [1, 4])
 def test_peak_memory_within_the_gradient_size(stride, dtype):
@@ -332,13 +334,13 @@ def test_peak_memory_within_the_gradient_size(stride, dtype):
 
 # ---- probe -------------------------------------------------------------------------------------
 
-@requires_interpreter
+@pytest.mark.interpreted
 def test_probe_launches_the_tiny_kernel():
     """``probe`` (called once per device by the dispatcher) runs its kernel: interpreted here."""
     assert tb.probe(torch.device("cpu")) is None
 
 
-@requires_interpreter
+@pytest.mark.interpreted
 def test_probe_reports_why_the_launch_fails(monkeypatch):
     def fail(device):
         raise RuntimeError("Failed to find C compiler")

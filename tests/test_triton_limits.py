@@ -15,14 +15,14 @@ import torch
 import rmi_ext
 from rmi_ext._config import make_config
 from conftest import interpreter_options
-from triton_interpreted import requires_interpreter, tb
+from triton_interpreted import tb
 
 interpreter = pytest.importorskip("triton.runtime.interpreter")
 
 BIG = 2**31
 GRAD_OUT = 1.7
 
-pytestmark = requires_interpreter
+pytestmark = pytest.mark.interpreted
 
 
 @pytest.fixture(autouse=True, scope="module")

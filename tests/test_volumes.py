@@ -332,6 +332,7 @@ def test_volume_half_precision(backend, dtype, mode, pool, radius, stride):
     compare(backend, x, labels, radius=radius, stride=stride, pool=pool, mode=mode)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride,mode,pool", [(1, "softmax", "max"), (2, "softmax", "max"),
                                               (2, "sigmoid", "avg")])
 def test_torch_volume_peak_memory(stride, mode, pool):
@@ -483,6 +484,7 @@ def test_volume_module_and_dtypes():
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", VOLUME_BACKENDS)
 def test_volume_compiles_fullgraph(backend):
     """``torch.compile(fullgraph=True)`` of the volume loss (the C++ ops through their fake
