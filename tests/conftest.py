@@ -145,11 +145,16 @@ NVCC_BUILD_FIXTURES = ("builds", "emulated")
 TRITON_ON_CPU = rmi_ext.backend_info("cpu")["available"]["triton"]
 
 
+def _case_params(item) -> dict:
+    """The parameters of a parametrised test case (``{}`` otherwise)."""
+    return getattr(getattr(item, "callspec", None), "params", {})
+
+
 def interprets_triton(item) -> bool:
     """The test runs Triton kernels through the interpreter: marked ``interpreted``, or a case
     of the "triton" backend on CPU tensors (a ``backend`` parameter, with a CPU ``device`` or
     none)."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
+    params = _case_params(item)
     return (item.get_closest_marker("interpreted") is not None
             or (params.get("backend") == "triton" and params.get("device", "cpu") == "cpu"))
 
@@ -167,8 +172,7 @@ def _interpreted_sample(items):
     that every test function keeps at least one. Returns the items to deselect."""
     by_function = {}
     for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if (params.get("backend") == "triton" and interprets_triton(item)
+        if (_case_params(item).get("backend") == "triton" and interprets_triton(item)
                 and item.get_closest_marker("every_case") is None):
             by_function.setdefault(item.nodeid.split("[")[0], []).append(item)
     drop = []
@@ -190,11 +194,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.path.name))
         if item.get_closest_marker("interpreted") and TRITON_ON_CPU is not True:
             item.add_marker(pytest.mark.skip(reason=f"Triton on CPU: {TRITON_ON_CPU}"))
-        if is_slow(item):
-            item.add_marker(pytest.mark.slow)
-    drop = set()
-    if not config.getoption("full"):
-        drop.update(item for item in items if is_slow(item))
+    slow = {item for item in items if is_slow(item)}
+    for item in slow:
+        item.add_marker(pytest.mark.slow)
+    drop = set() if config.getoption("full") else set(slow)
     if INTERPRETED_SAMPLE > 1:
         drop.update(_interpreted_sample([item for item in items if item not in drop]))
     if drop:
